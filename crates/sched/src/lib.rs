@@ -1,0 +1,1 @@
+//! Prefetching transfer scheduler.
