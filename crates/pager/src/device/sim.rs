@@ -1,1 +1,1100 @@
-//! Simulated device.
+//! The simulated device: host memory stands in for device memory, with a hard capacity, and streams
+//! run in deterministic **virtual time**.
+//!
+//! Every copy and kernel is given a start and end time when it is enqueued: it starts when its stream
+//! is free, every event its stream waits on has completed, its engine (one H2D copy engine, one D2H
+//! copy engine, one compute engine) is free, and the host has issued it. Its effects are deferred:
+//! each operation reads its inputs at its start time and writes its outputs at its end time, and the
+//! simulator applies them in virtual-time order when the host synchronises. Only stream order and
+//! event waits order work, so a missing wait gives wrong data here exactly as on a GPU.
+//!
+//! The **race checker** compares every new operation with earlier-issued ones touching the same
+//! device bytes: a read that starts before the last write has completed, or a write that starts
+//! while an earlier read or write is still running, is recorded as a [`RaceReport`] naming both.
+
+use super::{
+    Device, DeviceKind, DevicePtr, DeviceRange, EventId, HostMemKind, HostPtr, MemInfo, StreamId,
+};
+use crate::error::{Error, Result};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+/// The simulator's cost model and limits.
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    /// Device memory capacity in bytes.
+    pub capacity: u64,
+    /// Pinned host→device bandwidth, bytes per second.
+    pub h2d_bandwidth: f64,
+    /// Pageable host→device bandwidth, bytes per second (the copy also blocks the host).
+    pub pageable_bandwidth: f64,
+    /// Device→host bandwidth, bytes per second.
+    pub d2h_bandwidth: f64,
+    /// Fixed cost added to every copy.
+    pub copy_latency: Duration,
+    /// Delay between the host issuing work and the device being able to start it.
+    pub launch_latency: Duration,
+    /// Pinned host memory limit in bytes.
+    pub host_capacity: u64,
+}
+
+impl Default for SimConfig {
+    /// A PCIe 4.0 x16-like card with 8 GiB.
+    fn default() -> Self {
+        SimConfig {
+            capacity: 8 << 30,
+            h2d_bandwidth: 25e9,
+            pageable_bandwidth: 10e9,
+            d2h_bandwidth: 25e9,
+            copy_latency: Duration::from_micros(5),
+            launch_latency: Duration::from_micros(3),
+            host_capacity: 64 << 30,
+        }
+    }
+}
+
+/// What a simulated kernel reads, writes and costs.
+#[derive(Clone, Debug, Default)]
+pub struct KernelSpec {
+    /// Name shown in race reports and traces.
+    pub name: String,
+    /// Modelled duration.
+    pub duration: Duration,
+    /// Device ranges the kernel reads.
+    pub reads: Vec<DeviceRange>,
+    /// Device ranges the kernel writes.
+    pub writes: Vec<DeviceRange>,
+}
+
+impl KernelSpec {
+    /// A kernel called `name` that runs for `duration`.
+    pub fn new(name: impl Into<String>, duration: Duration) -> Self {
+        KernelSpec {
+            name: name.into(),
+            duration,
+            reads: Vec::new(),
+            writes: Vec::new(),
+        }
+    }
+    /// Declares a range the kernel reads.
+    pub fn reads(mut self, r: DeviceRange) -> Self {
+        self.reads.push(r);
+        self
+    }
+    /// Declares a range the kernel writes.
+    pub fn writes(mut self, r: DeviceRange) -> Self {
+        self.writes.push(r);
+        self
+    }
+}
+
+/// Device memory as a simulated kernel sees it: reads see memory at the kernel's start time, writes
+/// land at its end time. Accesses must stay inside the ranges the kernel declared.
+pub struct SimMemory<'a> {
+    allocs: &'a BTreeMap<u64, Vec<u8>>,
+    spec: &'a KernelSpec,
+    writes: Vec<(DeviceRange, Vec<u8>)>,
+}
+
+impl SimMemory<'_> {
+    /// The bytes of `r`, which must lie inside a declared read (or write) range.
+    pub fn read(&self, r: DeviceRange) -> Result<Vec<u8>> {
+        let declared = self.spec.reads.iter().chain(&self.spec.writes);
+        if !declared.clone().any(|d| contains(d, &r)) {
+            return Err(Error::OutOfBounds(format!(
+                "kernel '{}' reads {r}, which it did not declare",
+                self.spec.name
+            )));
+        }
+        Ok(slice(self.allocs, r)?.to_vec())
+    }
+
+    /// The f32 values of `r` (little-endian), which must lie inside a declared range.
+    pub fn read_f32(&self, r: DeviceRange) -> Result<Vec<f32>> {
+        let bytes = self.read(r)?;
+        Ok(bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
+    }
+
+    /// Writes `data` at `r.ptr`; `r.len` must equal `data.len()` and lie inside a declared write.
+    pub fn write(&mut self, r: DeviceRange, data: &[u8]) -> Result<()> {
+        if r.len != data.len() as u64 {
+            return Err(Error::InvalidArgument(format!(
+                "kernel '{}' writes {} bytes into a range of {} bytes",
+                self.spec.name,
+                data.len(),
+                r.len
+            )));
+        }
+        if !self.spec.writes.iter().any(|d| contains(d, &r)) {
+            return Err(Error::OutOfBounds(format!(
+                "kernel '{}' writes {r}, which it did not declare",
+                self.spec.name
+            )));
+        }
+        slice(self.allocs, r)?;
+        self.writes.push((r, data.to_vec()));
+        Ok(())
+    }
+
+    /// Writes f32 values (little-endian) starting at `ptr`.
+    pub fn write_f32(&mut self, ptr: DevicePtr, data: &[f32]) -> Result<()> {
+        let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.write(DeviceRange::new(ptr, bytes.len() as u64), &bytes)
+    }
+}
+
+/// One operation as it ran in virtual time (for traces and metrics).
+#[derive(Clone, Debug, PartialEq)]
+pub struct OpRecord {
+    /// Sequence number, in the order the host issued the operations.
+    pub seq: u64,
+    /// The stream it ran on.
+    pub stream: StreamId,
+    /// Kernel name, or "h2d" / "h2d-pageable" / "d2h".
+    pub name: String,
+    /// What kind of operation.
+    pub kind: OpKind,
+    /// Start, in virtual time since the device was created.
+    pub start: Duration,
+    /// End, in virtual time.
+    pub end: Duration,
+    /// Bytes moved (copies) or 0.
+    pub bytes: u64,
+}
+
+/// The kind of an [`OpRecord`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpKind {
+    /// Pinned host→device copy.
+    CopyH2D,
+    /// Pageable host→device copy.
+    CopyH2DPageable,
+    /// Device→host copy.
+    CopyD2H,
+    /// A kernel (including [`Device::busy`]).
+    Kernel,
+}
+
+/// A conflict the race checker found: two operations touching the same bytes, unordered.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RaceReport {
+    /// What the later-issued operation does to the range ("read" or "write").
+    pub access: &'static str,
+    /// The overlapping device bytes.
+    pub range: DeviceRange,
+    /// The later-issued operation.
+    pub op: AccessInfo,
+    /// The earlier-issued operation it conflicts with.
+    pub other: AccessInfo,
+    /// What the earlier operation does to the range.
+    pub other_access: &'static str,
+}
+
+/// One side of a [`RaceReport`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct AccessInfo {
+    /// Issue order.
+    pub seq: u64,
+    /// Operation name.
+    pub name: String,
+    /// Its stream.
+    pub stream: StreamId,
+    /// Virtual start time.
+    pub start: Duration,
+    /// Virtual end time.
+    pub end: Duration,
+}
+
+impl fmt::Display for AccessInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "op #{} '{}' on stream {} at [{:?}, {:?}]",
+            self.seq, self.name, self.stream.0, self.start, self.end
+        )
+    }
+}
+
+impl fmt::Display for RaceReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let why = match (self.access, self.other_access) {
+            ("read", _) => "starts before the earlier write completes",
+            (_, "read") => "starts while the earlier read is still running",
+            _ => "starts before the earlier write completes",
+        };
+        write!(
+            f,
+            "{} of {} by {} {}: {} of it by {}",
+            self.access, self.range, self.op, why, self.other_access, self.other
+        )
+    }
+}
+
+/// The simulated GPU. Create with [`SimDevice::new`]; use through [`Device`] plus the inherent
+/// methods for kernels, inspection and the race checker.
+pub struct SimDevice {
+    cfg: SimConfig,
+    state: Mutex<State>,
+}
+
+impl fmt::Debug for SimDevice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SimDevice").field("cfg", &self.cfg).finish()
+    }
+}
+
+type KernelFn = Box<dyn FnOnce(&mut SimMemory<'_>) -> Result<()> + Send>;
+
+enum Work {
+    H2D {
+        dst: DevicePtr,
+        src: HostPtr,
+        src_offset: u64,
+        len: u64,
+        data: Option<Vec<u8>>,
+    },
+    H2DBytes {
+        dst: DevicePtr,
+        data: Vec<u8>,
+    },
+    D2H {
+        dst: HostPtr,
+        dst_offset: u64,
+        src: DevicePtr,
+        len: u64,
+        data: Option<Vec<u8>>,
+    },
+    Kernel {
+        spec: KernelSpec,
+        f: Option<KernelFn>,
+        out: Vec<(DeviceRange, Vec<u8>)>,
+    },
+}
+
+struct StreamState {
+    tail: u64,
+}
+
+#[derive(Clone, Copy)]
+struct EventState {
+    time: Option<u64>,
+}
+
+struct HostAlloc {
+    data: Vec<u8>,
+}
+
+#[derive(Clone)]
+struct Access {
+    info: AccessInfo,
+    start: u64,
+    end: u64,
+}
+
+#[derive(Clone, Default)]
+struct Segment {
+    end: u64,
+    last_write: Option<Access>,
+    reads: Vec<Access>,
+}
+
+#[derive(Default)]
+struct State {
+    device: BTreeMap<u64, Vec<u8>>,
+    next_device_addr: u64,
+    device_allocated: u64,
+    device_peak: u64,
+    host: HashMap<u64, HostAlloc>,
+    next_host: u64,
+    host_allocated: u64,
+    streams: Vec<StreamState>,
+    events: Vec<EventState>,
+    h2d_free: u64,
+    d2h_free: u64,
+    compute_free: u64,
+    host_time: u64,
+    seq: u64,
+    ops: HashMap<u64, Work>,
+    // (time, phase, seq): phase 0 = end (writes land), 1 = start (reads happen).
+    queue: BinaryHeap<Reverse<(u64, u8, u64)>>,
+    segments: BTreeMap<u64, Segment>,
+    races: Vec<RaceReport>,
+    timeline: Vec<OpRecord>,
+    error: Option<String>,
+}
+
+const DEVICE_BASE: u64 = 0x7f00_0000_0000;
+const ALIGN: u64 = 256;
+
+fn ns(d: Duration) -> u64 {
+    d.as_nanos().min(u64::MAX as u128) as u64
+}
+
+fn dur(t: u64) -> Duration {
+    Duration::from_nanos(t)
+}
+
+fn contains(outer: &DeviceRange, inner: &DeviceRange) -> bool {
+    outer.ptr.0 <= inner.ptr.0 && inner.end() <= outer.end()
+}
+
+fn locate(allocs: &BTreeMap<u64, Vec<u8>>, r: DeviceRange) -> Result<(u64, usize, usize)> {
+    let (base, mem) = allocs
+        .range(..=r.ptr.0)
+        .next_back()
+        .ok_or_else(|| Error::OutOfBounds(format!("{r} is not in any device allocation")))?;
+    let off = r.ptr.0 - base;
+    if off + r.len > mem.len() as u64 {
+        return Err(Error::OutOfBounds(format!(
+            "{r} runs past the device allocation at 0x{base:x} of {} bytes",
+            mem.len()
+        )));
+    }
+    Ok((*base, off as usize, (off + r.len) as usize))
+}
+
+fn slice(allocs: &BTreeMap<u64, Vec<u8>>, r: DeviceRange) -> Result<&[u8]> {
+    let (base, a, b) = locate(allocs, r)?;
+    Ok(&allocs[&base][a..b])
+}
+
+fn bytes_time(bytes: u64, bandwidth: f64, latency: Duration) -> u64 {
+    let t = ns(latency) as f64 + bytes as f64 / bandwidth * 1e9;
+    (t.ceil() as u64).max(1)
+}
+
+impl SimDevice {
+    /// A new simulated device with the given cost model.
+    pub fn new(cfg: SimConfig) -> Arc<SimDevice> {
+        Arc::new(SimDevice {
+            cfg,
+            state: Mutex::new(State {
+                next_device_addr: DEVICE_BASE,
+                next_host: 1,
+                ..State::default()
+            }),
+        })
+    }
+
+    /// The cost model this device runs with.
+    pub fn config(&self) -> &SimConfig {
+        &self.cfg
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic inside a kernel closure poisons the lock; the state itself stays consistent.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Enqueues a kernel on `stream`. `f` runs when the kernel starts in virtual time, reading device
+    /// memory as it is then; its writes land when the kernel ends. `f` must not call back into the
+    /// device. An error returned by `f` is reported by the next synchronising call.
+    pub fn launch(
+        &self,
+        stream: StreamId,
+        spec: KernelSpec,
+        f: impl FnOnce(&mut SimMemory<'_>) -> Result<()> + Send + 'static,
+    ) -> Result<()> {
+        self.enqueue_kernel(stream, spec, Some(Box::new(f)))
+    }
+
+    fn enqueue_kernel(
+        &self,
+        stream: StreamId,
+        spec: KernelSpec,
+        f: Option<KernelFn>,
+    ) -> Result<()> {
+        let mut st = self.lock();
+        for r in spec.reads.iter().chain(&spec.writes) {
+            locate(&st.device, *r)?;
+        }
+        let d = ns(spec.duration).max(1);
+        let reads = spec.reads.clone();
+        let writes = spec.writes.clone();
+        let name = spec.name.clone();
+        st.enqueue(
+            &self.cfg,
+            stream,
+            Engine::Compute,
+            d,
+            OpKind::Kernel,
+            name,
+            0,
+            &reads,
+            &writes,
+            Work::Kernel {
+                spec,
+                f,
+                out: Vec::new(),
+            },
+        )
+    }
+
+    /// The host's current virtual time.
+    pub fn now(&self) -> Duration {
+        dur(self.lock().host_time)
+    }
+
+    /// Advances the host's virtual time (models host work between API calls).
+    pub fn advance_host(&self, by: Duration) {
+        let mut st = self.lock();
+        st.host_time += ns(by);
+        let t = st.host_time;
+        st.run_until(t);
+    }
+
+    /// The virtual time at which all work issued so far on `stream` completes.
+    pub fn stream_tail(&self, stream: StreamId) -> Result<Duration> {
+        let st = self.lock();
+        st.stream(stream).map(|s| dur(s.tail))
+    }
+
+    /// Waits for all work on every stream and returns the bytes of `range` (a test helper).
+    pub fn peek(&self, range: DeviceRange) -> Result<Vec<u8>> {
+        let mut st = self.lock();
+        st.sync_all()?;
+        Ok(slice(&st.device, range)?.to_vec())
+    }
+
+    /// Race reports found so far.
+    pub fn race_reports(&self) -> Vec<RaceReport> {
+        self.lock().races.clone()
+    }
+
+    /// Race reports found so far, as text.
+    pub fn races(&self) -> Vec<String> {
+        self.lock().races.iter().map(|r| r.to_string()).collect()
+    }
+
+    /// `Err(Error::Race)` describing the first race (and how many there were), if any.
+    pub fn check_races(&self) -> Result<()> {
+        let st = self.lock();
+        match st.races.first() {
+            None => Ok(()),
+            Some(r) => Err(Error::Race(format!(
+                "{r} ({} race(s) in total)",
+                st.races.len()
+            ))),
+        }
+    }
+
+    /// Bytes of device memory currently allocated.
+    pub fn device_bytes_allocated(&self) -> u64 {
+        self.lock().device_allocated
+    }
+
+    /// The most device memory ever allocated at once.
+    pub fn device_bytes_peak(&self) -> u64 {
+        self.lock().device_peak
+    }
+
+    /// Bytes of pinned host memory currently allocated.
+    pub fn host_bytes_allocated(&self) -> u64 {
+        self.lock().host_allocated
+    }
+
+    /// Number of live device and host allocations (for leak checks).
+    pub fn live_allocations(&self) -> (usize, usize) {
+        let st = self.lock();
+        (st.device.len(), st.host.len())
+    }
+
+    /// Every operation issued so far, with its virtual start and end.
+    pub fn timeline(&self) -> Vec<OpRecord> {
+        self.lock().timeline.clone()
+    }
+
+    /// Returns the timeline and clears it.
+    pub fn take_timeline(&self) -> Vec<OpRecord> {
+        std::mem::take(&mut self.lock().timeline)
+    }
+
+    /// The completion time of a recorded event.
+    pub fn event_time(&self, event: EventId) -> Result<Option<Duration>> {
+        let st = self.lock();
+        Ok(st.event(event)?.time.map(dur))
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Engine {
+    H2D,
+    D2H,
+    Compute,
+}
+
+impl State {
+    fn stream(&self, s: StreamId) -> Result<&StreamState> {
+        self.streams
+            .get(s.0 as usize)
+            .ok_or_else(|| Error::InvalidHandle(format!("stream {} does not exist", s.0)))
+    }
+
+    fn event(&self, e: EventId) -> Result<&EventState> {
+        self.events
+            .get(e.0 as usize)
+            .ok_or_else(|| Error::InvalidHandle(format!("event {} does not exist", e.0)))
+    }
+
+    fn host_alloc(&self, h: HostPtr, offset: u64, len: u64) -> Result<&HostAlloc> {
+        let a = self
+            .host
+            .get(&h.0)
+            .ok_or_else(|| Error::InvalidHandle(format!("host allocation {} does not exist", h.0)))?;
+        if offset + len > a.data.len() as u64 {
+            return Err(Error::OutOfBounds(format!(
+                "host range [{offset}, {}) runs past host allocation {} of {} bytes",
+                offset + len,
+                h.0,
+                a.data.len()
+            )));
+        }
+        Ok(a)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn enqueue(
+        &mut self,
+        cfg: &SimConfig,
+        stream: StreamId,
+        engine: Engine,
+        duration: u64,
+        kind: OpKind,
+        name: String,
+        bytes: u64,
+        reads: &[DeviceRange],
+        writes: &[DeviceRange],
+        work: Work,
+    ) -> Result<()> {
+        let tail = self.stream(stream)?.tail;
+        let engine_free = match engine {
+            Engine::H2D => self.h2d_free,
+            Engine::D2H => self.d2h_free,
+            Engine::Compute => self.compute_free,
+        };
+        let start = tail
+            .max(engine_free)
+            .max(self.host_time + ns(cfg.launch_latency));
+        let end = start + duration;
+        self.streams[stream.0 as usize].tail = end;
+        match engine {
+            Engine::H2D => self.h2d_free = end,
+            Engine::D2H => self.d2h_free = end,
+            Engine::Compute => self.compute_free = end,
+        }
+        let seq = self.seq;
+        self.seq += 1;
+        let info = AccessInfo {
+            seq,
+            name: name.clone(),
+            stream,
+            start: dur(start),
+            end: dur(end),
+        };
+        let access = Access { info, start, end };
+        for r in reads {
+            self.check_access(r, &access, false);
+        }
+        for r in writes {
+            self.check_access(r, &access, true);
+        }
+        self.ops.insert(seq, work);
+        self.queue.push(Reverse((start, 1, seq)));
+        self.queue.push(Reverse((end, 0, seq)));
+        self.timeline.push(OpRecord {
+            seq,
+            stream,
+            name,
+            kind,
+            start: dur(start),
+            end: dur(end),
+            bytes,
+        });
+        Ok(())
+    }
+
+    /// Splits segments so that `[a, b)` is covered exactly by whole segments (creating empty ones).
+    fn split_segments(&mut self, a: u64, b: u64) {
+        // Split a segment that straddles `at`.
+        let split_at = |segs: &mut BTreeMap<u64, Segment>, at: u64| {
+            if let Some((&s, seg)) = segs.range(..at).next_back() {
+                if seg.end > at {
+                    let mut right = seg.clone();
+                    let left_end = at;
+                    right.end = seg.end;
+                    if let Some(x) = segs.get_mut(&s) {
+                        x.end = left_end;
+                    }
+                    segs.insert(at, right);
+                }
+            }
+        };
+        split_at(&mut self.segments, a);
+        split_at(&mut self.segments, b);
+        // Fill gaps inside [a, b) with empty segments.
+        let mut cursor = a;
+        let existing: Vec<(u64, u64)> = self
+            .segments
+            .range(a..b)
+            .map(|(&s, seg)| (s, seg.end))
+            .collect();
+        let mut gaps = Vec::new();
+        for (s, e) in existing {
+            if s > cursor {
+                gaps.push((cursor, s));
+            }
+            cursor = e;
+        }
+        if cursor < b {
+            gaps.push((cursor, b));
+        }
+        for (s, e) in gaps {
+            self.segments.insert(
+                s,
+                Segment {
+                    end: e,
+                    ..Segment::default()
+                },
+            );
+        }
+    }
+
+    fn check_access(&mut self, r: &DeviceRange, acc: &Access, write: bool) {
+        if r.len == 0 {
+            return;
+        }
+        let (a, b) = (r.ptr.0, r.end());
+        self.split_segments(a, b);
+        let keys: Vec<u64> = self.segments.range(a..b).map(|(&k, _)| k).collect();
+        for k in keys {
+            let Some(seg) = self.segments.get_mut(&k) else {
+                continue;
+            };
+            let range = DeviceRange::new(DevicePtr(k), seg.end - k);
+            let mut found = Vec::new();
+            if let Some(w) = &seg.last_write {
+                if w.info.seq != acc.info.seq && w.end > acc.start {
+                    found.push((w.info.clone(), "write"));
+                }
+            }
+            if write {
+                for rd in &seg.reads {
+                    if rd.info.seq != acc.info.seq && rd.end > acc.start {
+                        found.push((rd.info.clone(), "read"));
+                    }
+                }
+                seg.reads.clear();
+                seg.last_write = Some(acc.clone());
+            } else {
+                seg.reads.push(acc.clone());
+            }
+            for (other, other_access) in found {
+                self.races.push(RaceReport {
+                    access: if write { "write" } else { "read" },
+                    range,
+                    op: acc.info.clone(),
+                    other,
+                    other_access,
+                });
+            }
+        }
+    }
+
+    /// Forgets accesses that can no longer conflict with anything issued from now on.
+    fn prune_segments(&mut self) {
+        let horizon = self.host_time;
+        self.segments.retain(|_, seg| {
+            seg.reads.retain(|r| r.end > horizon);
+            if seg.last_write.as_ref().is_some_and(|w| w.end <= horizon) {
+                seg.last_write = None;
+            }
+            seg.last_write.is_some() || !seg.reads.is_empty()
+        });
+    }
+
+    /// Applies, in virtual-time order, every effect scheduled at or before `t`.
+    fn run_until(&mut self, t: u64) {
+        while let Some(&Reverse((time, phase, seq))) = self.queue.peek() {
+            if time > t {
+                break;
+            }
+            self.queue.pop();
+            if let Err(e) = self.run_phase(phase, seq) {
+                if self.error.is_none() {
+                    self.error = Some(e.to_string());
+                }
+            }
+        }
+        self.prune_segments();
+    }
+
+    fn run_phase(&mut self, phase: u8, seq: u64) -> Result<()> {
+        let Some(mut work) = self.ops.remove(&seq) else {
+            return Ok(());
+        };
+        match &mut work {
+            Work::H2D {
+                dst,
+                src,
+                src_offset,
+                len,
+                data,
+            } => {
+                if phase == 1 {
+                    let a = self.host_alloc(*src, *src_offset, *len)?;
+                    let o = *src_offset as usize;
+                    *data = Some(a.data[o..o + *len as usize].to_vec());
+                } else if let Some(d) = data.take() {
+                    self.write_device(DeviceRange::new(*dst, *len), &d)?;
+                }
+            }
+            Work::H2DBytes { dst, data } => {
+                if phase == 0 {
+                    let d = std::mem::take(data);
+                    self.write_device(DeviceRange::new(*dst, d.len() as u64), &d)?;
+                }
+            }
+            Work::D2H {
+                dst,
+                dst_offset,
+                src,
+                len,
+                data,
+            } => {
+                if phase == 1 {
+                    *data = Some(slice(&self.device, DeviceRange::new(*src, *len))?.to_vec());
+                } else if let Some(d) = data.take() {
+                    self.host_alloc(*dst, *dst_offset, *len)?;
+                    if let Some(a) = self.host.get_mut(&dst.0) {
+                        let o = *dst_offset as usize;
+                        a.data[o..o + d.len()].copy_from_slice(&d);
+                    }
+                }
+            }
+            Work::Kernel { spec, f, out } => {
+                if phase == 1 {
+                    if let Some(f) = f.take() {
+                        let mut mem = SimMemory {
+                            allocs: &self.device,
+                            spec,
+                            writes: Vec::new(),
+                        };
+                        let r = f(&mut mem);
+                        *out = mem.writes;
+                        r.map_err(|e| {
+                            Error::InvalidArgument(format!("kernel '{}' failed: {e}", spec.name))
+                        })?;
+                    }
+                } else {
+                    for (r, d) in std::mem::take(out) {
+                        self.write_device(r, &d)?;
+                    }
+                }
+            }
+        }
+        if phase == 1 {
+            // Keep the op for its end phase.
+            self.ops.insert(seq, work);
+        }
+        Ok(())
+    }
+
+    fn write_device(&mut self, r: DeviceRange, data: &[u8]) -> Result<()> {
+        let (base, a, b) = locate(&self.device, r)?;
+        if let Some(mem) = self.device.get_mut(&base) {
+            mem[a..b].copy_from_slice(data);
+        }
+        Ok(())
+    }
+
+    fn take_error(&mut self) -> Result<()> {
+        match self.error.take() {
+            Some(e) => Err(Error::InvalidArgument(format!(
+                "an earlier asynchronous operation failed: {e}"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    fn sync_to(&mut self, t: u64) -> Result<()> {
+        self.host_time = self.host_time.max(t);
+        let h = self.host_time;
+        self.run_until(h);
+        self.take_error()
+    }
+
+    fn sync_all(&mut self) -> Result<()> {
+        let t = self.streams.iter().map(|s| s.tail).max().unwrap_or(0);
+        self.sync_to(t)
+    }
+}
+
+impl Device for SimDevice {
+    fn kind(&self) -> DeviceKind {
+        DeviceKind::Sim
+    }
+
+    fn name(&self) -> String {
+        format!(
+            "simulated device ({} MiB, H2D {:.1} GB/s)",
+            self.cfg.capacity >> 20,
+            self.cfg.h2d_bandwidth / 1e9
+        )
+    }
+
+    fn mem_info(&self) -> Result<MemInfo> {
+        let st = self.lock();
+        Ok(MemInfo {
+            free: self.cfg.capacity - st.device_allocated,
+            total: self.cfg.capacity,
+        })
+    }
+
+    fn alloc_device(&self, bytes: u64) -> Result<DevicePtr> {
+        let mut st = self.lock();
+        let free = self.cfg.capacity - st.device_allocated;
+        if bytes == 0 || bytes > free {
+            return Err(Error::OutOfMemory {
+                asked: bytes,
+                free,
+                largest_free: free,
+            });
+        }
+        let ptr = st.next_device_addr;
+        st.next_device_addr += bytes.div_ceil(ALIGN) * ALIGN + ALIGN;
+        st.device.insert(ptr, vec![0u8; bytes as usize]);
+        st.device_allocated += bytes;
+        st.device_peak = st.device_peak.max(st.device_allocated);
+        Ok(DevicePtr(ptr))
+    }
+
+    fn free_device(&self, ptr: DevicePtr) -> Result<()> {
+        let mut st = self.lock();
+        st.sync_all()?;
+        let mem = st.device.remove(&ptr.0).ok_or_else(|| {
+            Error::InvalidHandle(format!("{ptr} is not a live device allocation"))
+        })?;
+        st.device_allocated -= mem.len() as u64;
+        let end = ptr.0 + mem.len() as u64;
+        st.segments.retain(|&k, _| k < ptr.0 || k >= end);
+        Ok(())
+    }
+
+    fn alloc_host(&self, bytes: u64, _kind: HostMemKind) -> Result<HostPtr> {
+        let mut st = self.lock();
+        if st.host_allocated + bytes > self.cfg.host_capacity {
+            return Err(Error::InvalidArgument(format!(
+                "pinned host allocation of {bytes} bytes exceeds the simulated host limit ({} of {} bytes in use)",
+                st.host_allocated, self.cfg.host_capacity
+            )));
+        }
+        let id = st.next_host;
+        st.next_host += 1;
+        st.host.insert(
+            id,
+            HostAlloc {
+                data: vec![0u8; bytes as usize],
+            },
+        );
+        st.host_allocated += bytes;
+        Ok(HostPtr(id))
+    }
+
+    fn free_host(&self, ptr: HostPtr) -> Result<()> {
+        let mut st = self.lock();
+        st.sync_all()?;
+        let a = st.host.remove(&ptr.0).ok_or_else(|| {
+            Error::InvalidHandle(format!("host allocation {} does not exist", ptr.0))
+        })?;
+        st.host_allocated -= a.data.len() as u64;
+        Ok(())
+    }
+
+    fn host_write(&self, dst: HostPtr, offset: u64, src: &[u8]) -> Result<()> {
+        let mut st = self.lock();
+        st.host_alloc(dst, offset, src.len() as u64)?;
+        if let Some(a) = st.host.get_mut(&dst.0) {
+            let o = offset as usize;
+            a.data[o..o + src.len()].copy_from_slice(src);
+        }
+        Ok(())
+    }
+
+    fn host_read(&self, src: HostPtr, offset: u64, dst: &mut [u8]) -> Result<()> {
+        let st = self.lock();
+        let a = st.host_alloc(src, offset, dst.len() as u64)?;
+        let o = offset as usize;
+        dst.copy_from_slice(&a.data[o..o + dst.len()]);
+        Ok(())
+    }
+
+    fn create_stream(&self) -> Result<StreamId> {
+        let mut st = self.lock();
+        let id = StreamId(st.streams.len() as u32);
+        let tail = st.host_time;
+        st.streams.push(StreamState { tail });
+        Ok(id)
+    }
+
+    fn create_event(&self) -> Result<EventId> {
+        let mut st = self.lock();
+        let id = EventId(st.events.len() as u32);
+        st.events.push(EventState { time: None });
+        Ok(id)
+    }
+
+    fn record_event(&self, event: EventId, stream: StreamId) -> Result<()> {
+        let mut st = self.lock();
+        st.event(event)?;
+        let t = st.stream(stream)?.tail.max(st.host_time);
+        st.events[event.0 as usize].time = Some(t);
+        Ok(())
+    }
+
+    fn wait_event(&self, stream: StreamId, event: EventId) -> Result<()> {
+        let mut st = self.lock();
+        st.stream(stream)?;
+        // Waiting on a never-recorded event is a no-op, as in CUDA.
+        if let Some(t) = st.event(event)?.time {
+            let s = &mut st.streams[stream.0 as usize];
+            s.tail = s.tail.max(t);
+        }
+        Ok(())
+    }
+
+    fn event_done(&self, event: EventId) -> Result<bool> {
+        let st = self.lock();
+        Ok(st.event(event)?.time.is_none_or(|t| t <= st.host_time))
+    }
+
+    fn sync_event(&self, event: EventId) -> Result<()> {
+        let mut st = self.lock();
+        let t = st.event(event)?.time.unwrap_or(0);
+        st.sync_to(t)
+    }
+
+    fn event_elapsed(&self, start: EventId, end: EventId) -> Result<Duration> {
+        let st = self.lock();
+        let (a, b) = (st.event(start)?.time, st.event(end)?.time);
+        match (a, b) {
+            (Some(a), Some(b)) if a <= st.host_time && b <= st.host_time => {
+                Ok(dur(b.saturating_sub(a)))
+            }
+            _ => Err(Error::InvalidArgument(format!(
+                "event_elapsed({}, {}): both events must be recorded and completed",
+                start.0, end.0
+            ))),
+        }
+    }
+
+    fn sync_stream(&self, stream: StreamId) -> Result<()> {
+        let mut st = self.lock();
+        let t = st.stream(stream)?.tail;
+        st.sync_to(t)
+    }
+
+    fn copy_h2d(
+        &self,
+        stream: StreamId,
+        dst: DevicePtr,
+        src: HostPtr,
+        src_offset: u64,
+        len: u64,
+    ) -> Result<()> {
+        let mut st = self.lock();
+        let r = DeviceRange::new(dst, len);
+        locate(&st.device, r)?;
+        st.host_alloc(src, src_offset, len)?;
+        let d = bytes_time(len, self.cfg.h2d_bandwidth, self.cfg.copy_latency);
+        st.enqueue(
+            &self.cfg,
+            stream,
+            Engine::H2D,
+            d,
+            OpKind::CopyH2D,
+            "h2d".into(),
+            len,
+            &[],
+            &[r],
+            Work::H2D {
+                dst,
+                src,
+                src_offset,
+                len,
+                data: None,
+            },
+        )
+    }
+
+    fn copy_h2d_pageable(&self, stream: StreamId, dst: DevicePtr, src: &[u8]) -> Result<()> {
+        let mut st = self.lock();
+        let r = DeviceRange::new(dst, src.len() as u64);
+        locate(&st.device, r)?;
+        let d = bytes_time(
+            src.len() as u64,
+            self.cfg.pageable_bandwidth,
+            self.cfg.copy_latency,
+        );
+        st.enqueue(
+            &self.cfg,
+            stream,
+            Engine::H2D,
+            d,
+            OpKind::CopyH2DPageable,
+            "h2d-pageable".into(),
+            src.len() as u64,
+            &[],
+            &[r],
+            Work::H2DBytes {
+                dst,
+                data: src.to_vec(),
+            },
+        )?;
+        // A pageable copy returns to the host only once it has completed.
+        let t = st.streams[stream.0 as usize].tail;
+        st.sync_to(t)
+    }
+
+    fn copy_d2h(
+        &self,
+        stream: StreamId,
+        dst: HostPtr,
+        dst_offset: u64,
+        src: DevicePtr,
+        len: u64,
+    ) -> Result<()> {
+        let mut st = self.lock();
+        let r = DeviceRange::new(src, len);
+        locate(&st.device, r)?;
+        st.host_alloc(dst, dst_offset, len)?;
+        let d = bytes_time(len, self.cfg.d2h_bandwidth, self.cfg.copy_latency);
+        st.enqueue(
+            &self.cfg,
+            stream,
+            Engine::D2H,
+            d,
+            OpKind::CopyD2H,
+            "d2h".into(),
+            len,
+            &[r],
+            &[],
+            Work::D2H {
+                dst,
+                dst_offset,
+                src,
+                len,
+                data: None,
+            },
+        )
+    }
+
+    fn busy(&self, stream: StreamId, duration: Duration) -> Result<()> {
+        self.enqueue_kernel(stream, KernelSpec::new("busy", duration), None)
+    }
+}
