@@ -148,7 +148,8 @@ fn copies_overlap_compute_on_another_stream_and_serialise_on_the_copy_engine() {
     let buf = dev.alloc_device(4000).unwrap();
     dev.busy(compute, Duration::from_nanos(5000)).unwrap();
     dev.copy_h2d(c1, buf, host, 0, 2000).unwrap();
-    dev.copy_h2d(c2, buf.offset(2000), host, 2000, 2000).unwrap();
+    dev.copy_h2d(c2, buf.offset(2000), host, 2000, 2000)
+        .unwrap();
     let t = dev.timeline();
     assert_eq!(t.len(), 3);
     assert_eq!(t[0].kind, OpKind::Kernel);
@@ -272,8 +273,12 @@ fn scenario() -> (Vec<ferry_pager::device::sim::OpRecord>, Vec<u8>) {
     let dev = SimDevice::new(cfg());
     let streams: Vec<_> = (0..3).map(|_| dev.create_stream().unwrap()).collect();
     let host = dev.alloc_host(4096, HostMemKind::Upload).unwrap();
-    dev.host_write(host, 0, &(0..4096).map(|i| (i * 7) as u8).collect::<Vec<_>>())
-        .unwrap();
+    dev.host_write(
+        host,
+        0,
+        &(0..4096).map(|i| (i * 7) as u8).collect::<Vec<_>>(),
+    )
+    .unwrap();
     let buf = dev.alloc_device(4096).unwrap();
     let ev = dev.create_event().unwrap();
     for i in 0..16u64 {

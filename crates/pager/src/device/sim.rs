@@ -543,10 +543,9 @@ impl State {
     }
 
     fn host_alloc(&self, h: HostPtr, offset: u64, len: u64) -> Result<&HostAlloc> {
-        let a = self
-            .host
-            .get(&h.0)
-            .ok_or_else(|| Error::InvalidHandle(format!("host allocation {} does not exist", h.0)))?;
+        let a = self.host.get(&h.0).ok_or_else(|| {
+            Error::InvalidHandle(format!("host allocation {} does not exist", h.0))
+        })?;
         if offset + len > a.data.len() as u64 {
             return Err(Error::OutOfBounds(format!(
                 "host range [{offset}, {}) runs past host allocation {} of {} bytes",

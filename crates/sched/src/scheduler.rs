@@ -1,0 +1,375 @@
+//! The executor: runs the shared scheduling logic on a real (or simulated) device with one compute
+//! stream and one copy stream, ordering everything with events so the host never waits in steady
+//! state (beyond the run-ahead bound).
+
+use crate::core::{CopyOp, Core, Timeline};
+use crate::error::{Error, Result};
+use crate::metrics::{CopyRecord, PassRecord, RunMetrics, UseRecord};
+use crate::plan::{plan, CostModel, GroupDesc, GroupId, Layout, Mode, PlanSummary, Problem};
+use ferry_pager::{Device, DevicePtr, DeviceRange, EventId, StreamId};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+/// How to run.
+#[derive(Clone, Copy, Debug)]
+pub struct SchedulerConfig {
+    /// Offload mode.
+    pub mode: Mode,
+    /// Hard device memory budget in bytes (weights + engine reserve).
+    pub budget: u64,
+    /// Bytes of the budget the engine needs for activations and workspace.
+    pub reserve: u64,
+    /// How many group uses the host may run ahead of the device.
+    pub run_ahead: usize,
+    /// Record per-use events for metrics and traces.
+    pub metrics: bool,
+    /// The transfer cost model used for planning.
+    pub cost: CostModel,
+}
+
+/// Device ranges of an acquired group's tensors, in the group's tensor order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GroupView {
+    /// The group.
+    pub group: GroupId,
+    /// One range per tensor.
+    pub tensors: Vec<DeviceRange>,
+}
+
+struct DeviceTimeline {
+    dev: Arc<dyn Device>,
+    arena: DevicePtr,
+    compute: StreamId,
+    copy: StreamId,
+    pool: Vec<EventId>,
+    metrics: bool,
+    copies: Vec<CopyRecord>,
+}
+
+impl DeviceTimeline {
+    fn event(&mut self) -> Result<EventId> {
+        match self.pool.pop() {
+            Some(e) => Ok(e),
+            None => Ok(self.dev.create_event()?),
+        }
+    }
+
+    fn mark(&mut self, stream: StreamId) -> Result<EventId> {
+        let e = self.event()?;
+        self.dev.record_event(e, stream)?;
+        Ok(e)
+    }
+}
+
+impl Timeline for DeviceTimeline {
+    type Token = EventId;
+
+    fn copy(
+        &mut self,
+        group: Option<GroupId>,
+        ops: &[CopyOp],
+        base: u64,
+        wait_for: &[EventId],
+        synchronous: bool,
+    ) -> Result<EventId> {
+        let stream = if synchronous { self.compute } else { self.copy };
+        for &t in wait_for {
+            self.dev.wait_event(stream, t)?;
+        }
+        let start = if self.metrics {
+            Some(self.mark(stream)?)
+        } else {
+            None
+        };
+        for op in ops {
+            let dst = self.arena.offset(base + op.dev_offset);
+            self.dev
+                .copy_h2d(stream, dst, op.host, op.host_offset, op.len)?;
+        }
+        let ready = self.mark(stream)?;
+        if let Some(start) = start {
+            let end = self.mark(stream)?;
+            self.copies.push(CopyRecord {
+                bytes: ops.iter().map(|o| o.len).sum(),
+                start,
+                end,
+                group,
+            });
+        }
+        Ok(ready)
+    }
+
+    fn compute_wait(&mut self, t: &EventId) -> Result<()> {
+        Ok(self.dev.wait_event(self.compute, *t)?)
+    }
+
+    fn compute_mark(&mut self) -> Result<EventId> {
+        self.mark(self.compute)
+    }
+
+    fn host_wait(&mut self, t: &EventId) -> Result<()> {
+        Ok(self.dev.sync_event(*t)?)
+    }
+
+    fn recycle(&mut self, t: EventId) {
+        self.pool.push(t);
+    }
+}
+
+struct Inner {
+    problem: Problem,
+    budget: u64,
+    layout: Layout,
+    summary: PlanSummary,
+    core: Core<EventId>,
+    tl: DeviceTimeline,
+    uses: Vec<UseRecord>,
+    passes: Vec<PassRecord>,
+    pass_start: Option<EventId>,
+    origin: EventId,
+}
+
+/// The prefetching transfer scheduler. `Send + Sync`; calls are serialised internally.
+pub struct Scheduler {
+    inner: Mutex<Inner>,
+}
+
+impl std::fmt::Debug for Scheduler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scheduler").finish_non_exhaustive()
+    }
+}
+
+impl Scheduler {
+    /// Plans `groups` used in `order` each pass, allocates the budget once, and starts copying the
+    /// resident set.
+    pub fn new(
+        dev: Arc<dyn Device>,
+        groups: Vec<GroupDesc>,
+        order: Vec<GroupId>,
+        cfg: SchedulerConfig,
+    ) -> Result<Scheduler> {
+        let problem = Problem {
+            groups,
+            order,
+            reserve: cfg.reserve,
+            cost: cfg.cost,
+            run_ahead: cfg.run_ahead,
+        };
+        let (layout, summary) = plan(&problem, cfg.mode, cfg.budget)?;
+        let core = Core::new(
+            &problem.groups,
+            problem.order.clone(),
+            layout.clone(),
+            problem.reserve,
+            problem.run_ahead,
+        )?;
+        let arena = dev.alloc_device(cfg.budget)?;
+        let streams = dev
+            .create_stream()
+            .and_then(|c| dev.create_stream().map(|k| (c, k)));
+        let (compute, copy) = match streams {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = dev.free_device(arena);
+                return Err(e.into());
+            }
+        };
+        let mut tl = DeviceTimeline {
+            dev: dev.clone(),
+            arena,
+            compute,
+            copy,
+            pool: Vec::new(),
+            metrics: cfg.metrics,
+            copies: Vec::new(),
+        };
+        let origin = match tl.mark(compute) {
+            Ok(e) => e,
+            Err(e) => {
+                let _ = dev.free_device(arena);
+                return Err(e);
+            }
+        };
+        let mut inner = Inner {
+            problem,
+            budget: cfg.budget,
+            layout,
+            summary,
+            core,
+            tl,
+            uses: Vec::new(),
+            passes: Vec::new(),
+            pass_start: None,
+            origin,
+        };
+        // On failure `inner` drops here and frees the arena.
+        let Inner {
+            core, tl, problem, ..
+        } = &mut inner;
+        core.load_residents(&problem.groups, tl)?;
+        Ok(Scheduler {
+            inner: Mutex::new(inner),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The plan being run.
+    pub fn plan(&self) -> PlanSummary {
+        self.lock().summary.clone()
+    }
+
+    /// The layout being run.
+    pub fn layout(&self) -> Layout {
+        self.lock().layout.clone()
+    }
+
+    /// The stream the engine must issue its compute on.
+    pub fn compute_stream(&self) -> StreamId {
+        self.lock().tl.compute
+    }
+
+    /// The stream copies are issued on.
+    pub fn copy_stream(&self) -> StreamId {
+        self.lock().tl.copy
+    }
+
+    /// The engine's activations and workspace region (the reserve, at the start of the arena).
+    pub fn workspace(&self) -> DeviceRange {
+        let g = self.lock();
+        DeviceRange::new(g.tl.arena, g.problem.reserve)
+    }
+
+    /// The whole device arena (exactly the budget).
+    pub fn arena(&self) -> DeviceRange {
+        let g = self.lock();
+        DeviceRange::new(g.tl.arena, g.budget)
+    }
+
+    /// Marks the start of a pass (for metrics).
+    pub fn begin_pass(&self) -> Result<()> {
+        let mut g = self.lock();
+        let e = g.tl.compute_mark()?;
+        g.pass_start = Some(e);
+        Ok(())
+    }
+
+    /// Marks the end of a pass (for metrics).
+    pub fn end_pass(&self) -> Result<()> {
+        let mut g = self.lock();
+        let start = g.pass_start.take().ok_or_else(|| {
+            Error::InvalidArgument("end_pass without a matching begin_pass".into())
+        })?;
+        let end = g.tl.compute_mark()?;
+        let bytes = g.core.bytes_copied;
+        let first_use = g.uses.len();
+        g.passes.push(PassRecord {
+            start,
+            end,
+            bytes_at_end: bytes,
+            first_use,
+        });
+        Ok(())
+    }
+
+    /// Makes group `g` available to work issued next on the compute stream; returns where its
+    /// tensors are. The compute stream waits for the copy; the host does not.
+    pub fn acquire(&self, g: GroupId) -> Result<GroupView> {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let before = if inner.tl.metrics {
+            Some(inner.tl.compute_mark()?)
+        } else {
+            None
+        };
+        let placed = inner.core.acquire(g, &mut inner.tl)?;
+        if let Some(before) = before {
+            let after = inner.tl.compute_mark()?;
+            inner.uses.push(UseRecord {
+                group: g,
+                before,
+                after,
+                end: None,
+            });
+        }
+        let desc = &inner.problem.groups[g.0];
+        let tensors = placed
+            .offsets
+            .iter()
+            .zip(&desc.tensors)
+            .map(|(&o, t)| DeviceRange::new(inner.tl.arena.offset(o), t.bytes))
+            .collect();
+        Ok(GroupView { group: g, tensors })
+    }
+
+    /// Ends the use of group `g` by the work issued so far on the compute stream; its memory is
+    /// reused only by copies ordered after that work.
+    pub fn release(&self, g: GroupId) -> Result<()> {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        if inner.tl.metrics {
+            let end = inner.tl.compute_mark()?;
+            if let Some(u) = inner
+                .uses
+                .iter_mut()
+                .rev()
+                .find(|u| u.group == g && u.end.is_none())
+            {
+                u.end = Some(end);
+            }
+        }
+        inner.core.release(g, &mut inner.tl)
+    }
+
+    /// Waits for all work, then returns the metrics recorded so far (empty unless enabled).
+    pub fn metrics(&self) -> Result<RunMetrics> {
+        let g = self.lock();
+        let dev = &g.tl.dev;
+        dev.sync_stream(g.tl.compute)?;
+        dev.sync_stream(g.tl.copy)?;
+        crate::metrics::collect(
+            dev.as_ref(),
+            g.origin,
+            &g.problem.groups,
+            &g.uses,
+            &g.tl.copies,
+            &g.passes,
+            g.budget,
+        )
+    }
+
+    /// Checks internal invariants (a test hook).
+    pub fn check(&self) -> Result<()> {
+        self.lock().core.check().map_err(Error::InvalidArgument)
+    }
+
+    /// Total bytes copied host→device so far.
+    pub fn bytes_copied(&self) -> u64 {
+        self.lock().core.bytes_copied
+    }
+
+    /// Waits for all work issued so far.
+    pub fn synchronize(&self) -> Result<()> {
+        let g = self.lock();
+        g.tl.dev.sync_stream(g.tl.compute)?;
+        g.tl.dev.sync_stream(g.tl.copy)?;
+        Ok(())
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Errors cannot be reported from drop; the arena is freed after pending work either way.
+        let _ = self.tl.dev.sync_stream(self.tl.compute);
+        let _ = self.tl.dev.sync_stream(self.tl.copy);
+        let _ = self.tl.dev.free_device(self.tl.arena);
+    }
+}
+
+/// The time `d` as used in the cost model.
+pub fn nanos(d: Duration) -> f64 {
+    d.as_nanos() as f64
+}
