@@ -13,3 +13,7 @@ pub mod arena;
 pub mod host;
 pub mod residency;
 pub mod weights;
+pub use arena::{Arena, Extent, ExtentAllocator};
+pub use host::{HostStore, HostTensor, LoadOptions, RawTensor, TensorId};
+pub use residency::{GroupId, GroupView, Pager, PagerStats, Policy};
+pub use weights::{DType, TensorInfo, WeightsFile};

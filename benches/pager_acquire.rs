@@ -1,0 +1,209 @@
+//! Host-side cost of the pager's hot calls: acquire + release of a resident group (the steady
+//! state of a model that fits), and acquire + release of a group that misses (evicts the previous
+//! occupant, waits on its fences, enqueues the copy, records the ready event).
+//!
+//! Each case runs on the simulated device and on a do-nothing device, which isolates the pager's
+//! own bookkeeping from the device calls. `cargo bench -p ferry-pager --bench pager_acquire`.
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use ferry_pager::device::sim::{SimConfig, SimDevice};
+use ferry_pager::{
+    DType, Device, DeviceKind, DevicePtr, EventId, GroupId, HostMemKind, HostPtr, HostStore,
+    MemInfo, Pager, Policy, RawTensor, Result, StreamId,
+};
+use std::hint::black_box;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A device whose calls do nothing: measures the pager alone.
+#[derive(Debug, Default)]
+struct NullDevice {
+    next: AtomicU64,
+    events: AtomicU32,
+}
+
+impl Device for NullDevice {
+    fn kind(&self) -> DeviceKind {
+        DeviceKind::Sim
+    }
+    fn name(&self) -> String {
+        "null".into()
+    }
+    fn mem_info(&self) -> Result<MemInfo> {
+        Ok(MemInfo {
+            free: 1 << 40,
+            total: 1 << 40,
+        })
+    }
+    fn alloc_device(&self, _bytes: u64) -> Result<DevicePtr> {
+        Ok(DevicePtr(1 << 40))
+    }
+    fn free_device(&self, _ptr: DevicePtr) -> Result<()> {
+        Ok(())
+    }
+    fn alloc_host(&self, _bytes: u64, _kind: HostMemKind) -> Result<HostPtr> {
+        Ok(HostPtr(self.next.fetch_add(1, Ordering::Relaxed)))
+    }
+    fn free_host(&self, _ptr: HostPtr) -> Result<()> {
+        Ok(())
+    }
+    fn host_write(&self, _dst: HostPtr, _offset: u64, _src: &[u8]) -> Result<()> {
+        Ok(())
+    }
+    fn host_read(&self, _src: HostPtr, _offset: u64, _dst: &mut [u8]) -> Result<()> {
+        Ok(())
+    }
+    fn create_stream(&self) -> Result<StreamId> {
+        Ok(StreamId(self.next.fetch_add(1, Ordering::Relaxed) as u32))
+    }
+    fn create_event(&self) -> Result<EventId> {
+        Ok(EventId(self.events.fetch_add(1, Ordering::Relaxed)))
+    }
+    fn record_event(&self, _event: EventId, _stream: StreamId) -> Result<()> {
+        Ok(())
+    }
+    fn wait_event(&self, _stream: StreamId, _event: EventId) -> Result<()> {
+        Ok(())
+    }
+    fn event_done(&self, _event: EventId) -> Result<bool> {
+        Ok(true)
+    }
+    fn sync_event(&self, _event: EventId) -> Result<()> {
+        Ok(())
+    }
+    fn event_elapsed(&self, _start: EventId, _end: EventId) -> Result<Duration> {
+        Ok(Duration::ZERO)
+    }
+    fn sync_stream(&self, _stream: StreamId) -> Result<()> {
+        Ok(())
+    }
+    fn copy_h2d(&self, _s: StreamId, _d: DevicePtr, _h: HostPtr, _o: u64, _l: u64) -> Result<()> {
+        Ok(())
+    }
+    fn copy_h2d_pageable(&self, _s: StreamId, _d: DevicePtr, _src: &[u8]) -> Result<()> {
+        Ok(())
+    }
+    fn copy_d2h(&self, _s: StreamId, _h: HostPtr, _o: u64, _d: DevicePtr, _l: u64) -> Result<()> {
+        Ok(())
+    }
+    fn busy(&self, _stream: StreamId, _duration: Duration) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Layer-like groups (a 1 MiB weight, a 4 KiB bias, a norm pair), `n` of them, with a budget of
+/// `fit` groups; 50 other groups are defined too, so lookups are not trivially small.
+fn setup(dev: Arc<dyn Device>, n: usize, fit: u64) -> (Pager, Vec<GroupId>, StreamId, StreamId) {
+    let store = Arc::new(HostStore::new(dev.clone()));
+    let w = vec![1u8; 1 << 20];
+    let b = vec![2u8; 4096];
+    let names: Vec<[String; 4]> = (0..n)
+        .map(|i| {
+            [
+                format!("l{i}.weight"),
+                format!("l{i}.bias"),
+                format!("l{i}.norm.weight"),
+                format!("l{i}.norm.bias"),
+            ]
+        })
+        .collect();
+    let mut raw = Vec::new();
+    for nm in &names {
+        raw.push(RawTensor {
+            name: &nm[0],
+            dtype: DType::F16,
+            shape: &[1 << 19],
+            data: &w,
+        });
+        for x in &nm[1..] {
+            raw.push(RawTensor {
+                name: x,
+                dtype: DType::F16,
+                shape: &[2048],
+                data: &b,
+            });
+        }
+    }
+    let ids = store.register_batch(&raw).unwrap();
+    let group_bytes = (1 << 20) + 3 * 4096;
+    let pager = Pager::new(dev.clone(), store, fit * group_bytes, Policy::Lru).unwrap();
+    let groups: Vec<GroupId> = ids
+        .chunks(4)
+        .enumerate()
+        .map(|(i, t)| pager.define_group(&format!("layer{i}"), t).unwrap())
+        .collect();
+    let c = dev.create_stream().unwrap();
+    let k = dev.create_stream().unwrap();
+    (pager, groups, c, k)
+}
+
+fn resident(c: &mut Criterion) {
+    let mut g = c.benchmark_group("pager");
+    g.sample_size(50).measurement_time(Duration::from_secs(3));
+    let sim = SimDevice::new(SimConfig::default());
+    let devices: [(&str, Arc<dyn Device>); 2] = [
+        ("sim", sim.clone()),
+        ("null", Arc::new(NullDevice::default())),
+    ];
+    for (name, dev) in devices {
+        let (pager, groups, cs, ks) = setup(dev, 50, 50);
+        let grp = groups[7];
+        pager.acquire(grp, cs, ks).unwrap();
+        pager.release(grp, cs).unwrap();
+        g.bench_function(format!("acquire_release_resident/{name}"), |b| {
+            b.iter(|| {
+                let v = pager.acquire(black_box(grp), cs, ks).unwrap();
+                black_box(v.range(0));
+                pager.release(grp, cs).unwrap();
+            })
+        });
+    }
+    g.finish();
+}
+
+fn miss(c: &mut Criterion) {
+    let mut g = c.benchmark_group("pager");
+    g.sample_size(30).measurement_time(Duration::from_secs(3));
+    let sim = SimDevice::new(SimConfig::default());
+    let devices: [(&str, Arc<dyn Device>); 2] = [
+        ("sim", sim.clone()),
+        ("null", Arc::new(NullDevice::default())),
+    ];
+    for (name, dev) in devices {
+        // Budget of one group: every acquire evicts the other and schedules a copy.
+        let (pager, groups, cs, ks) = setup(dev.clone(), 50, 1);
+        let mut i = 0usize;
+        g.bench_function(format!("acquire_release_miss/{name}"), |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                let mut done = 0;
+                while done < iters {
+                    let batch = (iters - done).min(512);
+                    let t = Instant::now();
+                    for _ in 0..batch {
+                        let grp = groups[i % 2];
+                        i += 1;
+                        let v = pager.acquire(grp, cs, ks).unwrap();
+                        black_box(v.range(0));
+                        pager.release(grp, cs).unwrap();
+                    }
+                    total += t.elapsed();
+                    done += batch;
+                    // Untimed: let the simulator retire its queued work so it does not grow.
+                    dev.sync_stream(cs).unwrap();
+                    dev.sync_stream(ks).unwrap();
+                    if name == "sim" {
+                        sim.take_timeline();
+                    }
+                }
+                total
+            })
+        });
+        assert!(pager.stats().misses > 0 && pager.stats().hits == 0);
+    }
+    g.finish();
+}
+
+criterion_group!(benches, resident, miss);
+criterion_main!(benches);
