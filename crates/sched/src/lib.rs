@@ -13,4 +13,4 @@ pub mod scheduler;
 pub use error::{Error, Result};
 pub use metrics::RunMetrics;
 pub use plan::{CostModel, GroupDesc, GroupId, Layout, Mode, PlanSummary, Problem, TensorSource};
-pub use scheduler::{GroupView, Scheduler, SchedulerConfig};
+pub use scheduler::{GroupView, Replan, Scheduler, SchedulerConfig};

@@ -127,6 +127,70 @@ struct Inner {
     passes: Vec<PassRecord>,
     pass_start: Option<EventId>,
     origin: EventId,
+    mode: Mode,
+    /// The order being recorded while the first pass runs without a declared order.
+    trace: Option<Vec<GroupId>>,
+}
+
+/// What changes when re-planning.
+#[derive(Clone, Debug, Default)]
+pub struct Replan {
+    /// A new order of uses per pass.
+    pub order: Option<Vec<GroupId>>,
+    /// New compute time per group (e.g. measured, or scaled for a new resolution).
+    pub compute: Option<Vec<Duration>>,
+    /// A new engine reserve (activations grow with resolution and batch).
+    pub reserve: Option<u64>,
+}
+
+impl Inner {
+    /// Waits for the device, then plans `problem` afresh inside the same arena and reloads the
+    /// resident set. On error the previous plan stays in force.
+    fn rebuild(&mut self, problem: Problem) -> Result<()> {
+        self.tl.dev.sync_stream(self.tl.compute)?;
+        self.tl.dev.sync_stream(self.tl.copy)?;
+        let (layout, summary) = plan(&problem, self.mode, self.budget)?;
+        let mut core = Core::new(
+            &problem.groups,
+            problem.order.clone(),
+            layout.clone(),
+            problem.reserve,
+            problem.run_ahead,
+        )?;
+        core.bytes_copied = self.core.bytes_copied;
+        core.unit_copies = self.core.unit_copies;
+        core.load_residents(&problem.groups, &mut self.tl)?;
+        self.core = core;
+        self.layout = layout;
+        self.summary = summary;
+        self.problem = problem;
+        Ok(())
+    }
+}
+
+/// The layout of a tracing pass: everything streamed on demand, no prefetch.
+fn trace_layout(p: &Problem, budget: u64) -> Result<(Layout, PlanSummary)> {
+    let max_group = p.groups.iter().map(|g| g.device_bytes()).max().unwrap_or(0);
+    let minimum = crate::plan::align(p.reserve) + max_group;
+    if budget < minimum {
+        return Err(Error::BudgetTooSmall {
+            budget,
+            minimum,
+            mode: "trace".into(),
+            detail: "engine reserve + the largest weight group".into(),
+        });
+    }
+    let layout = Layout {
+        mode: Mode::Group { depth: 0 },
+        resident: vec![false; p.groups.len()],
+        resident_bytes: 0,
+        staging_bytes: budget - crate::plan::align(p.reserve),
+        depth: 0,
+        by_component: false,
+        synchronous: false,
+    };
+    let summary = crate::plan::summarize(p, &layout, budget, minimum);
+    Ok((layout, summary))
 }
 
 /// The prefetching transfer scheduler. `Send + Sync`; calls are serialised internally.
@@ -156,7 +220,12 @@ impl Scheduler {
             cost: cfg.cost,
             run_ahead: cfg.run_ahead,
         };
-        let (layout, summary) = plan(&problem, cfg.mode, cfg.budget)?;
+        let tracing = problem.order.is_empty();
+        let (layout, summary) = if tracing {
+            trace_layout(&problem, cfg.budget)?
+        } else {
+            plan(&problem, cfg.mode, cfg.budget)?
+        };
         let core = Core::new(
             &problem.groups,
             problem.order.clone(),
@@ -202,6 +271,8 @@ impl Scheduler {
             passes: Vec::new(),
             pass_start: None,
             origin,
+            mode: cfg.mode,
+            trace: tracing.then(Vec::new),
         };
         // On failure `inner` drops here and frees the arena.
         let Inner {
@@ -272,7 +343,54 @@ impl Scheduler {
             bytes_at_end: bytes,
             first_use,
         });
+        if let Some(order) = g.trace.take() {
+            if order.is_empty() {
+                return Err(Error::InvalidArgument(
+                    "the traced pass acquired no group".into(),
+                ));
+            }
+            let mut problem = g.problem.clone();
+            problem.order = order;
+            g.rebuild(problem)?;
+        }
         Ok(())
+    }
+
+    /// Whether the scheduler is still recording the order of uses (first pass, no declared order).
+    pub fn tracing(&self) -> bool {
+        self.lock().trace.is_some()
+    }
+
+    /// The order of uses per pass being planned for (empty while tracing).
+    pub fn order(&self) -> Vec<GroupId> {
+        self.lock().problem.order.clone()
+    }
+
+    /// Plans again for new compute times, order or reserve (a new resolution or batch size),
+    /// inside the same arena. Waits for the device first.
+    pub fn replan(&self, change: Replan) -> Result<PlanSummary> {
+        let mut g = self.lock();
+        let mut problem = g.problem.clone();
+        if let Some(order) = change.order {
+            problem.order = order;
+        }
+        if let Some(compute) = change.compute {
+            if compute.len() != problem.groups.len() {
+                return Err(Error::InvalidArgument(format!(
+                    "replan: {} compute times given for {} groups",
+                    compute.len(),
+                    problem.groups.len()
+                )));
+            }
+            for (desc, c) in problem.groups.iter_mut().zip(compute) {
+                desc.compute = c;
+            }
+        }
+        if let Some(r) = change.reserve {
+            problem.reserve = r;
+        }
+        g.rebuild(problem)?;
+        Ok(g.summary.clone())
     }
 
     /// Makes group `g` available to work issued next on the compute stream; returns where its
@@ -286,6 +404,9 @@ impl Scheduler {
             None
         };
         let placed = inner.core.acquire(g, &mut inner.tl)?;
+        if let Some(t) = &mut inner.trace {
+            t.push(g);
+        }
         if let Some(before) = before {
             let after = inner.tl.compute_mark()?;
             inner.uses.push(UseRecord {

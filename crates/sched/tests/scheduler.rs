@@ -5,7 +5,8 @@ use ferry_pager::device::sim::{KernelSpec, SimConfig, SimDevice};
 use ferry_pager::{Device, HostMemKind};
 use ferry_sched::plan::{minimum_budget, plan};
 use ferry_sched::{
-    CostModel, Error, GroupDesc, GroupId, Mode, Problem, Scheduler, SchedulerConfig, TensorSource,
+    CostModel, Error, GroupDesc, GroupId, Mode, Problem, Replan, Scheduler, SchedulerConfig,
+    TensorSource,
 };
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -99,6 +100,12 @@ fn run(
         sched_cfg(&m.dev, mode, budget, reserve),
     )
     .unwrap();
+    let seen = run_passes(m, &s, budget, passes);
+    (seen, s)
+}
+
+/// Runs `passes` passes on an existing scheduler; returns what the kernels saw.
+fn run_passes(m: &Model, s: &Scheduler, budget: u64, passes: usize) -> Vec<Vec<u8>> {
     let seen = Arc::new(Mutex::new(Vec::new()));
     for _ in 0..passes {
         s.begin_pass().unwrap();
@@ -128,7 +135,7 @@ fn run(
     }
     s.synchronize().unwrap();
     let seen = seen.lock().unwrap().clone();
-    (seen, s)
+    seen
 }
 
 fn expected(m: &Model, passes: usize) -> Vec<Vec<u8>> {
@@ -378,4 +385,60 @@ fn metrics_trace_and_table_are_produced() {
     );
     let plan = s.plan().to_string();
     assert!(plan.contains("predicted pass"), "{plan}");
+}
+
+#[test]
+fn trace_mode_records_the_order_on_the_first_pass_then_plans() {
+    let m = mixed(|b| b / 20);
+    let budget = RESERVE + total_bytes(&m) / 2;
+    let dev: Arc<dyn Device> = m.dev.clone();
+    let s = Scheduler::new(
+        dev,
+        m.groups.clone(),
+        Vec::new(),
+        sched_cfg(&m.dev, Mode::Auto, budget, RESERVE),
+    )
+    .unwrap();
+    assert!(s.tracing());
+    let seen = run_passes(&m, &s, budget, 3);
+    assert!(!s.tracing());
+    assert_eq!(s.order(), m.order);
+    assert!(seen == expected(&m, 3));
+    assert!(m.dev.races().is_empty(), "{:?}", m.dev.races());
+    // After tracing, passes follow the planned layout: some groups resident.
+    assert!(s.plan().resident_groups > 0);
+}
+
+#[test]
+fn replanning_for_new_shapes_keeps_data_exact_and_moves_the_prediction() {
+    let m = mixed(|b| b / 40);
+    let budget = RESERVE * 4 + total_bytes(&m) / 2;
+    let (_, s) = run(&m, Mode::Auto, budget, RESERVE, 1);
+    let before = s.plan();
+    // A larger resolution: 4x compute, 3x activations.
+    let compute: Vec<Duration> = m.groups.iter().map(|g| g.compute * 4).collect();
+    let after = s
+        .replan(Replan {
+            compute: Some(compute),
+            reserve: Some(RESERVE * 3),
+            ..Replan::default()
+        })
+        .unwrap();
+    assert!(after.compute_per_pass == before.compute_per_pass * 4);
+    assert!(
+        after.resident_bytes < before.resident_bytes,
+        "less room for residents"
+    );
+    let seen = run_passes(&m, &s, budget, 2);
+    assert!(seen == expected(&m, 2));
+    assert!(m.dev.races().is_empty());
+    let err = s
+        .replan(Replan {
+            reserve: Some(budget),
+            ..Replan::default()
+        })
+        .unwrap_err();
+    assert!(matches!(err, Error::BudgetTooSmall { .. }), "{err}");
+    // The old plan is still in force after a failed replan.
+    assert!(run_passes(&m, &s, budget, 1) == expected(&m, 1));
 }
