@@ -22,10 +22,13 @@
 //! the copy engines free.
 
 mod kernels;
+mod launch;
 mod memory;
 mod result;
 
 use self::kernels::{LazyKernel, BUSY_KERNEL, BUSY_PTX};
+use self::launch::{check_args, ModuleCache};
+pub use self::launch::{check_launch_args, ptx_entry_params, KernelArg, LaunchDims, ParamKind};
 use self::memory::{DeviceAlloc, HostAlloc, HostOrigin};
 use self::result::{check, driver_error, Call};
 use super::{Device, DeviceKind, DevicePtr, EventId, HostMemKind, HostPtr, MemInfo, StreamId};
@@ -60,6 +63,8 @@ pub struct CudaDevice {
     device_allocs: RwLock<BTreeMap<u64, Arc<DeviceAlloc>>>,
     host_allocs: RwLock<HashMap<HostPtr, Arc<HostAlloc>>>,
     busy_kernel: LazyKernel,
+    /// PTX modules of other crates, loaded by [`CudaDevice::launch`].
+    modules: ModuleCache,
 }
 
 fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
@@ -159,6 +164,7 @@ impl CudaDevice {
             device_allocs: RwLock::default(),
             host_allocs: RwLock::default(),
             busy_kernel: LazyKernel::new(BUSY_PTX, BUSY_KERNEL),
+            modules: ModuleCache::default(),
         }))
     }
 
@@ -246,6 +252,81 @@ impl CudaDevice {
             device: self.clone(),
             handle,
         })
+    }
+
+    /// Launches kernel `func` of the PTX module `module` (text `ptx`, loaded into this context on
+    /// first use and cached by `module`) on `stream`, asynchronously.
+    ///
+    /// The arguments are checked against the kernel's PTX parameter list (count and type class),
+    /// and every [`KernelArg::Buf`] range against the live device allocations, so a wrong
+    /// argument list or a stale pointer is an error, not a launch.
+    ///
+    /// # Safety
+    /// The kernel must access only the [`KernelArg::Buf`] ranges it is given (the caller checks
+    /// the kernel's index arithmetic against the buffer sizes), and the values must mean what the
+    /// kernel expects (e.g. a count matching a buffer's length). Buffers it writes must not be
+    /// read or written by other streams until an event recorded after this launch completes.
+    pub unsafe fn launch(
+        &self,
+        stream: StreamId,
+        module: &'static str,
+        ptx: &'static str,
+        func: &'static str,
+        dims: LaunchDims,
+        args: &[KernelArg],
+    ) -> Result<()> {
+        let s = self.stream(stream)?;
+        let (f, params) = self.modules.function(&self.ctx, module, ptx, func)?;
+        check_args(func, &params, args)?;
+        for arg in args {
+            if let KernelArg::Buf { ptr, bytes } = *arg {
+                self.device_range(ptr, bytes)?;
+            }
+        }
+        let (g, b) = (dims.grid, dims.block);
+        if g.0 == 0 || g.1 == 0 || g.2 == 0 || b.0 == 0 || b.1 == 0 || b.2 == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "kernel {func}: empty launch (grid {g:?}, block {b:?})"
+            )));
+        }
+        self.ctx.bind_to_thread().call("cuCtxSetCurrent")?;
+        if dims.shared_mem > 48 * 1024 {
+            // Above 48 KiB a kernel must opt in to dynamic shared memory.
+            f.set_attribute(
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                dims.shared_mem as i32,
+            )
+            .call("cuFuncSetAttribute")?;
+        }
+        // One 8-byte slot per parameter; the driver reads each parameter's size from the slot's
+        // start (little endian), so 4-byte values sit in the low bytes.
+        let mut slots: Vec<u64> = args.iter().map(KernelArg::slot).collect();
+        let mut ptrs: Vec<*mut std::ffi::c_void> = slots
+            .iter_mut()
+            .map(|v| (v as *mut u64).cast::<std::ffi::c_void>())
+            .collect();
+        // SAFETY: `f` is a live function of this context (held by the cache); `ptrs` has exactly
+        // one pointer per kernel parameter (checked above), each to an 8-byte slot that outlives
+        // the call (the driver copies the values before returning); buffer ranges are live
+        // allocations; what the kernel does within them is the caller's contract.
+        check(
+            unsafe {
+                sys::cuLaunchKernel(
+                    f.cu_function(),
+                    g.0,
+                    g.1,
+                    g.2,
+                    b.0,
+                    b.1,
+                    b.2,
+                    dims.shared_mem,
+                    s.cu_stream(),
+                    ptrs.as_mut_ptr(),
+                    std::ptr::null_mut(),
+                )
+            },
+            "cuLaunchKernel",
+        )
     }
 
     fn stream(&self, id: StreamId) -> Result<Arc<CudaStream>> {
@@ -358,6 +439,7 @@ impl fmt::Debug for CudaDevice {
             .field("device_allocs", &read(&self.device_allocs).len())
             .field("host_allocs", &read(&self.host_allocs).len())
             .field("busy_kernel", &self.busy_kernel)
+            .field("modules", &self.modules.loaded())
             .finish()
     }
 }

@@ -1,0 +1,259 @@
+//! Launching kernels of other crates: PTX modules loaded by name on first use and cached per
+//! context, and raw argument lists checked against the kernel's PTX parameter list.
+
+use super::result::Call;
+use crate::device::DevicePtr;
+use crate::error::{Error, Result};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
+use cudarc::nvrtc::Ptx;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+/// One argument of [`CudaDevice::launch`](super::CudaDevice::launch).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum KernelArg {
+    /// A device buffer `ptr..ptr + bytes`, passed as a 64-bit pointer; the range must lie in one
+    /// live allocation of the device (checked before launching).
+    Buf {
+        /// First byte.
+        ptr: DevicePtr,
+        /// Bytes the kernel may touch from `ptr`.
+        bytes: u64,
+    },
+    /// A null pointer (an absent optional operand).
+    Null,
+    /// A 32-bit unsigned integer.
+    U32(u32),
+    /// A 32-bit signed integer.
+    I32(i32),
+    /// A 64-bit unsigned integer.
+    U64(u64),
+    /// A 32-bit float.
+    F32(f32),
+}
+
+impl KernelArg {
+    /// Whether this argument fits a PTX parameter of `kind`.
+    fn fits(&self, kind: &ParamKind) -> bool {
+        matches!(
+            (self, kind),
+            (
+                KernelArg::Buf { .. } | KernelArg::Null | KernelArg::U64(_),
+                ParamKind::B64
+            ) | (KernelArg::U32(_) | KernelArg::I32(_), ParamKind::B32)
+                | (KernelArg::F32(_), ParamKind::F32)
+        )
+    }
+
+    /// The value as the little-endian bytes of an 8-byte slot (what `cuLaunchKernel` reads).
+    pub(super) fn slot(&self) -> u64 {
+        match *self {
+            KernelArg::Buf { ptr, .. } => ptr.0,
+            KernelArg::Null => 0,
+            KernelArg::U32(v) => u64::from(v),
+            KernelArg::I32(v) => u64::from(v as u32),
+            KernelArg::U64(v) => v,
+            KernelArg::F32(v) => u64::from(v.to_bits()),
+        }
+    }
+}
+
+/// Grid, block and dynamic shared memory of a kernel launch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LaunchDims {
+    /// Blocks in x, y, z.
+    pub grid: (u32, u32, u32),
+    /// Threads per block in x, y, z.
+    pub block: (u32, u32, u32),
+    /// Dynamic shared memory per block, in bytes.
+    pub shared_mem: u32,
+}
+
+impl LaunchDims {
+    /// A 1-d launch of `blocks` blocks of `threads` threads, no dynamic shared memory.
+    pub fn linear(blocks: u32, threads: u32) -> Self {
+        LaunchDims {
+            grid: (blocks, 1, 1),
+            block: (threads, 1, 1),
+            shared_mem: 0,
+        }
+    }
+}
+
+/// The type class of a kernel parameter, as declared in PTX.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ParamKind {
+    /// `.u64`, `.s64` or `.b64` (pointers and 64-bit integers).
+    B64,
+    /// `.u32`, `.s32` or `.b32`.
+    B32,
+    /// `.f32`.
+    F32,
+    /// Anything else (by-value structs, 8/16-bit types): not launchable through [`KernelArg`].
+    Other(String),
+}
+
+/// The parameter list of the `.entry name(...)` in `ptx`, or `None` if there is no such entry.
+pub fn ptx_entry_params(ptx: &str, name: &str) -> Option<Vec<ParamKind>> {
+    let head = format!(".entry {name}(");
+    let start = ptx.find(&head)? + head.len();
+    let end = start + ptx[start..].find(')')?;
+    let list = ptx[start..end].trim();
+    if list.is_empty() {
+        return Some(Vec::new());
+    }
+    Some(
+        list.split(',')
+            .map(|p| {
+                let ty = p
+                    .split_whitespace()
+                    .find(|w| w.starts_with('.') && *w != ".param")
+                    .unwrap_or("");
+                match ty {
+                    ".u64" | ".s64" | ".b64" => ParamKind::B64,
+                    ".u32" | ".s32" | ".b32" => ParamKind::B32,
+                    ".f32" => ParamKind::F32,
+                    other => ParamKind::Other(other.to_string()),
+                }
+            })
+            .collect(),
+    )
+}
+
+/// Checks `args` against the PTX parameter list of kernel `func` in `ptx` (count and type
+/// class), as [`CudaDevice::launch`](super::CudaDevice::launch) does before launching.
+pub fn check_launch_args(ptx: &str, func: &str, args: &[KernelArg]) -> Result<()> {
+    let params = ptx_entry_params(ptx, func)
+        .ok_or_else(|| Error::InvalidArgument(format!("the PTX has no kernel named {func}")))?;
+    check_args(func, &params, args)
+}
+
+/// Checks `args` against the parameters of kernel `func`.
+pub(super) fn check_args(func: &str, params: &[ParamKind], args: &[KernelArg]) -> Result<()> {
+    if params.len() != args.len() {
+        return Err(Error::InvalidArgument(format!(
+            "kernel {func} takes {} parameters ({params:?}), given {} arguments",
+            params.len(),
+            args.len()
+        )));
+    }
+    for (i, (p, a)) in params.iter().zip(args).enumerate() {
+        if !a.fits(p) {
+            return Err(Error::InvalidArgument(format!(
+                "kernel {func} parameter {i} is {p:?}, given {a:?}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A loaded kernel and its PTX parameter list.
+type Loaded = (CudaFunction, Arc<[ParamKind]>);
+
+/// Modules loaded by name and their functions, kept for the context's lifetime.
+#[derive(Default)]
+pub(super) struct ModuleCache {
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    functions: Mutex<HashMap<(&'static str, &'static str), Loaded>>,
+}
+
+impl ModuleCache {
+    /// Function `func` of module `module` (PTX text `ptx`), loading the module the first time.
+    pub(super) fn function(
+        &self,
+        ctx: &Arc<CudaContext>,
+        module: &'static str,
+        ptx: &'static str,
+        func: &'static str,
+    ) -> Result<Loaded> {
+        let mut functions = self
+            .functions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(found) = functions.get(&(module, func)) {
+            return Ok(found.clone());
+        }
+        let params: Arc<[ParamKind]> = ptx_entry_params(ptx, func)
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!("module {module} has no kernel named {func}"))
+            })?
+            .into();
+        let m = {
+            let mut modules = self.modules.lock().unwrap_or_else(PoisonError::into_inner);
+            match modules.get(module) {
+                Some(m) => m.clone(),
+                None => {
+                    let m = ctx.load_module(Ptx::from_src(ptx)).map_err(|e| {
+                        match super::result::driver_error("cuModuleLoadData", e) {
+                            Error::Cuda { call, message } => Error::Cuda {
+                                call,
+                                message: format!("{message} (loading PTX module {module})"),
+                            },
+                            other => other,
+                        }
+                    })?;
+                    modules.insert(module, m.clone());
+                    m
+                }
+            }
+        };
+        let f = m.load_function(func).call("cuModuleGetFunction")?;
+        functions.insert((module, func), (f.clone(), params.clone()));
+        Ok((f, params))
+    }
+
+    /// Number of modules loaded.
+    pub(super) fn loaded(&self) -> usize {
+        self.modules
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PTX: &str = "
+.visible .entry k_none()
+{ ret; }
+.visible .entry k_mix(
+\t.param .u64 k_mix_param_0,
+\t.param .u32 k_mix_param_1,
+\t.param .f32 k_mix_param_2,
+\t.param .align 4 .b8 k_mix_param_3[12]
+)
+{ ret; }
+";
+
+    #[test]
+    fn entry_params_are_parsed_by_type_class() {
+        assert_eq!(ptx_entry_params(PTX, "k_none"), Some(vec![]));
+        assert_eq!(
+            ptx_entry_params(PTX, "k_mix"),
+            Some(vec![
+                ParamKind::B64,
+                ParamKind::B32,
+                ParamKind::F32,
+                ParamKind::Other(".align".into())
+            ])
+        );
+        assert_eq!(ptx_entry_params(PTX, "k_mi"), None);
+        assert_eq!(ptx_entry_params(PTX, "missing"), None);
+    }
+
+    #[test]
+    fn args_are_checked_in_count_and_type() {
+        let params = [ParamKind::B64, ParamKind::B32, ParamKind::F32];
+        let ok = [KernelArg::Null, KernelArg::U32(3), KernelArg::F32(1.0)];
+        assert!(check_args("k", &params, &ok).is_ok());
+        let err = check_args("k", &params, &ok[..2]).unwrap_err().to_string();
+        assert!(err.contains("takes 3 parameters"), "{err}");
+        let swapped = [KernelArg::Null, KernelArg::F32(1.0), KernelArg::U32(3)];
+        let err = check_args("k", &params, &swapped).unwrap_err().to_string();
+        assert!(err.contains("parameter 1"), "{err}");
+        assert_eq!(KernelArg::F32(1.0).slot(), 0x3f80_0000);
+        assert_eq!(KernelArg::I32(-1).slot(), 0xffff_ffff);
+    }
+}
