@@ -240,16 +240,11 @@ fn used_groups(p: &Problem) -> Vec<bool> {
 }
 
 /// The smallest budget `mode` can run `p` in.
+///
+/// Every group counts, not only those in the order: a group used outside the planned pass (a text
+/// encoder before the denoising loop) is loaded on demand through the same staging ring.
 pub fn minimum_budget(p: &Problem, mode: Mode) -> u64 {
-    let used = used_groups(p);
-    let max_group = p
-        .groups
-        .iter()
-        .zip(&used)
-        .filter(|(_, &u)| u)
-        .map(|(g, _)| g.device_bytes())
-        .max()
-        .unwrap_or(0);
+    let max_group = p.groups.iter().map(|g| g.device_bytes()).max().unwrap_or(0);
     let weights = match mode {
         Mode::None => p.groups.iter().map(|g| g.device_bytes()).sum(),
         Mode::Model => component_bytes(&p.groups).into_iter().max().unwrap_or(0),
@@ -379,17 +374,19 @@ fn auto_layout(p: &Problem, avail: u64) -> Result<Layout> {
             synchronous: false,
         }
     };
-    if total <= avail {
-        return Ok(make(used));
-    }
-    let max_group = p
+    // Groups outside the planned pass are always streamed, so the ring must hold the largest.
+    let max_unused = p
         .groups
         .iter()
         .zip(&used)
-        .filter(|(_, &u)| u)
+        .filter(|(_, &u)| !u)
         .map(|(g, _)| g.device_bytes())
         .max()
         .unwrap_or(0);
+    if total + max_unused <= avail {
+        return Ok(make(used));
+    }
+    let max_group = p.groups.iter().map(|g| g.device_bytes()).max().unwrap_or(0);
     // Uses per pass of each group: a group used twice saves two copies.
     let mut uses = vec![0u64; n];
     for g in &p.order {

@@ -1,7 +1,16 @@
 //! A minimal Stable Diffusion executor (CLIP text encoders, UNet, VAE) whose layers take their
 //! weights from Ferry's scheduler just in time, with f32 CPU reference ops and CUDA kernels.
 
+pub mod cli;
+pub mod cuda;
+pub mod error;
+pub mod exec;
+pub mod image;
+pub mod loader;
+pub mod models;
+pub mod npy;
 pub mod ops;
+pub mod pipeline;
 pub mod rng;
 pub mod schedulers;
 pub mod tensor;

@@ -1,1 +1,485 @@
-//! TODO
+//! A plain owned f32 tensor (row-major, contiguous) for the CPU reference ops, and the error type
+//! the ops return.
+//!
+//! Layouts follow PyTorch: images are NCHW, sequences are `[batch, seq, dim]`, linear weights are
+//! `[out, in]`.
+
+use std::fmt;
+
+/// Error from a tensor constructor or a CPU op: what was expected and what was found.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OpError {
+    /// Operand shapes do not fit the op.
+    #[error("{op}: expected {expected}, found {found}")]
+    Shape {
+        /// The op or constructor that failed.
+        op: &'static str,
+        /// What the op needs.
+        expected: String,
+        /// What it was given.
+        found: String,
+    },
+    /// A scalar parameter is out of range (e.g. groups not dividing channels, zero stride).
+    #[error("{op}: invalid argument: {msg}")]
+    Invalid {
+        /// The op that failed.
+        op: &'static str,
+        /// What was wrong.
+        msg: String,
+    },
+}
+
+impl OpError {
+    /// Shorthand for [`OpError::Shape`].
+    pub fn shape(op: &'static str, expected: impl Into<String>, found: impl Into<String>) -> Self {
+        OpError::Shape {
+            op,
+            expected: expected.into(),
+            found: found.into(),
+        }
+    }
+
+    /// Shorthand for [`OpError::Invalid`].
+    pub fn invalid(op: &'static str, msg: impl Into<String>) -> Self {
+        OpError::Invalid {
+            op,
+            msg: msg.into(),
+        }
+    }
+}
+
+/// Result alias for tensor ops.
+pub type OpResult<T> = Result<T, OpError>;
+
+/// Element type of raw weight bytes accepted by [`Tensor::from_bytes`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DType {
+    /// IEEE binary32.
+    F32,
+    /// IEEE binary16.
+    F16,
+    /// bfloat16.
+    BF16,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+}
+
+/// An owned, contiguous, row-major f32 tensor.
+#[derive(Clone, PartialEq)]
+pub struct Tensor {
+    shape: Vec<usize>,
+    data: Vec<f32>,
+}
+
+impl fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Printing megabytes of data helps nobody; show the shape and a few values.
+        let head: Vec<f32> = self.data.iter().take(6).copied().collect();
+        f.debug_struct("Tensor")
+            .field("shape", &self.shape)
+            .field("head", &head)
+            .finish()
+    }
+}
+
+fn numel_of(shape: &[usize]) -> Option<usize> {
+    shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d))
+}
+
+impl Tensor {
+    /// Wraps `data` as a tensor of `shape`; fails if the element count differs.
+    pub fn new(shape: impl Into<Vec<usize>>, data: Vec<f32>) -> OpResult<Tensor> {
+        let shape = shape.into();
+        match numel_of(&shape) {
+            Some(n) if n == data.len() => Ok(Tensor { shape, data }),
+            _ => Err(OpError::shape(
+                "Tensor::new",
+                format!("{} elements for shape {:?}", fmt_numel(&shape), shape),
+                format!("{} elements", data.len()),
+            )),
+        }
+    }
+
+    /// A tensor of `shape` filled with `value`.
+    pub fn full(shape: impl Into<Vec<usize>>, value: f32) -> OpResult<Tensor> {
+        let shape = shape.into();
+        let n = numel_of(&shape).ok_or_else(|| {
+            OpError::invalid("Tensor::full", format!("shape {shape:?} overflows"))
+        })?;
+        Ok(Tensor {
+            shape,
+            data: vec![value; n],
+        })
+    }
+
+    /// A tensor of `shape` filled with zeros.
+    pub fn zeros(shape: impl Into<Vec<usize>>) -> OpResult<Tensor> {
+        Tensor::full(shape, 0.0)
+    }
+
+    /// A 0-d tensor holding one value.
+    pub fn scalar(value: f32) -> Tensor {
+        Tensor {
+            shape: Vec::new(),
+            data: vec![value],
+        }
+    }
+
+    /// Decodes little-endian `bytes` of `dtype` into an f32 tensor of `shape`.
+    pub fn from_bytes(
+        bytes: &[u8],
+        dtype: DType,
+        shape: impl Into<Vec<usize>>,
+    ) -> OpResult<Tensor> {
+        let shape = shape.into();
+        let n = numel_of(&shape).ok_or_else(|| {
+            OpError::invalid("Tensor::from_bytes", format!("shape {shape:?} overflows"))
+        })?;
+        let want = n.checked_mul(dtype.size());
+        if want != Some(bytes.len()) {
+            return Err(OpError::shape(
+                "Tensor::from_bytes",
+                format!(
+                    "{} bytes ({} {:?} elements for shape {:?})",
+                    n.saturating_mul(dtype.size()),
+                    n,
+                    dtype,
+                    shape
+                ),
+                format!("{} bytes", bytes.len()),
+            ));
+        }
+        let data: Vec<f32> = match dtype {
+            DType::F32 => bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            DType::F16 => bytes
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            DType::BF16 => bytes
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+        };
+        Ok(Tensor { shape, data })
+    }
+
+    /// The dimensions.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// Number of dimensions.
+    pub fn rank(&self) -> usize {
+        self.shape.len()
+    }
+
+    /// Size of dimension `d`, or an error naming the op if the tensor has fewer dimensions.
+    pub fn dim(&self, d: usize) -> OpResult<usize> {
+        self.shape.get(d).copied().ok_or_else(|| {
+            OpError::shape(
+                "Tensor::dim",
+                format!("a tensor with more than {d} dimensions"),
+                format!("shape {:?}", self.shape),
+            )
+        })
+    }
+
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.data.len()
+    }
+
+    /// The elements in row-major order.
+    pub fn data(&self) -> &[f32] {
+        &self.data
+    }
+
+    /// The elements in row-major order, mutable.
+    pub fn data_mut(&mut self) -> &mut [f32] {
+        &mut self.data
+    }
+
+    /// Consumes the tensor, returning its elements.
+    pub fn into_data(self) -> Vec<f32> {
+        self.data
+    }
+
+    /// Same data viewed with a new shape of equal element count (no copy).
+    pub fn reshape(self, shape: impl Into<Vec<usize>>) -> OpResult<Tensor> {
+        let shape = shape.into();
+        if numel_of(&shape) != Some(self.data.len()) {
+            return Err(OpError::shape(
+                "reshape",
+                format!("a shape with {} elements", self.data.len()),
+                format!("{shape:?} (from {:?})", self.shape),
+            ));
+        }
+        Ok(Tensor {
+            shape,
+            data: self.data,
+        })
+    }
+
+    /// Checks that the shape equals `expected`; `op` names the caller in the error.
+    pub fn expect_shape(&self, op: &'static str, expected: &[usize]) -> OpResult<()> {
+        if self.shape == expected {
+            Ok(())
+        } else {
+            Err(OpError::shape(
+                op,
+                format!("shape {expected:?}"),
+                format!("{:?}", self.shape),
+            ))
+        }
+    }
+
+    /// Checks that the tensor has `rank` dimensions; `what` describes the expected layout.
+    pub fn expect_rank(&self, op: &'static str, rank: usize, what: &str) -> OpResult<()> {
+        if self.shape.len() == rank {
+            Ok(())
+        } else {
+            Err(OpError::shape(
+                op,
+                format!("a {rank}-d tensor {what}"),
+                format!("shape {:?}", self.shape),
+            ))
+        }
+    }
+
+    /// The slice `start..start + len` along dimension `dim`, copied.
+    pub fn narrow(&self, dim: usize, start: usize, len: usize) -> OpResult<Tensor> {
+        let size = self.dim_checked("narrow", dim)?;
+        if start.checked_add(len).is_none_or(|end| end > size) {
+            return Err(OpError::shape(
+                "narrow",
+                format!("start + len <= {size} (size of dim {dim})"),
+                format!("start {start}, len {len} on shape {:?}", self.shape),
+            ));
+        }
+        let outer: usize = self.shape[..dim].iter().product();
+        let inner: usize = self.shape[dim + 1..].iter().product();
+        let mut data = Vec::with_capacity(outer * len * inner);
+        for o in 0..outer {
+            let base = (o * size + start) * inner;
+            data.extend_from_slice(&self.data[base..base + len * inner]);
+        }
+        let mut shape = self.shape.clone();
+        shape[dim] = len;
+        Ok(Tensor { shape, data })
+    }
+
+    /// Splits dimension `dim` into `n` equal chunks (like `torch.chunk` when the size divides).
+    pub fn chunk(&self, n: usize, dim: usize) -> OpResult<Vec<Tensor>> {
+        let size = self.dim_checked("chunk", dim)?;
+        if n == 0 || !size.is_multiple_of(n) {
+            return Err(OpError::shape(
+                "chunk",
+                format!("dim {dim} divisible into {n} equal chunks"),
+                format!("shape {:?}", self.shape),
+            ));
+        }
+        let len = size / n;
+        (0..n).map(|i| self.narrow(dim, i * len, len)).collect()
+    }
+
+    /// Concatenates tensors along `dim`; all other dimensions must match.
+    pub fn concat(tensors: &[&Tensor], dim: usize) -> OpResult<Tensor> {
+        let first = tensors.first().ok_or_else(|| {
+            OpError::invalid("concat", "expected at least one tensor, found none")
+        })?;
+        first.dim_checked("concat", dim)?;
+        let mut total = 0usize;
+        for t in tensors {
+            let same_rest = t.shape.len() == first.shape.len()
+                && t.shape
+                    .iter()
+                    .zip(&first.shape)
+                    .enumerate()
+                    .all(|(i, (a, b))| i == dim || a == b);
+            if !same_rest {
+                return Err(OpError::shape(
+                    "concat",
+                    format!("shapes equal to {:?} except in dim {dim}", first.shape),
+                    format!("{:?}", t.shape),
+                ));
+            }
+            total += t.shape[dim];
+        }
+        let outer: usize = first.shape[..dim].iter().product();
+        let inner: usize = first.shape[dim + 1..].iter().product();
+        let mut data = Vec::with_capacity(outer * total * inner);
+        for o in 0..outer {
+            for t in tensors {
+                let block = t.shape[dim] * inner;
+                data.extend_from_slice(&t.data[o * block..(o + 1) * block]);
+            }
+        }
+        let mut shape = first.shape.clone();
+        shape[dim] = total;
+        Ok(Tensor { shape, data })
+    }
+
+    /// Reorders dimensions: output dim `i` is input dim `perm[i]` (like `torch.permute`), copied
+    /// into a contiguous tensor.
+    pub fn permute(&self, perm: &[usize]) -> OpResult<Tensor> {
+        let rank = self.shape.len();
+        let mut seen = vec![false; rank];
+        let valid = perm.len() == rank
+            && perm
+                .iter()
+                .all(|&p| p < rank && !std::mem::replace(&mut seen[p], true));
+        if !valid {
+            return Err(OpError::shape(
+                "permute",
+                format!("a permutation of 0..{rank}"),
+                format!("{perm:?} for shape {:?}", self.shape),
+            ));
+        }
+        let in_strides = strides(&self.shape);
+        let shape: Vec<usize> = perm.iter().map(|&p| self.shape[p]).collect();
+        let src_strides: Vec<usize> = perm.iter().map(|&p| in_strides[p]).collect();
+        let n = self.data.len();
+        let mut data = Vec::with_capacity(n);
+        if n > 0 {
+            // Odometer over the output index; the innermost dim is copied in a tight loop.
+            let last = rank.saturating_sub(1);
+            let inner_len = shape.get(last).copied().unwrap_or(1);
+            let inner_stride = src_strides.get(last).copied().unwrap_or(1);
+            let mut idx = vec![0usize; rank];
+            loop {
+                let base: usize = idx.iter().zip(&src_strides).map(|(i, s)| i * s).sum();
+                data.extend((0..inner_len).map(|j| self.data[base + j * inner_stride]));
+                // Advance all but the innermost dim.
+                let mut d = last;
+                loop {
+                    if d == 0 {
+                        return Ok(Tensor { shape, data });
+                    }
+                    d -= 1;
+                    idx[d] += 1;
+                    if idx[d] < shape[d] {
+                        break;
+                    }
+                    idx[d] = 0;
+                }
+            }
+        }
+        Ok(Tensor { shape, data })
+    }
+
+    /// Swaps two dimensions (copying).
+    pub fn transpose(&self, a: usize, b: usize) -> OpResult<Tensor> {
+        let rank = self.shape.len();
+        if a >= rank || b >= rank {
+            return Err(OpError::shape(
+                "transpose",
+                format!("dims < {rank}"),
+                format!("dims {a} and {b} for shape {:?}", self.shape),
+            ));
+        }
+        let mut perm: Vec<usize> = (0..rank).collect();
+        perm.swap(a, b);
+        self.permute(&perm)
+    }
+
+    /// Largest absolute element-wise difference to `other` (shapes must match).
+    pub fn max_abs_diff(&self, other: &Tensor) -> OpResult<f32> {
+        other.expect_shape("max_abs_diff", &self.shape)?;
+        Ok(self
+            .data
+            .iter()
+            .zip(&other.data)
+            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs())))
+    }
+
+    /// Largest absolute element (0 for an empty tensor).
+    pub fn max_abs(&self) -> f32 {
+        self.data.iter().fold(0.0f32, |m, v| m.max(v.abs()))
+    }
+
+    fn dim_checked(&self, op: &'static str, dim: usize) -> OpResult<usize> {
+        self.shape.get(dim).copied().ok_or_else(|| {
+            OpError::shape(
+                op,
+                format!("dim < {}", self.shape.len()),
+                format!("dim {dim} for shape {:?}", self.shape),
+            )
+        })
+    }
+}
+
+/// Row-major strides (in elements) of a contiguous tensor of `shape`.
+pub fn strides(shape: &[usize]) -> Vec<usize> {
+    let mut s = vec![1usize; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        s[i] = s[i + 1] * shape[i + 1];
+    }
+    s
+}
+
+fn fmt_numel(shape: &[usize]) -> String {
+    numel_of(shape).map_or_else(|| "an overflowing number of".to_string(), |n| n.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn arange(shape: &[usize]) -> Tensor {
+        let n = shape.iter().product::<usize>();
+        Tensor::new(shape, (0..n).map(|i| i as f32).collect()).unwrap()
+    }
+
+    #[test]
+    fn new_checks_len() {
+        let err = Tensor::new([2, 3], vec![0.0; 5]).unwrap_err();
+        assert!(err.to_string().contains("6 elements"), "{err}");
+        assert!(err.to_string().contains("found 5"), "{err}");
+    }
+
+    #[test]
+    fn permute_and_transpose() {
+        let x = arange(&[2, 3, 4]);
+        let p = x.permute(&[2, 0, 1]).unwrap();
+        assert_eq!(p.shape(), &[4, 2, 3]);
+        // p[k, i, j] == x[i, j, k]
+        assert_eq!(p.data()[(3 * 2 + 1) * 3 + 2], x.data()[(3 + 2) * 4 + 3]);
+        let back = p.permute(&[1, 2, 0]).unwrap();
+        assert_eq!(back, x);
+        assert_eq!(x.transpose(0, 2).unwrap(), x.permute(&[2, 1, 0]).unwrap());
+        assert!(x.permute(&[0, 0, 1]).is_err());
+        assert!(x.permute(&[0, 1]).is_err());
+    }
+
+    #[test]
+    fn narrow_concat_roundtrip() {
+        let x = arange(&[2, 5, 3]);
+        let a = x.narrow(1, 0, 2).unwrap();
+        let b = x.narrow(1, 2, 3).unwrap();
+        assert_eq!(Tensor::concat(&[&a, &b], 1).unwrap(), x);
+        assert!(x.narrow(1, 4, 2).is_err());
+        assert!(x.narrow(3, 0, 1).is_err());
+        let parts = x.chunk(5, 1).unwrap();
+        assert_eq!(parts.len(), 5);
+        assert!(x.chunk(2, 1).is_err());
+    }
+
+    #[test]
+    fn bytes_length_checked() {
+        let err = Tensor::from_bytes(&[0u8; 7], DType::F16, [2, 2]).unwrap_err();
+        assert!(err.to_string().contains("8 bytes"), "{err}");
+        let t = Tensor::from_bytes(&1.5f32.to_le_bytes(), DType::F32, [1]).unwrap();
+        assert_eq!(t.data(), &[1.5]);
+    }
+}

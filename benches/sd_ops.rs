@@ -1,0 +1,74 @@
+//! Benchmarks of ferry-sd's f32 CPU reference ops at Stable Diffusion 1.5 sizes.
+//!
+//! `cargo bench -p ferry-sd --bench sd_ops`. Throughput is reported in elements/s where one
+//! "element" is one floating-point operation (multiply-adds count 2), so Gelem/s reads as GFLOP/s.
+//! `MATMUL_NUM_THREADS` sets the GEMM thread count (default: physical cores, at most 4).
+
+use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
+use ferry_sd::ops::{self, Conv2dParams};
+use ferry_sd::tensor::Tensor;
+
+fn filled(shape: &[usize], seed: u32) -> Tensor {
+    let n: usize = shape.iter().product();
+    let mut s = seed;
+    let data = (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (s >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+        })
+        .collect();
+    Tensor::new(shape, data).expect("shape matches data")
+}
+
+fn bench_ops(c: &mut Criterion) {
+    let mut g = c.benchmark_group("sd15");
+    g.sample_size(10);
+
+    // UNet down block 0 ResNet conv: 320 -> 320, 3x3, 64x64 latents, batch 2 (CFG).
+    let x = filled(&[2, 320, 64, 64], 1);
+    let w = filled(&[320, 320, 3, 3], 2);
+    let b = filled(&[320], 3);
+    g.throughput(Throughput::Elements(2 * 2 * 320 * 320 * 9 * 64 * 64));
+    g.bench_function("conv2d_3x3_320_64x64_b2", |bn| {
+        bn.iter(|| ops::conv2d(black_box(&x), &w, Some(&b), Conv2dParams::new(1, 1)).unwrap())
+    });
+
+    // Downsampler: 320 -> 320, 3x3 stride 2.
+    g.throughput(Throughput::Elements(2 * 2 * 320 * 320 * 9 * 32 * 32));
+    g.bench_function("conv2d_3x3_s2_320_64x64_b2", |bn| {
+        bn.iter(|| ops::conv2d(black_box(&x), &w, Some(&b), Conv2dParams::new(2, 1)).unwrap())
+    });
+
+    // Transformer projection at 64x64: [4096, 320] · [320, 320]ᵀ.
+    let xs = filled(&[1, 4096, 320], 4);
+    let wl = filled(&[320, 320], 5);
+    g.throughput(Throughput::Elements(2 * 4096 * 320 * 320));
+    g.bench_function("linear_4096x320x320", |bn| {
+        bn.iter(|| ops::linear(black_box(&xs), &wl, Some(&b)).unwrap())
+    });
+
+    // Self-attention at 64x64: 4096 tokens, 8 heads of 40, batch 1 (QKᵀ and PV GEMMs).
+    let q = filled(&[1, 4096, 320], 6);
+    let k = filled(&[1, 4096, 320], 7);
+    g.throughput(Throughput::Elements(2 * 2 * 4096 * 4096 * 320));
+    g.bench_function("attention_4096_8x40_b1", |bn| {
+        bn.iter(|| ops::scaled_dot_product_attention(black_box(&q), &k, &k, 8).unwrap())
+    });
+
+    // The softmax inside that attention, one band: 1024 query rows x 4096 keys.
+    let scores = filled(&[1024, 4096], 8);
+    g.throughput(Throughput::Elements(scores.numel() as u64));
+    g.bench_function("softmax_1024x4096", |bn| {
+        bn.iter(|| ops::softmax_last_dim(black_box(&scores)).unwrap())
+    });
+
+    // GroupNorm(32) + SiLU on the same activation (memory-bound: elements, not FLOPs).
+    g.throughput(Throughput::Elements(x.numel() as u64));
+    g.bench_function("group_norm_silu_320_64x64_b2", |bn| {
+        bn.iter(|| ops::group_norm(black_box(&x), 32, Some(&b), Some(&b), 1e-5, true).unwrap())
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench_ops);
+criterion_main!(benches);

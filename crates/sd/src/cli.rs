@@ -1,0 +1,208 @@
+//! The `txt2img` command line: arguments, and the parsing of values such as VRAM sizes.
+
+use crate::error::{Error, Result};
+use clap::{Parser, ValueEnum};
+use std::path::PathBuf;
+
+/// Generate images from text with Stable Diffusion 1.x, 2.x or SDXL, on a GPU smaller than the
+/// model (weights paged by Ferry) or on the CPU.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "txt2img", version, about)]
+pub struct Args {
+    /// Model: a diffusers folder (with model_index.json) or a single-file .safetensors checkpoint.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The prompt.
+    #[arg(long, default_value = "")]
+    pub prompt: String,
+    /// The negative prompt (omitted: diffusers' negative_prompt=None).
+    #[arg(long)]
+    pub negative_prompt: Option<String>,
+    /// Denoising steps.
+    #[arg(long, default_value_t = 30)]
+    pub steps: usize,
+    /// Classifier-free guidance scale.
+    #[arg(long, default_value_t = 7.5)]
+    pub guidance: f32,
+    /// Scheduler: ddim, pndm, euler, euler-a, dpmpp-2m (default: the model's own).
+    #[arg(long)]
+    pub scheduler: Option<String>,
+    /// Karras sigmas (euler, dpmpp-2m).
+    #[arg(long)]
+    pub karras: bool,
+    /// Seed for the initial latents (torch.manual_seed semantics on a CPU generator).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Image width in pixels (multiple of 8; default: the model's sample size).
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Image height in pixels (multiple of 8; default: the model's sample size).
+    #[arg(long)]
+    pub height: Option<usize>,
+    /// Images per prompt.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Compute precision.
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    pub dtype: Precision,
+    /// Offload mode (default: none when the model fits the budget, auto otherwise).
+    #[arg(long, value_enum)]
+    pub offload: Option<Offload>,
+    /// Device memory budget, e.g. 4GiB, 512MiB, 1.5GB or a byte count.
+    #[arg(long, value_parser = parse_size)]
+    pub vram_budget: Option<u64>,
+    /// Initial latents (float32 .npy, [batch, 4, H/8, W/8]) instead of seeded noise.
+    #[arg(long)]
+    pub init_latents: Option<PathBuf>,
+    /// Save the final denoised latents (before VAE scaling) as float32 .npy.
+    #[arg(long)]
+    pub save_latents: Option<PathBuf>,
+    /// Write a Chrome trace of copies and compute.
+    #[arg(long)]
+    pub trace: Option<PathBuf>,
+    /// Print the paging summary.
+    #[arg(long)]
+    pub stats: bool,
+    /// Print the padded token ids as JSON and exit.
+    #[arg(long)]
+    pub print_tokens: bool,
+    /// Output PNG (with --batch N > 1: OUT-0.png ... OUT-(N-1).png).
+    #[arg(short = 'o', long = "output", default_value = "out.png")]
+    pub output: PathBuf,
+}
+
+/// Compute precision.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    /// 32-bit float.
+    F32,
+    /// 16-bit float.
+    F16,
+    /// bfloat16.
+    Bf16,
+}
+
+/// Offload mode names on the command line.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Offload {
+    /// Everything resident.
+    None,
+    /// Whole components swapped (diffusers' model CPU offload).
+    Model,
+    /// Every layer copied on demand, synchronously (accelerate's sequential offload).
+    Sequential,
+    /// Every block streamed with fixed prefetch.
+    Group,
+    /// Planned residency + prefetch.
+    Auto,
+}
+
+impl Offload {
+    /// The scheduler mode.
+    pub fn mode(self) -> ferry_sched::Mode {
+        match self {
+            Offload::None => ferry_sched::Mode::None,
+            Offload::Model => ferry_sched::Mode::Model,
+            Offload::Sequential => ferry_sched::Mode::Sequential,
+            Offload::Group => ferry_sched::Mode::Group { depth: 2 },
+            Offload::Auto => ferry_sched::Mode::Auto,
+        }
+    }
+}
+
+/// Parses a byte size: a plain count, or a number with a unit (B, KB, MB, GB, TB in powers of
+/// 1000; KiB, MiB, GiB, TiB in powers of 1024; case-insensitive; fractions allowed).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num.parse().map_err(|_| {
+        format!("'{s}' is not a size: expected e.g. 4GiB, 512MiB, 1.5GB or a byte count")
+    })?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "t" | "tb" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        "tib" => 1024.0f64.powi(4),
+        other => {
+            return Err(format!(
+                "unknown size unit '{other}' in '{s}': use B, KB, MB, GB, KiB, MiB or GiB"
+            ))
+        }
+    };
+    let bytes = value * mult;
+    if !bytes.is_finite() || bytes < 1.0 || bytes > u64::MAX as f64 {
+        return Err(format!("'{s}' is not a usable size"));
+    }
+    Ok(bytes.round() as u64)
+}
+
+/// Checks an image dimension: a positive multiple of 8.
+pub fn check_dim(name: &str, v: usize) -> Result<()> {
+    if v == 0 || !v.is_multiple_of(8) {
+        return Err(Error::InvalidArgument(format!(
+            "--{name} must be a positive multiple of 8, got {v}"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_size("512MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_size("4GiB").unwrap(), 4 << 30);
+        assert_eq!(parse_size("1.5GB").unwrap(), 1_500_000_000);
+        assert_eq!(parse_size("123456").unwrap(), 123_456);
+        assert_eq!(parse_size(" 2 gib ").unwrap(), 2 << 30);
+        assert!(parse_size("4 parsecs")
+            .unwrap_err()
+            .contains("unknown size unit"));
+        assert!(parse_size("GiB").is_err());
+        assert!(parse_size("0").is_err());
+    }
+
+    #[test]
+    fn args_follow_the_contract() {
+        let a = Args::try_parse_from([
+            "txt2img",
+            "--model",
+            "m",
+            "--prompt",
+            "a cat",
+            "--steps",
+            "4",
+            "--vram-budget",
+            "512MiB",
+            "--offload",
+            "auto",
+            "--batch",
+            "2",
+            "-o",
+            "x.png",
+            "--karras",
+        ])
+        .unwrap();
+        assert_eq!(a.steps, 4);
+        assert_eq!(a.vram_budget, Some(512 << 20));
+        assert_eq!(a.offload, Some(Offload::Auto));
+        assert!(a.karras && a.negative_prompt.is_none());
+        assert!(
+            Args::try_parse_from(["txt2img", "--model", "m", "--vram-budget", "lots"]).is_err()
+        );
+        assert!(check_dim("width", 100).is_err() && check_dim("width", 512).is_ok());
+    }
+}
