@@ -14,3 +14,8 @@ pub use error::{Error, Result};
 pub use metrics::RunMetrics;
 pub use plan::{CostModel, GroupDesc, GroupId, Layout, Mode, PlanSummary, Problem, TensorSource};
 pub use scheduler::{GroupView, Replan, Scheduler, SchedulerConfig};
+
+/// The README's code examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;

@@ -40,10 +40,14 @@ pub struct PassRecord {
     pub start: EventId,
     /// Pass end on the compute stream.
     pub end: EventId,
+    /// Scheduler's copied-bytes counter at the start of the pass.
+    pub bytes_at_start: u64,
     /// Scheduler's copied-bytes counter at the end of the pass.
     pub bytes_at_end: u64,
-    /// Index of the first use after this pass.
+    /// Index of the pass's first use.
     pub first_use: usize,
+    /// Index one past the pass's last use.
+    pub end_use: usize,
 }
 
 /// Totals for one group over the run.
@@ -186,21 +190,17 @@ pub fn collect(
         });
         copy_times.push((s, e, c.bytes));
     }
-    let mut prev_bytes = 0;
-    let mut prev_use = 0;
     for p in passes {
         let (s, e) = (at(dev, origin, p.start)?, at(dev, origin, p.end)?);
-        let stall: f64 = use_times[prev_use.min(use_times.len())..p.first_use.min(use_times.len())]
-            .iter()
-            .map(|(b, a)| a - b)
-            .sum();
+        let uses = &use_times[p.first_use.min(use_times.len())..p.end_use.min(use_times.len())];
+        let stall: f64 = uses.iter().map(|(b, a)| a - b).sum();
         let (copy_ns, copied): (f64, u64) = copy_times
             .iter()
             .filter(|(cs, _, _)| *cs >= s && *cs < e)
             .fold((0.0, 0), |(t, b), (cs, ce, by)| (t + (ce - cs), b + by));
         m.passes.push(PassMetrics {
             time_ns: e - s,
-            bytes: p.bytes_at_end - prev_bytes,
+            bytes: p.bytes_at_end - p.bytes_at_start,
             stall_ns: stall,
             copy_ns,
             gbps: if copy_ns > 0.0 {
@@ -210,12 +210,12 @@ pub fn collect(
             },
             overlap: if copy_ns > 0.0 {
                 (1.0 - stall / copy_ns).clamp(0.0, 1.0)
+            } else if stall > 0.0 {
+                0.0
             } else {
                 1.0
             },
         });
-        prev_bytes = p.bytes_at_end;
-        prev_use = p.first_use;
     }
     Ok(m)
 }

@@ -126,6 +126,8 @@ struct Inner {
     uses: Vec<UseRecord>,
     passes: Vec<PassRecord>,
     pass_start: Option<EventId>,
+    pass_first_use: usize,
+    pass_bytes_at_start: u64,
     origin: EventId,
     mode: Mode,
     /// The order being recorded while the first pass runs without a declared order.
@@ -270,6 +272,8 @@ impl Scheduler {
             uses: Vec::new(),
             passes: Vec::new(),
             pass_start: None,
+            pass_first_use: 0,
+            pass_bytes_at_start: 0,
             origin,
             mode: cfg.mode,
             trace: tracing.then(Vec::new),
@@ -325,6 +329,8 @@ impl Scheduler {
         let mut g = self.lock();
         let e = g.tl.compute_mark()?;
         g.pass_start = Some(e);
+        g.pass_first_use = g.uses.len();
+        g.pass_bytes_at_start = g.core.bytes_copied;
         Ok(())
     }
 
@@ -336,12 +342,15 @@ impl Scheduler {
         })?;
         let end = g.tl.compute_mark()?;
         let bytes = g.core.bytes_copied;
-        let first_use = g.uses.len();
+        let (first_use, end_use) = (g.pass_first_use, g.uses.len());
+        let bytes_at_start = g.pass_bytes_at_start;
         g.passes.push(PassRecord {
             start,
             end,
+            bytes_at_start,
             bytes_at_end: bytes,
             first_use,
+            end_use,
         });
         if let Some(order) = g.trace.take() {
             if order.is_empty() {

@@ -59,6 +59,8 @@ pub struct ComponentGroups {
 struct GroupInfo {
     /// Component the group belongs to.
     component: String,
+    /// Modelled compute time of one use.
+    compute: Duration,
     /// Full group name (`component.prefix`).
     name: String,
     /// Keys relative to the group prefix, with their host tensors, in group order.
@@ -88,6 +90,7 @@ fn build_groups(
             prefixes.push((format!("{name}."), groups.len()));
             groups.push(GroupInfo {
                 component: c.component.clone(),
+                compute: Duration::ZERO,
                 name,
                 tensors: Vec::new(),
             });
@@ -118,10 +121,13 @@ fn build_groups(
     if let Some(g) = groups.iter().find(|g| g.tensors.is_empty()) {
         return Err(Error::MissingWeight(format!("{}.*", g.name)));
     }
+    for g in &mut groups {
+        let bytes: u64 = g.tensors.iter().map(|(_, t)| t.len).sum();
+        g.compute = Duration::from_nanos((bytes as f64 * compute_ns_per_byte) as u64);
+    }
     let descs = groups
         .iter()
         .map(|g| {
-            let bytes: u64 = g.tensors.iter().map(|(_, t)| t.len).sum();
             GroupDesc {
                 name: g.name.clone(),
                 component: g.component.clone(),
@@ -135,7 +141,7 @@ fn build_groups(
                         bytes: t.len,
                     })
                     .collect(),
-                compute: Duration::from_nanos((bytes as f64 * compute_ns_per_byte) as u64),
+                compute: g.compute,
             }
         })
         .collect();
@@ -300,7 +306,8 @@ impl Executor {
         ranges: &[ferry_pager::DeviceRange],
     ) -> Result<HashMap<String, Tensor>> {
         let info = &self.groups[gid.0];
-        let mut spec = KernelSpec::new(info.name.clone(), Duration::from_nanos(1));
+        // The kernel stands for the layer's compute: it occupies the stream for the modelled time.
+        let mut spec = KernelSpec::new(info.name.clone(), info.compute);
         for r in ranges {
             spec = spec.reads(*r);
         }
