@@ -127,22 +127,20 @@ fn build_groups(
     }
     let descs = groups
         .iter()
-        .map(|g| {
-            GroupDesc {
-                name: g.name.clone(),
-                component: g.component.clone(),
-                tensors: g
-                    .tensors
-                    .iter()
-                    .map(|(_, t)| TensorSource {
-                        name: t.name.clone(),
-                        host: t.host,
-                        offset: t.offset,
-                        bytes: t.len,
-                    })
-                    .collect(),
-                compute: g.compute,
-            }
+        .map(|g| GroupDesc {
+            name: g.name.clone(),
+            component: g.component.clone(),
+            tensors: g
+                .tensors
+                .iter()
+                .map(|(_, t)| TensorSource {
+                    name: t.name.clone(),
+                    host: t.host,
+                    offset: t.offset,
+                    bytes: t.len,
+                })
+                .collect(),
+            compute: g.compute,
         })
         .collect();
     Ok((groups, descs, by_name))
