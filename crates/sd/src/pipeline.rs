@@ -233,11 +233,21 @@ impl Pipeline {
         };
         let unet =
             UNet2DConditionModel::new(crate::models::unet::UNetConfig::from_json(&c.config_json)?)?;
+        unet.check_weights(
+            c.tensors
+                .iter()
+                .map(|t| (t.name.as_str(), t.shape.as_slice())),
+        )?;
         c.register_into(&store, "unet.", None)
             .map_err(|e| Error::Config(format!("unet: {e}")))?;
         groups.push(unet.groups());
         let c = component("vae")?;
         let vae = Vae::new(VaeConfig::from_json(&c.config_json)?)?;
+        vae.check_weights(
+            c.tensors
+                .iter()
+                .map(|t| (t.name.as_str(), t.shape.as_slice())),
+        )?;
         c.register_into(&store, "vae.", None)
             .map_err(|e| Error::Config(format!("vae: {e}")))?;
         groups.push(vae.groups());

@@ -13,7 +13,6 @@ use crate::models::resnet::{Downsample2D, ResnetBlock2D, Upsample2D, WeightShape
 use crate::ops::{self, Conv2dParams};
 use crate::tensor::Tensor;
 use serde::Deserialize;
-use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 /// A config value given either once for all blocks or once per block.
@@ -786,34 +785,7 @@ impl UNet2DConditionModel {
         &self,
         tensors: impl IntoIterator<Item = (&'a str, &'a [usize])>,
     ) -> Result<()> {
-        let shapes = self.weight_shapes();
-        let want: HashMap<&str, &Vec<usize>> =
-            shapes.iter().map(|(k, s)| (k.as_str(), s)).collect();
-        let mut seen = HashSet::new();
-        for (name, shape) in tensors {
-            let full = format!("{}.{name}", self.component);
-            match want.get(name) {
-                None => {
-                    return Err(Error::Config(format!(
-                        "weight '{full}' belongs to no module this UNet config has (unknown key)"
-                    )))
-                }
-                Some(s) if s.as_slice() != shape => {
-                    return Err(Error::WeightShape {
-                        name: full,
-                        expected: s.to_vec(),
-                        found: shape.to_vec(),
-                    })
-                }
-                Some(_) => {
-                    seen.insert(name);
-                }
-            }
-        }
-        if let Some((name, _)) = shapes.iter().find(|(k, _)| !seen.contains(k.as_str())) {
-            return Err(Error::MissingWeight(format!("{}.{name}", self.component)));
-        }
-        Ok(())
+        super::check_weight_shapes(&self.component, "UNet", &self.weight_shapes(), tensors)
     }
 
     /// `linear_1 -> silu -> linear_2` of a `TimestepEmbedding` group.

@@ -15,7 +15,6 @@ use crate::exec::{ComponentGroups, Executor, Weights};
 use crate::ops::{self, Conv2dParams};
 use crate::tensor::Tensor;
 use serde::Deserialize;
-use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 /// GroupNorm epsilon diffusers' VAE uses everywhere (not a config field).
@@ -429,39 +428,7 @@ impl Vae {
         &self,
         tensors: impl IntoIterator<Item = (&'a str, &'a [usize])>,
     ) -> Result<()> {
-        let want: HashMap<String, Vec<usize>> = self.weight_shapes().into_iter().collect();
-        let mut seen = HashSet::new();
-        for (name, shape) in tensors {
-            let full = format!("{}.{name}", self.component);
-            match want.get(name) {
-                None => {
-                    return Err(Error::Config(format!(
-                        "weight '{full}' belongs to no module this VAE config has (unknown key)"
-                    )))
-                }
-                Some(s) if s.as_slice() != shape => {
-                    return Err(Error::WeightShape {
-                        name: full,
-                        expected: s.clone(),
-                        found: shape.to_vec(),
-                    })
-                }
-                Some(_) => {
-                    seen.insert(name);
-                }
-            }
-        }
-        if seen.len() != want.len() {
-            // Name the first missing one in model order.
-            if let Some((name, _)) = self
-                .weight_shapes()
-                .into_iter()
-                .find(|(k, _)| !seen.contains(k.as_str()))
-            {
-                return Err(Error::MissingWeight(format!("{}.{name}", self.component)));
-            }
-        }
-        Ok(())
+        super::check_weight_shapes(&self.component, "VAE", &self.weight_shapes(), tensors)
     }
 
     /// Encodes `image [n, in_channels, h, w]` (values in [-1, 1]) to the posterior's
