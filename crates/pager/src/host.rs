@@ -6,10 +6,16 @@
 //! copied to the device in one transfer with the same layout. Each chunk is sized exactly to what it
 //! holds; the only overhead is alignment padding (< `HOST_ALIGN` bytes per tensor). Dtype
 //! conversion on load goes through a bounded staging buffer of [`STAGING_BYTES`].
+//!
+//! A file already in the wanted dtypes can instead be registered in place
+//! ([`HostStore::register_file_in_place`]): the device page-locks the mapping itself, read-only,
+//! and each tensor's host location is (that registration, its offset in the file) — zero copies,
+//! but offsets keep the file's (unaligned) layout.
 
 use crate::device::{Device, HostMemKind, HostPtr};
 use crate::error::{Error, Result};
-use crate::weights::{byte_len, convert_into, DType, WeightsFile};
+use crate::weights::{byte_len, convert_into, DType, TensorInfo, WeightsFile};
+use memmap2::Mmap;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -38,9 +44,10 @@ pub struct HostTensor {
     pub shape: Vec<usize>,
     /// Bytes.
     pub len: u64,
-    /// The chunk holding it.
+    /// The chunk (or in-place registered file) holding it.
     pub host: HostPtr,
-    /// Offset in the chunk (a multiple of [`HOST_ALIGN`]).
+    /// Offset in the chunk (a multiple of [`HOST_ALIGN`]), or for a tensor registered in place
+    /// its offset in the file (any alignment).
     pub offset: u64,
 }
 
@@ -74,9 +81,18 @@ struct Chunk {
     size: u64,
 }
 
+/// A file registered in place with [`Device::register_host_file`].
+#[derive(Debug)]
+struct Registration {
+    ptr: HostPtr,
+    /// The mapping, to recognise the same file registered again.
+    map: Arc<Mmap>,
+}
+
 #[derive(Debug, Default)]
 struct Inner {
     chunks: Vec<Chunk>,
+    registrations: Vec<Registration>,
     tensors: Vec<HostTensor>,
     by_name: HashMap<String, TensorId>,
     weight_bytes: u64,
@@ -139,9 +155,9 @@ impl HostStore {
         self.load_weights(&file, opts)
     }
 
-    /// Registers tensors of an open file, in file order; returns their ids in that order.
-    pub fn load_weights(&self, file: &WeightsFile, opts: &LoadOptions) -> Result<Vec<TensorId>> {
-        let selected: Vec<_> = match &opts.names {
+    /// The tensors of `file` that `opts` selects, in file order.
+    fn select<'f>(file: &'f WeightsFile, opts: &LoadOptions) -> Result<Vec<&'f TensorInfo>> {
+        Ok(match &opts.names {
             None => file.tensors().iter().collect(),
             Some(names) => {
                 let mut v = Vec::with_capacity(names.len());
@@ -156,7 +172,12 @@ impl HostStore {
                 v.dedup_by_key(|t| t.offset);
                 v
             }
-        };
+        })
+    }
+
+    /// Registers tensors of an open file, in file order; returns their ids in that order.
+    pub fn load_weights(&self, file: &WeightsFile, opts: &LoadOptions) -> Result<Vec<TensorId>> {
+        let selected = Self::select(file, opts)?;
         let mut pending = Vec::with_capacity(selected.len());
         for t in selected {
             let bytes = file.bytes_of(t);
@@ -179,6 +200,97 @@ impl HostStore {
             });
         }
         self.register(pending)
+    }
+
+    /// Opens a safetensors file and registers its tensors in place (see
+    /// [`HostStore::register_file_in_place`]).
+    pub fn load_file_in_place(
+        &self,
+        path: impl AsRef<Path>,
+        opts: &LoadOptions,
+    ) -> Result<Vec<TensorId>> {
+        let file = WeightsFile::open(path)?;
+        self.register_file_in_place(&file, opts)
+    }
+
+    /// Registers tensors of an open file without copying them: the device page-locks the whole
+    /// mapping read-only ([`Device::register_host_file`]; once per file per store) and each
+    /// tensor's host location is that registration at the tensor's offset in the file. Returns
+    /// the ids in file order. The registration lasts until the store is dropped.
+    ///
+    /// Refused when `opts.convert_to` would convert a selected tensor (the bytes are used as
+    /// stored), and on devices that cannot register in place; [`HostStore::load_weights`]
+    /// copies instead. The file must not be modified or truncated while the store lives.
+    pub fn register_file_in_place(
+        &self,
+        file: &WeightsFile,
+        opts: &LoadOptions,
+    ) -> Result<Vec<TensorId>> {
+        let selected = Self::select(file, opts)?;
+        if let Some(to) = opts.convert_to {
+            let converted = selected
+                .iter()
+                .find(|t| t.dtype.is_float() && to.is_float() && to != t.dtype);
+            if let Some(t) = converted {
+                return Err(Error::InvalidArgument(format!(
+                    "{}: tensor '{}' is {} but {to} was asked; registering in place uses the \
+                     file's bytes as they are (load_weights copies and converts)",
+                    file.path().display(),
+                    t.name,
+                    t.dtype
+                )));
+            }
+        }
+        let mut inner = self.write_inner();
+        let mut seen = std::collections::HashSet::new();
+        let names: Vec<String> = selected
+            .iter()
+            .map(|t| format!("{}{}", opts.prefix, t.name))
+            .collect();
+        for n in &names {
+            if inner.by_name.contains_key(n) || !seen.insert(n.as_str()) {
+                return Err(Error::InvalidArgument(format!(
+                    "tensor '{n}' is already registered"
+                )));
+            }
+        }
+        if selected.is_empty() {
+            return Ok(Vec::new());
+        }
+        let map = file.mmap();
+        let known = inner
+            .registrations
+            .iter()
+            .find(|r| Arc::ptr_eq(&r.map, map))
+            .map(|r| r.ptr);
+        let ptr = match known {
+            Some(p) => p,
+            None => {
+                let ptr = self.dev.register_host_file(map.clone())?;
+                inner.registrations.push(Registration {
+                    ptr,
+                    map: map.clone(),
+                });
+                ptr
+            }
+        };
+        let first = inner.tensors.len();
+        let mut ids = Vec::with_capacity(selected.len());
+        for (i, (t, name)) in selected.into_iter().zip(names).enumerate() {
+            let id = TensorId((first + i) as u32);
+            inner.weight_bytes += t.len as u64;
+            inner.by_name.insert(name.clone(), id);
+            inner.tensors.push(HostTensor {
+                name,
+                dtype: t.dtype,
+                shape: t.shape.clone(),
+                len: t.len as u64,
+                host: ptr,
+                offset: file.data_start() + t.offset as u64,
+            });
+            ids.push(id);
+        }
+        Ok(ids)
     }
 
     /// Registers one tensor from bytes. Many small tensors are better registered together with
@@ -342,9 +454,22 @@ impl HostStore {
     pub fn weight_bytes(&self) -> u64 {
         self.read_inner().weight_bytes
     }
-    /// Pinned bytes allocated (weights plus alignment padding).
+    /// Pinned bytes allocated for copies (weights plus alignment padding); files registered in
+    /// place are counted by [`HostStore::registered_bytes`] instead.
     pub fn pinned_bytes(&self) -> u64 {
         self.read_inner().chunks.iter().map(|c| c.size).sum()
+    }
+    /// Bytes of files registered in place (whole files, headers and unselected tensors included).
+    pub fn registered_bytes(&self) -> u64 {
+        self.read_inner()
+            .registrations
+            .iter()
+            .map(|r| r.map.len() as u64)
+            .sum()
+    }
+    /// Number of files registered in place.
+    pub fn registration_count(&self) -> usize {
+        self.read_inner().registrations.len()
     }
     /// Number of pinned allocations.
     pub fn chunk_count(&self) -> usize {
@@ -365,6 +490,10 @@ impl Drop for HostStore {
         for c in inner.chunks.drain(..) {
             // The backend waits for copies reading the chunk to finish before freeing it.
             let _ = self.dev.free_host(c.ptr);
+        }
+        for r in inner.registrations.drain(..) {
+            // Waits for copies still reading the file, like `free_host`.
+            let _ = self.dev.unregister_host(r.ptr);
         }
     }
 }

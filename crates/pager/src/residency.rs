@@ -12,7 +12,7 @@
 //! with its memory into a "retired" list until a later load that covers that memory has waited on
 //! them; then they return to the pool. In steady state no events are created.
 
-use crate::arena::{align_up, Arena, Extent};
+use crate::arena::{align_up, Arena, Extent, ALIGN};
 use crate::device::{Device, DevicePtr, DeviceRange, EventId, HostPtr, StreamId};
 use crate::error::{Error, Result};
 use crate::host::{HostStore, TensorId};
@@ -258,6 +258,10 @@ impl Pager {
             infos.push(self.host.tensor(t)?);
         }
         // Copy runs: tensors adjacent in pinned memory are copied together, keeping the layout.
+        // A tensor joins the run only if it lands aligned on the device (its distance from the
+        // run's start is a multiple of ALIGN) with less than ALIGN bytes of padding before it;
+        // in chunks (aligned offsets) that is "starts at the aligned end of the run", while in
+        // a file registered in place (unaligned offsets) runs break where alignment would.
         let mut order: Vec<usize> = (0..infos.len()).collect();
         order.sort_by_key(|&i| (infos[i].host, infos[i].offset));
         let mut runs: Vec<Run> = Vec::new();
@@ -265,9 +269,13 @@ impl Pager {
         let mut cursor = 0u64;
         for i in order {
             let t = &infos[i];
-            let extend = runs
-                .last()
-                .is_some_and(|r| r.host == t.host && align_up(r.host_off + r.len) == t.offset);
+            let extend = runs.last().is_some_and(|r| {
+                let end = r.host_off + r.len;
+                r.host == t.host
+                    && t.offset >= end
+                    && t.offset - end < ALIGN
+                    && align_up(t.offset - r.host_off) == t.offset - r.host_off
+            });
             if !extend {
                 let dev_off = align_up(cursor);
                 runs.push(Run {

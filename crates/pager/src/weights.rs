@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Largest header accepted (the `safetensors` crate uses the same limit).
 const MAX_HEADER: u64 = 100_000_000;
@@ -167,7 +168,8 @@ pub struct TensorInfo {
 #[derive(Debug)]
 pub struct WeightsFile {
     path: PathBuf,
-    mmap: Mmap,
+    /// Shared so that a device can keep it mapped while it is registered in place.
+    mmap: Arc<Mmap>,
     data_start: usize,
     /// Sorted by offset in the file.
     tensors: Vec<TensorInfo>,
@@ -205,7 +207,7 @@ impl WeightsFile {
             .collect();
         Ok(WeightsFile {
             path: path.to_path_buf(),
-            mmap,
+            mmap: Arc::new(mmap),
             data_start,
             tensors,
             index,
@@ -236,6 +238,17 @@ impl WeightsFile {
     /// Total bytes of tensor data.
     pub fn data_bytes(&self) -> u64 {
         self.tensors.iter().map(|t| t.len as u64).sum()
+    }
+
+    /// The whole file as mapped (header included), for registering it in place.
+    pub fn mmap(&self) -> &Arc<Mmap> {
+        &self.mmap
+    }
+
+    /// Where the data area starts in the file (8 + header length); a tensor's bytes start at
+    /// `data_start() + info.offset`. Not aligned to anything in general.
+    pub fn data_start(&self) -> u64 {
+        self.data_start as u64
     }
 
     /// The raw little-endian bytes of `info` (which must come from this file).

@@ -347,3 +347,57 @@ fn gpu_report_h2d_bandwidth() {
     );
     assert!(pinned > 0.0 && paged > 0.0);
 }
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_store_registered_in_place_copies_the_file_bytes() {
+    use ferry_pager::{HostStore, LoadOptions, WeightsFile};
+    let dev = gpu();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("w.safetensors");
+    // Two F16 tensors; the second starts at an unaligned file offset (after 3 x 2 bytes).
+    let (a, b) = (pattern(6, 0x11), pattern(4000, 0x22));
+    let header = r#"{"a":{"dtype":"F16","shape":[3],"data_offsets":[0,6]},"b":{"dtype":"F16","shape":[2000],"data_offsets":[6,4006]}}"#;
+    let mut buf = (header.len() as u64).to_le_bytes().to_vec();
+    buf.extend_from_slice(header.as_bytes());
+    buf.extend_from_slice(&a);
+    buf.extend_from_slice(&b);
+    std::fs::write(&path, buf).unwrap();
+    let file = WeightsFile::open(&path).unwrap();
+    let as_dyn: Arc<dyn Device> = dev.clone();
+    assert_eq!(
+        as_dyn.can_register_host_files(),
+        dev.supports_read_only_register()
+    );
+    let store = HostStore::new(as_dyn);
+    let result = store.register_file_in_place(&file, &LoadOptions::default());
+    if !dev.supports_read_only_register() {
+        let err = result.unwrap_err();
+        assert!(
+            err.to_string().contains("read-only host registration"),
+            "{err}"
+        );
+        return;
+    }
+    let ids = result.unwrap();
+    let t = store.tensor(ids[1]).unwrap();
+    assert_ne!(
+        t.offset.next_multiple_of(256),
+        t.offset,
+        "the test wants an unaligned source"
+    );
+    let s = dev.create_stream().unwrap();
+    let d = dev.alloc_device(t.len).unwrap();
+    dev.copy_h2d(s, d, t.host, t.offset, t.len).unwrap();
+    assert!(read_back(&dev, s, d, b.len()) == b);
+    assert!(dev.host_write(t.host, t.offset, &[0]).is_err());
+    let h = t.host;
+    drop(store);
+    let mut one = [0u8; 1];
+    let err = dev.host_read(h, 0, &mut one).unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidHandle(_)),
+        "unregistered on drop: {err}"
+    );
+    dev.free_device(d).unwrap();
+}

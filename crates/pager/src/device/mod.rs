@@ -8,8 +8,10 @@
 pub mod cuda;
 pub mod sim;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
+use memmap2::Mmap;
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// An address in a device's memory (a raw `CUdeviceptr` on CUDA, a virtual address on the simulator).
@@ -125,6 +127,33 @@ pub trait Device: Send + Sync + fmt::Debug {
     fn host_write(&self, dst: HostPtr, offset: u64, src: &[u8]) -> Result<()>;
     /// Copies out of the host allocation at `offset` into `dst` (a host-side memcpy).
     fn host_read(&self, src: HostPtr, offset: u64, dst: &mut [u8]) -> Result<()>;
+
+    /// Whether [`Device::register_host_file`] can work on this device.
+    fn can_register_host_files(&self) -> bool {
+        false
+    }
+    /// Page-locks a whole memory-mapped file in place, read-only, and returns a handle to it
+    /// (offset 0 = the file's first byte) usable as the source of [`Device::copy_h2d`] and
+    /// [`Device::host_read`]; [`Device::host_write`] and [`Device::copy_d2h`] into it are
+    /// refused. The device keeps `map` alive until [`Device::unregister_host`].
+    ///
+    /// Devices that cannot (the default; a GPU without read-only registration) return an error,
+    /// and the caller copies into [`Device::alloc_host`] memory instead.
+    fn register_host_file(&self, map: Arc<Mmap>) -> Result<HostPtr> {
+        Err(Error::InvalidArgument(format!(
+            "{} cannot register host memory in place ({} bytes asked); copy into pinned memory instead",
+            self.name(),
+            map.len()
+        )))
+    }
+    /// Unregisters a handle from [`Device::register_host_file`]. Waits for pending work first.
+    fn unregister_host(&self, ptr: HostPtr) -> Result<()> {
+        Err(Error::InvalidHandle(format!(
+            "host pointer {} is not a registration of {} (it registers nothing)",
+            ptr.0,
+            self.name()
+        )))
+    }
 
     /// Creates a stream.
     fn create_stream(&self) -> Result<StreamId>;

@@ -11,11 +11,20 @@
 //! The **race checker** compares every new operation with earlier-issued ones touching the same
 //! device bytes: a read that starts before the last write has completed, or a write that starts
 //! while an earlier read or write is still running, is recorded as a [`RaceReport`] naming both.
+//!
+//! Host memory: [`Device::alloc_host`] allocations are owned buffers; a file registered in place
+//! ([`Device::register_host_file`]) keeps its `Arc<Mmap>` as the allocation's bytes, so copies
+//! read the mapping itself and it is never written. Registration touches one byte per page, as
+//! pinning faults every page in on a GPU; like `alloc_host` it costs no virtual time (host-side
+//! load work is measured in real time, `benches/pager_load.rs`). Both count against
+//! [`SimConfig::host_capacity`], and are reported apart ([`SimDevice::host_bytes_allocated`],
+//! [`SimDevice::host_bytes_registered`]).
 
 use super::{
     Device, DeviceKind, DevicePtr, DeviceRange, EventId, HostMemKind, HostPtr, MemInfo, StreamId,
 };
 use crate::error::{Error, Result};
+use memmap2::Mmap;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::fmt;
@@ -286,9 +295,42 @@ struct EventState {
     time: Option<u64>,
 }
 
-struct HostAlloc {
-    data: Vec<u8>,
+/// A host allocation: owned pinned memory, or a file registered read-only in place.
+enum HostAlloc {
+    Pinned(Vec<u8>),
+    Registered(Arc<Mmap>),
 }
+
+impl HostAlloc {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            HostAlloc::Pinned(v) => v,
+            HostAlloc::Registered(m) => m,
+        }
+    }
+
+    fn len(&self) -> u64 {
+        self.bytes().len() as u64
+    }
+
+    /// The bytes for a host-side or device→host write; a registration is read-only.
+    fn bytes_mut(&mut self, h: HostPtr) -> Result<&mut [u8]> {
+        match self {
+            HostAlloc::Pinned(v) => Ok(v),
+            HostAlloc::Registered(_) => Err(read_only(h)),
+        }
+    }
+}
+
+fn read_only(h: HostPtr) -> Error {
+    Error::InvalidArgument(format!(
+        "host pointer {} is a file registered read-only in place; it cannot be written",
+        h.0
+    ))
+}
+
+/// Page size assumed when faulting a registered mapping in.
+const PAGE: usize = 4096;
 
 #[derive(Clone)]
 struct Access {
@@ -313,6 +355,7 @@ struct State {
     host: HashMap<u64, HostAlloc>,
     next_host: u64,
     host_allocated: u64,
+    host_registered: u64,
     streams: Vec<StreamState>,
     events: Vec<EventState>,
     h2d_free: u64,
@@ -494,12 +537,26 @@ impl SimDevice {
         self.lock().device_peak
     }
 
-    /// Bytes of pinned host memory currently allocated.
+    /// Bytes of pinned host memory currently allocated (not counting registered files).
     pub fn host_bytes_allocated(&self) -> u64 {
         self.lock().host_allocated
     }
 
-    /// Number of live device and host allocations (for leak checks).
+    /// Bytes of files currently registered in place ([`Device::register_host_file`]).
+    pub fn host_bytes_registered(&self) -> u64 {
+        self.lock().host_registered
+    }
+
+    /// Number of live in-place registrations.
+    pub fn live_registrations(&self) -> usize {
+        let st = self.lock();
+        st.host
+            .values()
+            .filter(|a| matches!(a, HostAlloc::Registered(_)))
+            .count()
+    }
+
+    /// Number of live device and host allocations, registrations included (for leak checks).
     pub fn live_allocations(&self) -> (usize, usize) {
         let st = self.lock();
         (st.device.len(), st.host.len())
@@ -546,15 +603,26 @@ impl State {
         let a = self.host.get(&h.0).ok_or_else(|| {
             Error::InvalidHandle(format!("host allocation {} does not exist", h.0))
         })?;
-        if offset + len > a.data.len() as u64 {
+        if offset.checked_add(len).is_none_or(|end| end > a.len()) {
             return Err(Error::OutOfBounds(format!(
-                "host range [{offset}, {}) runs past host allocation {} of {} bytes",
-                offset + len,
+                "host range [{offset}, {offset}+{len}) runs past host allocation {} of {} bytes",
                 h.0,
-                a.data.len()
+                a.len()
             )));
         }
         Ok(a)
+    }
+
+    /// Whether `bytes` more of pinned or registered host memory fit the simulated limit.
+    fn check_host_room(&self, cfg: &SimConfig, bytes: u64, what: &str) -> Result<()> {
+        let used = self.host_allocated + self.host_registered;
+        if used.saturating_add(bytes) > cfg.host_capacity {
+            return Err(Error::InvalidArgument(format!(
+                "{what} of {bytes} bytes exceeds the simulated host limit ({used} of {} bytes in use)",
+                cfg.host_capacity
+            )));
+        }
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -748,7 +816,7 @@ impl State {
                 if phase == 1 {
                     let a = self.host_alloc(*src, *src_offset, *len)?;
                     let o = *src_offset as usize;
-                    *data = Some(a.data[o..o + *len as usize].to_vec());
+                    *data = Some(a.bytes()[o..o + *len as usize].to_vec());
                 } else if let Some(d) = data.take() {
                     self.write_device(DeviceRange::new(*dst, *len), &d)?;
                 }
@@ -772,7 +840,7 @@ impl State {
                     self.host_alloc(*dst, *dst_offset, *len)?;
                     if let Some(a) = self.host.get_mut(&dst.0) {
                         let o = *dst_offset as usize;
-                        a.data[o..o + d.len()].copy_from_slice(&d);
+                        a.bytes_mut(*dst)?[o..o + d.len()].copy_from_slice(&d);
                     }
                 }
             }
@@ -887,31 +955,36 @@ impl Device for SimDevice {
 
     fn alloc_host(&self, bytes: u64, _kind: HostMemKind) -> Result<HostPtr> {
         let mut st = self.lock();
-        if st.host_allocated + bytes > self.cfg.host_capacity {
-            return Err(Error::InvalidArgument(format!(
-                "pinned host allocation of {bytes} bytes exceeds the simulated host limit ({} of {} bytes in use)",
-                st.host_allocated, self.cfg.host_capacity
-            )));
-        }
+        st.check_host_room(&self.cfg, bytes, "pinned host allocation")?;
         let id = st.next_host;
         st.next_host += 1;
-        st.host.insert(
-            id,
-            HostAlloc {
-                data: vec![0u8; bytes as usize],
-            },
-        );
+        st.host
+            .insert(id, HostAlloc::Pinned(vec![0u8; bytes as usize]));
         st.host_allocated += bytes;
         Ok(HostPtr(id))
     }
 
     fn free_host(&self, ptr: HostPtr) -> Result<()> {
         let mut st = self.lock();
+        match st.host.get(&ptr.0) {
+            None => {
+                return Err(Error::InvalidHandle(format!(
+                    "host allocation {} does not exist",
+                    ptr.0
+                )))
+            }
+            Some(HostAlloc::Registered(_)) => {
+                return Err(Error::InvalidArgument(format!(
+                    "host pointer {} is a registration; unregister_host it instead",
+                    ptr.0
+                )))
+            }
+            Some(HostAlloc::Pinned(_)) => {}
+        }
         st.sync_all()?;
-        let a = st.host.remove(&ptr.0).ok_or_else(|| {
-            Error::InvalidHandle(format!("host allocation {} does not exist", ptr.0))
-        })?;
-        st.host_allocated -= a.data.len() as u64;
+        if let Some(a) = st.host.remove(&ptr.0) {
+            st.host_allocated -= a.len();
+        }
         Ok(())
     }
 
@@ -920,7 +993,7 @@ impl Device for SimDevice {
         st.host_alloc(dst, offset, src.len() as u64)?;
         if let Some(a) = st.host.get_mut(&dst.0) {
             let o = offset as usize;
-            a.data[o..o + src.len()].copy_from_slice(src);
+            a.bytes_mut(dst)?[o..o + src.len()].copy_from_slice(src);
         }
         Ok(())
     }
@@ -929,7 +1002,59 @@ impl Device for SimDevice {
         let st = self.lock();
         let a = st.host_alloc(src, offset, dst.len() as u64)?;
         let o = offset as usize;
-        dst.copy_from_slice(&a.data[o..o + dst.len()]);
+        dst.copy_from_slice(&a.bytes()[o..o + dst.len()]);
+        Ok(())
+    }
+
+    fn can_register_host_files(&self) -> bool {
+        true
+    }
+
+    fn register_host_file(&self, map: Arc<Mmap>) -> Result<HostPtr> {
+        let len = map.len() as u64;
+        if len == 0 {
+            return Err(Error::InvalidArgument(
+                "cannot register an empty mapping (expected at least 1 byte)".into(),
+            ));
+        }
+        {
+            let st = self.lock();
+            st.check_host_room(&self.cfg, len, "in-place registration")?;
+        }
+        // Fault every page in, outside the lock, as pinning does on a GPU.
+        let touched = map.iter().step_by(PAGE).fold(0u8, |a, &b| a ^ b);
+        std::hint::black_box(touched);
+        let mut st = self.lock();
+        st.check_host_room(&self.cfg, len, "in-place registration")?;
+        let id = st.next_host;
+        st.next_host += 1;
+        st.host.insert(id, HostAlloc::Registered(map));
+        st.host_registered += len;
+        Ok(HostPtr(id))
+    }
+
+    fn unregister_host(&self, ptr: HostPtr) -> Result<()> {
+        let mut st = self.lock();
+        match st.host.get(&ptr.0) {
+            Some(HostAlloc::Registered(_)) => {}
+            Some(HostAlloc::Pinned(_)) => {
+                return Err(Error::InvalidArgument(format!(
+                    "host pointer {} is a pinned allocation, not a registration; free_host it",
+                    ptr.0
+                )))
+            }
+            None => {
+                return Err(Error::InvalidHandle(format!(
+                    "host pointer {} is not a live registration",
+                    ptr.0
+                )))
+            }
+        }
+        // Copies still reading the mapping finish first.
+        st.sync_all()?;
+        if let Some(a) = st.host.remove(&ptr.0) {
+            st.host_registered -= a.len();
+        }
         Ok(())
     }
 
@@ -1071,7 +1196,9 @@ impl Device for SimDevice {
         let mut st = self.lock();
         let r = DeviceRange::new(src, len);
         locate(&st.device, r)?;
-        st.host_alloc(dst, dst_offset, len)?;
+        if let HostAlloc::Registered(_) = st.host_alloc(dst, dst_offset, len)? {
+            return Err(read_only(dst));
+        }
         let d = bytes_time(len, self.cfg.d2h_bandwidth, self.cfg.copy_latency);
         st.enqueue(
             &self.cfg,

@@ -8,7 +8,7 @@ use ferry_pager::{
     StreamId,
 };
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -109,6 +109,10 @@ pub struct Counting {
     pub host_frees: AtomicU64,
     pub events_created: AtomicU64,
     pub copies: AtomicU64,
+    pub registrations: AtomicU64,
+    pub unregistrations: AtomicU64,
+    /// When set, behaves like a device that cannot register host memory in place.
+    pub refuse_register: AtomicBool,
 }
 
 impl Counting {
@@ -120,6 +124,9 @@ impl Counting {
             host_frees: AtomicU64::new(0),
             events_created: AtomicU64::new(0),
             copies: AtomicU64::new(0),
+            registrations: AtomicU64::new(0),
+            unregistrations: AtomicU64::new(0),
+            refuse_register: AtomicBool::new(false),
         })
     }
     pub fn get(c: &AtomicU64) -> u64 {
@@ -157,6 +164,22 @@ impl Device for Counting {
     }
     fn host_read(&self, src: HostPtr, offset: u64, dst: &mut [u8]) -> Result<()> {
         self.inner.host_read(src, offset, dst)
+    }
+    fn can_register_host_files(&self) -> bool {
+        !self.refuse_register.load(Ordering::SeqCst)
+    }
+    fn register_host_file(&self, map: Arc<memmap2::Mmap>) -> Result<HostPtr> {
+        if self.refuse_register.load(Ordering::SeqCst) {
+            return Err(ferry_pager::Error::InvalidArgument(
+                "test device cannot register host memory in place".into(),
+            ));
+        }
+        self.registrations.fetch_add(1, Ordering::SeqCst);
+        self.inner.register_host_file(map)
+    }
+    fn unregister_host(&self, ptr: HostPtr) -> Result<()> {
+        self.unregistrations.fetch_add(1, Ordering::SeqCst);
+        self.inner.unregister_host(ptr)
     }
     fn create_stream(&self) -> Result<StreamId> {
         self.inner.create_stream()

@@ -11,7 +11,9 @@
 //! Memory: device memory comes from `cuMemAlloc` (one call per arena); pinned host memory from
 //! `cuMemHostAlloc`, write-combined for [`HostMemKind::Upload`] and ordinary (portable) for
 //! [`HostMemKind::Readable`]. An existing mapping (an mmapped weights file) can be page-locked in
-//! place with [`CudaDevice::register_mmap`], read-only where the GPU supports it.
+//! place, read-only where the GPU supports it: through the trait with
+//! [`Device::register_host_file`] / [`Device::unregister_host`], or owned by a
+//! [`HostRegistration`] with [`CudaDevice::register_mmap`].
 //!
 //! Choices the trait leaves open: zero-byte allocations are [`Error::InvalidArgument`]; unknown
 //! handles and device ranges outside every allocation are [`Error::InvalidHandle`] /
@@ -195,17 +197,27 @@ impl CudaDevice {
     /// Needs `CU_MEMHOSTREGISTER_READ_ONLY` ([`CudaDevice::supports_read_only_register`]), since
     /// a read-only mapping cannot be registered writable; [`Device::host_write`] to it is refused.
     pub fn register_mmap(self: &Arc<Self>, map: Arc<Mmap>) -> Result<HostRegistration> {
+        let handle = self.register_file(map)?;
+        Ok(HostRegistration {
+            device: self.clone(),
+            handle,
+        })
+    }
+
+    /// Registers `map` read-only and returns its handle (see [`Device::register_host_file`]).
+    fn register_file(&self, map: Arc<Mmap>) -> Result<HostPtr> {
         if !self.read_only_register {
             return Err(Error::InvalidArgument(format!(
                 "GPU {} ({}) does not support read-only host registration \
-                 (CU_DEVICE_ATTRIBUTE_READ_ONLY_HOST_REGISTER_SUPPORTED is 0)",
+                 (CU_DEVICE_ATTRIBUTE_READ_ONLY_HOST_REGISTER_SUPPORTED is 0); \
+                 copy the weights into pinned memory instead",
                 self.ordinal, self.name
             )));
         }
         let (ptr, len) = (map.as_ptr(), map.len());
         // SAFETY: the registration keeps `map` alive until it is unregistered, so the range stays
         // mapped; READ_ONLY means the range is never written.
-        unsafe { self.register_raw(ptr, len, true, Some(map)) }
+        unsafe { self.insert_registration(ptr, len, true, Some(map)) }
     }
 
     /// Page-locks `len` bytes at `ptr` in place, read-only (`CU_MEMHOSTREGISTER_READ_ONLY`)
@@ -239,6 +251,23 @@ impl CudaDevice {
         read_only: bool,
         keep: Option<Arc<Mmap>>,
     ) -> Result<HostRegistration> {
+        // SAFETY: forwarded from the caller.
+        let handle = unsafe { self.insert_registration(ptr, len, read_only, keep) }?;
+        Ok(HostRegistration {
+            device: self.clone(),
+            handle,
+        })
+    }
+
+    /// # Safety
+    /// As [`CudaDevice::register_host`].
+    unsafe fn insert_registration(
+        &self,
+        ptr: *const u8,
+        len: usize,
+        read_only: bool,
+        keep: Option<Arc<Mmap>>,
+    ) -> Result<HostPtr> {
         if len == 0 || ptr.is_null() {
             return Err(Error::InvalidArgument(format!(
                 "cannot register an empty or null host range ({len} bytes at {ptr:?})"
@@ -248,10 +277,34 @@ impl CudaDevice {
         let alloc = unsafe { HostAlloc::register(&self.ctx, ptr, len, read_only, keep) }?;
         let handle = HostPtr(self.next_host.fetch_add(1, Ordering::Relaxed));
         write(&self.host_allocs).insert(handle, Arc::new(alloc));
-        Ok(HostRegistration {
-            device: self.clone(),
-            handle,
-        })
+        Ok(handle)
+    }
+
+    /// Removes registration `ptr` and unregisters it (after pending work).
+    fn remove_registration(&self, ptr: HostPtr) -> Result<()> {
+        let mut allocs = write(&self.host_allocs);
+        match allocs.get(&ptr).map(|a| &a.origin) {
+            None => {
+                return Err(Error::InvalidHandle(format!(
+                    "host pointer {} is not a live registration",
+                    ptr.0
+                )))
+            }
+            Some(HostOrigin::Pinned) => {
+                return Err(Error::InvalidArgument(format!(
+                    "host pointer {} is a pinned allocation, not a registration; free_host it",
+                    ptr.0
+                )))
+            }
+            Some(HostOrigin::Registered { .. }) => {}
+        }
+        let removed = allocs.remove(&ptr);
+        drop(allocs);
+        match removed.map(Arc::try_unwrap) {
+            Some(Ok(mut alloc)) => alloc.release(),
+            // A copy being enqueued holds it; the last holder's drop waits and unregisters.
+            Some(Err(_)) | None => Ok(()),
+        }
     }
 
     /// Launches kernel `func` of the PTX module `module` (text `ptx`, loaded into this context on
@@ -404,11 +457,10 @@ impl HostRegistration {
     }
 
     fn take(&self) -> Result<()> {
-        let removed = write(&self.device.host_allocs).remove(&self.handle);
-        match removed.map(Arc::try_unwrap) {
-            Some(Ok(mut alloc)) => alloc.release(),
-            // Another thread holds it for a moment; its drop unregisters.
-            Some(Err(_)) | None => Ok(()),
+        match self.device.remove_registration(self.handle) {
+            // Already unregistered (after `unregister`, or by `Device::unregister_host`).
+            Err(Error::InvalidHandle(_)) => Ok(()),
+            r => r,
         }
     }
 }
@@ -564,6 +616,18 @@ impl Device for CudaDevice {
             std::ptr::copy_nonoverlapping(alloc.ptr().add(start), dst.as_mut_ptr(), dst.len())
         };
         Ok(())
+    }
+
+    fn can_register_host_files(&self) -> bool {
+        self.read_only_register
+    }
+
+    fn register_host_file(&self, map: Arc<Mmap>) -> Result<HostPtr> {
+        self.register_file(map)
+    }
+
+    fn unregister_host(&self, ptr: HostPtr) -> Result<()> {
+        self.remove_registration(ptr)
     }
 
     fn create_stream(&self) -> Result<StreamId> {
