@@ -1,0 +1,1177 @@
+//! `ferry-gpu-bench`: the benchmark of the prepared GPU suite (`scripts/gpu-suite/`).
+//!
+//! On the simulated device (`--device sim`, virtual time) or GPU 0 (`--device cuda`, GPU time
+//! from events) it measures:
+//!
+//! 1. the device, and host→device bandwidth from pinned and pageable memory at 4 KiB – 256 MiB,
+//!    with the best plain large pinned copy (one `cuMemcpyHtoDAsync` on CUDA) as the reference;
+//! 2. copy/compute overlap: a 64 MiB copy beside a `busy` kernel of 0.5×, 1× and 2× its length;
+//! 3. paging a full-size SD 1.5 UNet (fp16, 1.72 GB, the executor's own weight groups from
+//!    `UNet2DConditionModel::group_prefixes`) with random host weights, for a few steps in modes
+//!    `none`, `sequential`, `group` and `auto` at several budgets: step time, bytes streamed,
+//!    GB/s, stall, overlap, peak device bytes, and the planner's predicted step time. After the
+//!    timed steps every group is read back from the device and compared with the host bytes.
+//!
+//! Compute is **modelled**: each group's work is one `busy` kernel whose length is the group's
+//! FLOPs (batch 2, 64×64 latents, 77 context tokens) at an assumed throughput (`--tflops`). The
+//! CUDA executor for whole models is not built yet; the real kernels are tested by the suite's
+//! kernel tests, not here.
+//!
+//! `cargo run --release -p ferry-sd --bin ferry-gpu-bench -- --device sim --out DIR` writes
+//! `DIR/gpu-bench-<device>.json` and `DIR/gpu-bench-<device>.md`.
+
+use clap::{Parser, ValueEnum};
+use ferry_pager::device::cuda::CudaDevice;
+use ferry_pager::device::sim::{SimConfig, SimDevice};
+use ferry_pager::{Device, DeviceKind, DevicePtr, EventId, HostMemKind, HostPtr, StreamId};
+use ferry_sched::plan::align;
+use ferry_sched::{CostModel, GroupDesc, GroupId, Mode, Scheduler, SchedulerConfig, TensorSource};
+use ferry_sd::models::unet::{UNet2DConditionModel, UNetConfig};
+use serde_json::{json, Value};
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+type BoxResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+const KIB: u64 = 1 << 10;
+const MIB: u64 = 1 << 20;
+const GB: f64 = 1e9;
+
+/// `runwayml/stable-diffusion-v1-5` `unet/config.json` (the keys it sets; the rest default).
+const SD15_UNET_CONFIG: &str = r#"{
+  "act_fn": "silu",
+  "attention_head_dim": 8,
+  "block_out_channels": [320, 640, 1280, 1280],
+  "center_input_sample": false,
+  "cross_attention_dim": 768,
+  "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+  "downsample_padding": 1,
+  "flip_sin_to_cos": true,
+  "freq_shift": 0,
+  "in_channels": 4,
+  "layers_per_block": 2,
+  "mid_block_scale_factor": 1,
+  "norm_eps": 1e-05,
+  "norm_num_groups": 32,
+  "out_channels": 4,
+  "sample_size": 64,
+  "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
+}"#;
+
+/// Batch of a classifier-free-guidance step.
+const BATCH: f64 = 2.0;
+/// Latent side at 512×512.
+const LATENT: usize = 64;
+/// Text context tokens.
+const CONTEXT: f64 = 77.0;
+/// Shortest modelled compute per group (a group is several kernels, each with launch overhead).
+const MIN_GROUP_COMPUTE: Duration = Duration::from_micros(5);
+/// Launch latency assumed by the planner on CUDA (the simulator has its own).
+const CUDA_LAUNCH_LATENCY: Duration = Duration::from_micros(3);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum DeviceArg {
+    Sim,
+    Cuda,
+}
+
+/// Benchmark of the prepared GPU suite: H2D bandwidth, copy/compute overlap, SD 1.5 UNet paging.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Device to run on.
+    #[arg(long, value_enum, default_value = "sim")]
+    device: DeviceArg,
+    /// Folder for gpu-bench-<device>.json and .md (created if missing).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Timed UNet steps per run (after one warm-up step).
+    #[arg(long, default_value_t = 3)]
+    steps: usize,
+    /// Assumed achieved fp16 throughput, TFLOP/s, that turns each group's FLOPs into its
+    /// modelled compute time.
+    #[arg(long, default_value_t = 100.0)]
+    tflops: f64,
+    /// Paging budgets in GB (1e9 bytes), weights plus engine reserve; a run where everything
+    /// fits is always added.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![1.0, 0.5])]
+    budgets: Vec<f64>,
+    /// Engine reserve (activations, workspace) inside each budget, MiB. Not touched here.
+    #[arg(long, default_value_t = 128)]
+    reserve_mib: u64,
+    /// Prefetch depth of `group` mode.
+    #[arg(long, default_value_t = 2)]
+    depth: usize,
+    /// Group uses the host may run ahead of the device (the executor uses 64).
+    #[arg(long, default_value_t = 64)]
+    run_ahead: usize,
+    /// Largest copy of the bandwidth table, MiB.
+    #[arg(long, default_value_t = 256)]
+    max_copy_mib: u64,
+    /// Skip reading every group back after each run.
+    #[arg(long)]
+    no_verify: bool,
+}
+
+fn size_label(b: u64) -> String {
+    if b >= MIB {
+        format!("{} MiB", b / MIB)
+    } else {
+        format!("{} KiB", b / KIB)
+    }
+}
+
+/// Bytes per nanosecond = GB/s.
+fn gbps(bytes: u64, t: Duration) -> f64 {
+    bytes as f64 / t.as_nanos().max(1) as f64
+}
+
+fn ms(ns: f64) -> f64 {
+    ns / 1e6
+}
+
+fn median_f(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1–2: bandwidth and overlap
+
+/// Two streams, timing events and the copy buffers.
+struct Rig {
+    dev: Arc<dyn Device>,
+    compute: StreamId,
+    copy: StreamId,
+    ev: [EventId; 3],
+    host: HostPtr,
+    pageable: Vec<u8>,
+    dst: DevicePtr,
+    max: u64,
+    reps: usize,
+}
+
+impl Rig {
+    fn new(dev: Arc<dyn Device>, max: u64) -> BoxResult<Rig> {
+        let compute = dev.create_stream()?;
+        let copy = dev.create_stream()?;
+        let ev = [
+            dev.create_event()?,
+            dev.create_event()?,
+            dev.create_event()?,
+        ];
+        let host = dev.alloc_host(max, HostMemKind::Upload)?;
+        let dst = match dev.alloc_device(max) {
+            Ok(d) => d,
+            Err(e) => {
+                let _ = dev.free_host(host);
+                return Err(e.into());
+            }
+        };
+        // Non-zero source bytes: zeros could take a faster path somewhere.
+        let pattern: Vec<u8> = (0..max).map(|i| (i * 131 % 251) as u8 + 1).collect();
+        for (i, chunk) in pattern.chunks(64 << 20).enumerate() {
+            dev.host_write(host, i as u64 * (64 << 20), chunk)?;
+        }
+        let reps = if dev.kind() == DeviceKind::Sim { 1 } else { 5 };
+        Ok(Rig {
+            dev,
+            compute,
+            copy,
+            ev,
+            host,
+            pageable: pattern,
+            dst,
+            max,
+            reps,
+        })
+    }
+
+    /// Event time on `stream` of the work `f` enqueues there.
+    fn time(&self, stream: StreamId, f: impl FnOnce() -> BoxResult<()>) -> BoxResult<Duration> {
+        let [a, b, _] = self.ev;
+        self.dev.record_event(a, stream)?;
+        f()?;
+        self.dev.record_event(b, stream)?;
+        self.dev.sync_event(b)?;
+        Ok(self.dev.event_elapsed(a, b)?)
+    }
+
+    fn pinned(&self, size: u64, count: u64) -> BoxResult<Duration> {
+        self.time(self.copy, || {
+            for _ in 0..count {
+                self.dev.copy_h2d(self.copy, self.dst, self.host, 0, size)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn pageable(&self, size: u64, count: u64) -> BoxResult<Duration> {
+        let src = &self.pageable[..size as usize];
+        self.time(self.copy, || {
+            for _ in 0..count {
+                self.dev.copy_h2d_pageable(self.copy, self.dst, src)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn median_of(&self, mut f: impl FnMut() -> BoxResult<Duration>) -> BoxResult<Duration> {
+        let mut runs = (0..self.reps).map(|_| f()).collect::<BoxResult<Vec<_>>>()?;
+        runs.sort();
+        Ok(runs[runs.len() / 2])
+    }
+
+    /// Copies per measurement: enough to amortise the events, at most 64 MiB or 256 copies.
+    fn batch(&self, size: u64) -> u64 {
+        (self.max.min(64 * MIB) / size).clamp(1, 256)
+    }
+
+    /// From a common start until both a `kernel`-long busy kernel and a `size` copy are done.
+    fn concurrent(&self, size: u64, kernel: Duration) -> BoxResult<Duration> {
+        let dev = &self.dev;
+        let [start, k_end, c_end] = self.ev;
+        // A short gate so both streams have their work queued before the start point runs.
+        dev.busy(self.compute, Duration::from_micros(200))?;
+        dev.record_event(start, self.compute)?;
+        dev.wait_event(self.copy, start)?;
+        dev.busy(self.compute, kernel)?;
+        dev.record_event(k_end, self.compute)?;
+        dev.copy_h2d(self.copy, self.dst, self.host, 0, size)?;
+        dev.record_event(c_end, self.copy)?;
+        dev.sync_event(k_end)?;
+        dev.sync_event(c_end)?;
+        Ok(dev
+            .event_elapsed(start, k_end)?
+            .max(dev.event_elapsed(start, c_end)?))
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        let _ = self.dev.free_device(self.dst);
+        let _ = self.dev.free_host(self.host);
+    }
+}
+
+/// Bandwidth measurements; the reference bandwidth (bytes/s) and per-copy fixed cost.
+struct Bandwidth {
+    reference_bps: f64,
+    fixed: Duration,
+    json: Value,
+    md: String,
+}
+
+fn bandwidth(rig: &Rig) -> BoxResult<Bandwidth> {
+    // Warm-up: first touch of pinned pages and driver paths.
+    rig.pinned(rig.max, 1)?;
+    rig.pageable(rig.max.min(16 * MIB), 1)?;
+    let tries = rig.reps.max(3);
+    let best = (0..tries)
+        .map(|_| rig.pinned(rig.max, 1))
+        .collect::<BoxResult<Vec<_>>>()?
+        .into_iter()
+        .min()
+        .unwrap_or_default();
+    let best_gbps = gbps(rig.max, best);
+    let mut md = String::new();
+    writeln!(
+        md,
+        "reference: one {} pinned copy, best of {tries}: **{best_gbps:.2} GB/s**\n",
+        size_label(rig.max)
+    )?;
+    writeln!(
+        md,
+        "| size | copies | pinned GB/s | pinned / reference | pageable GB/s | pinned / pageable |"
+    )?;
+    writeln!(md, "| --- | --- | --- | --- | --- | --- |")?;
+    let mut rows = Vec::new();
+    let mut fixed = Duration::ZERO;
+    let mut size = 4 * KIB;
+    while size <= rig.max {
+        let n = rig.batch(size);
+        let p = rig.median_of(|| rig.pinned(size, n))?;
+        let q = rig.median_of(|| rig.pageable(size, n))?;
+        let (pg, qg) = (gbps(size * n, p), gbps(size * n, q));
+        if size == 4 * KIB {
+            let per = p.as_nanos() as f64 / n as f64 - size as f64 / best_gbps;
+            fixed = Duration::from_nanos(per.max(0.0) as u64);
+        }
+        writeln!(
+            md,
+            "| {} | {n} | {pg:.2} | {:.1} % | {qg:.2} | {:.2}× |",
+            size_label(size),
+            100.0 * pg / best_gbps,
+            pg / qg
+        )?;
+        rows.push(json!({
+            "bytes": size, "copies": n, "pinned_gbps": pg, "pageable_gbps": qg,
+            "pinned_fraction_of_reference": pg / best_gbps,
+        }));
+        size *= 4;
+    }
+    writeln!(
+        md,
+        "\nper-copy fixed cost (4 KiB copies, bytes at the reference bandwidth removed): {fixed:.2?}"
+    )?;
+    Ok(Bandwidth {
+        reference_bps: best_gbps * GB,
+        fixed,
+        json: json!({
+            "reference_bytes": rig.max,
+            "reference_gbps": best_gbps,
+            "per_copy_fixed_ns": fixed.as_nanos() as u64,
+            "rows": rows,
+        }),
+        md,
+    })
+}
+
+fn overlap(rig: &Rig) -> BoxResult<(Value, String)> {
+    let size = rig.max.min(64 * MIB);
+    let copy_alone = rig.median_of(|| rig.pinned(size, 1))?;
+    let mut md = String::new();
+    writeln!(
+        md,
+        "| copy | kernel | copy alone | kernel alone | together | overlap |"
+    )?;
+    writeln!(md, "| --- | --- | --- | --- | --- | --- |")?;
+    let mut rows = Vec::new();
+    for factor in [0.5, 1.0, 2.0] {
+        let kernel = Duration::from_nanos((copy_alone.as_nanos() as f64 * factor) as u64);
+        let kernel_alone =
+            rig.median_of(|| rig.time(rig.compute, || Ok(rig.dev.busy(rig.compute, kernel)?)))?;
+        let together = rig.median_of(|| rig.concurrent(size, kernel))?;
+        let (lo, hi) = if copy_alone < kernel_alone {
+            (copy_alone, kernel_alone)
+        } else {
+            (kernel_alone, copy_alone)
+        };
+        // 1 = the shorter one fully hidden behind the longer one; 0 = serialised.
+        let frac = 1.0 - together.saturating_sub(hi).as_nanos() as f64 / lo.as_nanos() as f64;
+        writeln!(
+            md,
+            "| {} | {factor}× copy | {copy_alone:.2?} | {kernel_alone:.2?} | {together:.2?} | {:.1} % |",
+            size_label(size),
+            100.0 * frac
+        )?;
+        rows.push(json!({
+            "copy_bytes": size, "kernel_factor": factor,
+            "copy_alone_ns": copy_alone.as_nanos() as u64,
+            "kernel_alone_ns": kernel_alone.as_nanos() as u64,
+            "together_ns": together.as_nanos() as u64,
+            "overlap": frac,
+        }));
+    }
+    Ok((Value::Array(rows), md))
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3: the SD 1.5 UNet, paged
+
+/// One weight group of the UNet as the bench models it.
+struct UnetGroup {
+    prefix: String,
+    tensors: Vec<(String, u64)>,
+    flops: f64,
+}
+
+/// Latent positions at which a group's convolutions / tokens run, from its module path.
+fn group_positions(prefix: &str, levels: usize) -> f64 {
+    let side = |level: usize| (LATENT >> level.min(levels - 1)) as f64;
+    let index = |rest: &str| {
+        rest.split('.')
+            .next()
+            .and_then(|s| s.parse::<usize>().ok())
+            .unwrap_or(0)
+    };
+    let level = if let Some(rest) = prefix.strip_prefix("down_blocks.") {
+        let i = index(rest);
+        // A downsampler's stride-2 convolution produces the next level's resolution.
+        if prefix.contains(".downsamplers.") {
+            i + 1
+        } else {
+            i
+        }
+    } else if prefix.starts_with("mid_block") {
+        levels - 1
+    } else if let Some(rest) = prefix.strip_prefix("up_blocks.") {
+        let i = index(rest);
+        let lvl = (levels - 1).saturating_sub(i);
+        // The upsampler's convolution runs after the 2× nearest upsample.
+        if prefix.contains(".upsamplers.") {
+            lvl.saturating_sub(1)
+        } else {
+            lvl
+        }
+    } else {
+        0
+    };
+    side(level) * side(level)
+}
+
+/// FLOPs of the matrix products that read weight `name` (multiply-add = 2), at `positions`.
+fn weight_flops(name: &str, shape: &[usize], positions: f64) -> f64 {
+    if !name.ends_with(".weight") {
+        return 0.0;
+    }
+    let numel = shape.iter().product::<usize>() as f64;
+    let tokens = match shape.len() {
+        4 => positions,
+        2 if name.starts_with("time_embedding.") || name.contains("time_emb_proj") => 1.0,
+        2 if name.contains("attn2.to_k") || name.contains("attn2.to_v") => CONTEXT,
+        2 => positions,
+        _ => return 0.0, // norms: memory-bound, not counted
+    };
+    let mut f = 2.0 * numel * tokens * BATCH;
+    // Attention itself (QKᵀ and PV), counted once per attention at its query projection.
+    if shape.len() == 2 && name.ends_with("attn1.to_q.weight") {
+        f += 4.0 * BATCH * positions * positions * shape[0] as f64;
+    } else if shape.len() == 2 && name.ends_with("attn2.to_q.weight") {
+        f += 4.0 * BATCH * positions * CONTEXT * shape[0] as f64;
+    }
+    f
+}
+
+/// The SD 1.5 UNet's weight groups in forward order, each weight assigned to the longest
+/// matching group prefix (as the executor does), fp16 bytes.
+fn unet_groups() -> BoxResult<Vec<UnetGroup>> {
+    let config = UNetConfig::from_json(SD15_UNET_CONFIG)?;
+    let levels = config.block_out_channels.len();
+    let unet = UNet2DConditionModel::new(config)?;
+    let mut groups: Vec<UnetGroup> = unet
+        .group_prefixes()
+        .into_iter()
+        .map(|prefix| UnetGroup {
+            prefix,
+            tensors: Vec::new(),
+            flops: 0.0,
+        })
+        .collect();
+    let mut by_len: Vec<usize> = (0..groups.len()).collect();
+    by_len.sort_by_key(|&i| std::cmp::Reverse(groups[i].prefix.len()));
+    for (name, shape) in unet.weight_shapes() {
+        let g = by_len
+            .iter()
+            .copied()
+            .find(|&i| name.starts_with(&format!("{}.", groups[i].prefix)))
+            .ok_or_else(|| format!("weight {name} falls under no group prefix"))?;
+        let positions = group_positions(&groups[g].prefix, levels);
+        let bytes = 2 * shape.iter().product::<usize>() as u64;
+        groups[g].flops += weight_flops(&name, &shape, positions);
+        groups[g].tensors.push((name, bytes));
+    }
+    if let Some(g) = groups.iter().find(|g| g.tensors.is_empty()) {
+        return Err(format!("group {} has no weights", g.prefix).into());
+    }
+    Ok(groups)
+}
+
+/// The host words of the random weights: a hash of the word index, with each fp16's top
+/// exponent bit cleared (finite values, |x| < 2; never NaN or zero-filled pages).
+fn word(seed: u64, index: u64) -> u64 {
+    let mut z = seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    (z ^ (z >> 31)) & 0xBFFF_BFFF_BFFF_BFFF
+}
+
+const SEED: u64 = 0x5D15_0000_F377;
+
+/// The expected host bytes at `[offset, offset + len)` (`offset` a multiple of 8).
+fn expected(offset: u64, len: usize) -> Vec<u8> {
+    let first = offset / 8;
+    let words = len.div_ceil(8) as u64;
+    let mut v: Vec<u8> = (first..first + words)
+        .flat_map(|k| word(SEED, k).to_le_bytes())
+        .collect();
+    v.truncate(len);
+    v
+}
+
+/// Fills `[0, bytes)` of `host` with the random words, on all cores.
+fn fill_host(dev: &dyn Device, host: HostPtr, bytes: u64) -> BoxResult<()> {
+    const CHUNK: u64 = 32 * MIB;
+    let chunks = bytes.div_ceil(CHUNK);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                s.spawn(move || -> Result<(), String> {
+                    let mut c = t;
+                    while c < chunks {
+                        let off = c * CHUNK;
+                        let len = CHUNK.min(bytes - off) as usize;
+                        let data = expected(off, len);
+                        dev.host_write(host, off, &data)
+                            .map_err(|e| format!("host_write at {off}: {e}"))?;
+                        c += threads;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join().map_err(|_| "a fill thread panicked")??;
+        }
+        Ok::<(), Box<dyn std::error::Error>>(())
+    })
+}
+
+/// The UNet laid out in one pinned host allocation, as the scheduler's groups.
+struct Model {
+    groups: Vec<GroupDesc>,
+    flops: Vec<f64>,
+    order: Vec<GroupId>,
+    host: HostPtr,
+    bytes: u64,
+}
+
+fn build_model(dev: &dyn Device, src: &[UnetGroup], tflops: f64) -> BoxResult<Model> {
+    let bytes: u64 = src
+        .iter()
+        .flat_map(|g| &g.tensors)
+        .map(|(_, b)| align(*b))
+        .sum();
+    let host = dev.alloc_host(bytes, HostMemKind::Upload)?;
+    if let Err(e) = fill_host(dev, host, bytes) {
+        let _ = dev.free_host(host);
+        return Err(e);
+    }
+    let mut off = 0;
+    let groups = src
+        .iter()
+        .map(|g| {
+            let tensors = g
+                .tensors
+                .iter()
+                .map(|(name, b)| {
+                    let t = TensorSource {
+                        name: name.clone(),
+                        host,
+                        offset: off,
+                        bytes: *b,
+                    };
+                    off += align(*b);
+                    t
+                })
+                .collect();
+            let ns = g.flops / (tflops * 1e12) * 1e9;
+            GroupDesc {
+                name: g.prefix.clone(),
+                component: "unet".into(),
+                tensors,
+                compute: Duration::from_nanos(ns as u64).max(MIN_GROUP_COMPUTE),
+            }
+        })
+        .collect::<Vec<_>>();
+    Ok(Model {
+        order: (0..groups.len()).map(GroupId).collect(),
+        flops: src.iter().map(|g| g.flops).collect(),
+        groups,
+        host,
+        bytes,
+    })
+}
+
+/// One paging run's results.
+struct RunResult {
+    label: String,
+    mode: Mode,
+    budget: u64,
+    resident: u64,
+    staging: u64,
+    step_ns: f64,
+    steps_ns: Vec<f64>,
+    predicted_ns: f64,
+    predicted_stall_ns: f64,
+    stall_ns: f64,
+    bytes: u64,
+    gbps: f64,
+    overlap: f64,
+    arena: u64,
+    driver_delta: Option<u64>,
+    host_ms_per_step: f64,
+    verified: Option<Result<u64, String>>,
+}
+
+/// The lowest free device memory seen.
+struct FreeWatch<'a> {
+    dev: &'a dyn Device,
+    min_free: u64,
+}
+
+impl FreeWatch<'_> {
+    fn sample(&mut self) -> BoxResult<()> {
+        self.min_free = self.min_free.min(self.dev.mem_info()?.free);
+        Ok(())
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_paged(
+    dev: &Arc<dyn Device>,
+    m: &Model,
+    cost: CostModel,
+    label: &str,
+    mode: Mode,
+    budget: u64,
+    args: &Args,
+    check: Option<HostPtr>,
+) -> BoxResult<RunResult> {
+    let free_before = dev.mem_info()?.free;
+    let cfg = SchedulerConfig {
+        mode,
+        budget,
+        reserve: args.reserve_mib * MIB,
+        run_ahead: args.run_ahead,
+        metrics: true,
+        cost,
+    };
+    let s = Scheduler::new(dev.clone(), m.groups.clone(), m.order.clone(), cfg)?;
+    let mut watch = FreeWatch {
+        dev: dev.as_ref(),
+        min_free: free_before,
+    };
+    watch.sample()?;
+    let compute = s.compute_stream();
+    let passes = 1 + args.steps.max(1);
+    // Passes run back to back with no host wait between them, as the planner assumes; the host
+    // clock runs from the end of the warm-up pass's issue to the device finishing the last pass.
+    let mut t0 = Instant::now();
+    for pass in 0..passes {
+        if pass == 1 {
+            t0 = Instant::now();
+        }
+        s.begin_pass()?;
+        for &g in &m.order {
+            s.acquire(g)?;
+            dev.busy(compute, m.groups[g.0].compute)?;
+            s.release(g)?;
+        }
+        s.end_pass()?;
+        watch.sample()?;
+    }
+    s.synchronize()?;
+    let host_time = t0.elapsed();
+    let metrics = s.metrics()?;
+    let steady = metrics.passes.get(1..).unwrap_or_default();
+    if steady.is_empty() {
+        return Err("the scheduler recorded no steady-state pass".into());
+    }
+    let steps_ns: Vec<f64> = steady.iter().map(|p| p.time_ns).collect();
+    // The pass whose time is the median (its stall, bytes and overlap are reported with it).
+    let median = median_f(steps_ns.clone());
+    let mid = steady
+        .iter()
+        .min_by(|a, b| {
+            (a.time_ns - median)
+                .abs()
+                .total_cmp(&(b.time_ns - median).abs())
+        })
+        .ok_or("no steady pass")?;
+    let plan = s.plan();
+    let verified = check.map(|buf| verify(dev.as_ref(), &s, m, buf).map_err(|e| e.to_string()));
+    watch.sample()?;
+    drop(s);
+    Ok(RunResult {
+        label: label.into(),
+        mode,
+        budget,
+        resident: plan.resident_bytes,
+        staging: plan.staging_bytes,
+        step_ns: mid.time_ns,
+        steps_ns,
+        predicted_ns: plan.predicted_pass.as_nanos() as f64,
+        predicted_stall_ns: plan.predicted_stall.as_nanos() as f64,
+        stall_ns: mid.stall_ns,
+        bytes: mid.bytes,
+        gbps: mid.gbps,
+        overlap: mid.overlap,
+        arena: metrics.peak_device_bytes,
+        driver_delta: (dev.kind() == DeviceKind::Cuda || free_before > watch.min_free)
+            .then(|| free_before.saturating_sub(watch.min_free)),
+        host_ms_per_step: host_time.as_secs_f64() * 1e3 / args.steps.max(1) as f64,
+        verified,
+    })
+}
+
+/// One more pass that reads every group back from the device right after acquiring it and
+/// compares it with the host bytes; returns the bytes checked.
+fn verify(dev: &dyn Device, s: &Scheduler, m: &Model, buf: HostPtr) -> BoxResult<u64> {
+    let compute = s.compute_stream();
+    let mut checked = 0;
+    let mut got = Vec::new();
+    for &g in &m.order {
+        let view = s.acquire(g)?;
+        let desc = &m.groups[g.0];
+        let mut off = 0;
+        for (t, r) in desc.tensors.iter().zip(&view.tensors) {
+            if r.len != t.bytes {
+                return Err(
+                    format!("{}: device range {} for {} bytes", t.name, r.len, t.bytes).into(),
+                );
+            }
+            dev.copy_d2h(compute, buf, off, r.ptr, r.len)?;
+            off += align(r.len);
+        }
+        dev.sync_stream(compute)?;
+        s.release(g)?;
+        let mut off = 0;
+        for t in &desc.tensors {
+            got.resize(t.bytes as usize, 0);
+            dev.host_read(buf, off, &mut got)?;
+            if got != expected(t.offset, t.bytes as usize) {
+                let first = got
+                    .iter()
+                    .zip(expected(t.offset, t.bytes as usize))
+                    .position(|(a, b)| *a != b)
+                    .unwrap_or(0);
+                return Err(format!(
+                    "{}: device bytes differ from the host weights (first at byte {first})",
+                    t.name
+                )
+                .into());
+            }
+            checked += t.bytes;
+            off += align(t.bytes);
+        }
+    }
+    s.synchronize()?;
+    Ok(checked)
+}
+
+fn mode_label(mode: Mode) -> String {
+    match mode {
+        Mode::Group { depth } => format!("group (depth {depth})"),
+        m => m.to_string(),
+    }
+}
+
+fn unet(
+    dev: &Arc<dyn Device>,
+    cost: CostModel,
+    args: &Args,
+) -> BoxResult<(Value, String, Vec<String>)> {
+    let src = unet_groups()?;
+    let t0 = Instant::now();
+    let m = build_model(dev.as_ref(), &src, args.tflops)?;
+    let fill_s = t0.elapsed().as_secs_f64();
+    let result = unet_runs(dev, &m, cost, args, fill_s);
+    let _ = dev.free_host(m.host);
+    result
+}
+
+fn unet_runs(
+    dev: &Arc<dyn Device>,
+    m: &Model,
+    cost: CostModel,
+    args: &Args,
+    fill_s: f64,
+) -> BoxResult<(Value, String, Vec<String>)> {
+    let reserve = args.reserve_mib * MIB;
+    let largest = m.groups.iter().map(|g| g.device_bytes()).max().unwrap_or(0);
+    let largest_name = m
+        .groups
+        .iter()
+        .max_by_key(|g| g.device_bytes())
+        .map_or("", |g| g.name.as_str());
+    let compute: Duration = m.groups.iter().map(|g| g.compute).sum();
+    let flops: f64 = m.flops.iter().sum();
+    let tensors: usize = m.groups.iter().map(|g| g.tensors.len()).sum();
+    let check = if args.no_verify {
+        None
+    } else {
+        Some(dev.alloc_host(largest, HostMemKind::Readable)?)
+    };
+    let everything = align(reserve) + m.bytes;
+    let mut plan: Vec<(String, u64, Vec<Mode>)> = vec![(
+        format!("all fits ({:.3} GB)", everything as f64 / GB),
+        everything,
+        vec![Mode::None, Mode::Auto],
+    )];
+    for &b in &args.budgets {
+        plan.push((
+            format!("{b} GB"),
+            (b * GB) as u64,
+            vec![
+                Mode::Sequential,
+                Mode::Group { depth: args.depth },
+                Mode::Auto,
+            ],
+        ));
+    }
+    let mut results = Vec::new();
+    let mut failures = Vec::new();
+    for (label, budget, modes) in &plan {
+        for &mode in modes {
+            eprintln!("  unet: {label}, {mode} ...");
+            match run_paged(dev, m, cost, label, mode, *budget, args, check) {
+                Ok(r) => {
+                    if let Some(Err(e)) = &r.verified {
+                        failures.push(format!("{label} {mode}: read-back check failed: {e}"));
+                    }
+                    results.push(r);
+                }
+                Err(e) => failures.push(format!("{label} {mode}: {e}")),
+            }
+        }
+    }
+    if let Some(buf) = check {
+        dev.free_host(buf)?;
+    }
+    let base = results
+        .iter()
+        .find(|r| r.mode == Mode::None)
+        .map(|r| r.step_ns);
+
+    let mut md = String::new();
+    writeln!(
+        md,
+        "model: SD 1.5 UNet, {} groups, {tensors} tensors, {:.3} GB fp16 ({:.1} MiB), largest \
+         group {} ({:.1} MiB); engine reserve {} MiB; random host weights written in {fill_s:.1} s\n",
+        m.groups.len(),
+        m.bytes as f64 / GB,
+        m.bytes as f64 / MIB as f64,
+        largest_name,
+        largest as f64 / MIB as f64,
+        args.reserve_mib,
+    )?;
+    writeln!(
+        md,
+        "modelled compute: {:.3} TFLOP per step (batch 2, 64×64 latents, 77 context tokens) at an \
+         assumed {} TFLOP/s = {:.2} ms per step (each group at least {:?}); cost model {:.2} GB/s + \
+         {:.2?} per copy; run-ahead {}; {} timed steps after one warm-up, the median step shown\n",
+        flops / 1e12,
+        args.tflops,
+        ms(compute.as_nanos() as f64),
+        MIN_GROUP_COMPUTE,
+        cost.h2d_bandwidth / GB,
+        cost.copy_latency,
+        args.run_ahead,
+        args.steps.max(1),
+    )?;
+    writeln!(
+        md,
+        "| budget | mode | resident GB | step ms | predicted ms | × none | stall ms | streamed GB/step | GB/s | overlap | arena GB | driver Δ GB | read-back |"
+    )?;
+    writeln!(
+        md,
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    )?;
+    let mut rows = Vec::new();
+    for r in &results {
+        let vs = base.map_or(f64::NAN, |b| r.step_ns / b);
+        let check = match &r.verified {
+            None => "skipped".to_string(),
+            Some(Ok(b)) => format!("ok ({:.2} GB)", *b as f64 / GB),
+            Some(Err(_)) => "**FAILED**".to_string(),
+        };
+        writeln!(
+            md,
+            "| {} | {} | {:.3} | {:.2} | {:.2} | {vs:.2} | {:.2} | {:.3} | {:.2} | {:.1} % | {:.3} | {} | {check} |",
+            r.label,
+            mode_label(r.mode),
+            r.resident as f64 / GB,
+            ms(r.step_ns),
+            ms(r.predicted_ns),
+            ms(r.stall_ns),
+            r.bytes as f64 / GB,
+            r.gbps,
+            r.overlap * 100.0,
+            r.arena as f64 / GB,
+            r.driver_delta
+                .map_or("n/a".into(), |d| format!("{:.3}", d as f64 / GB)),
+        )?;
+        rows.push(json!({
+            "budget_label": r.label,
+            "budget_bytes": r.budget,
+            "mode": r.mode.to_string(),
+            "resident_bytes": r.resident,
+            "staging_bytes": r.staging,
+            "step_ns": r.step_ns,
+            "steps_ns": r.steps_ns,
+            "predicted_step_ns": r.predicted_ns,
+            "predicted_stall_ns": r.predicted_stall_ns,
+            "stall_ns": r.stall_ns,
+            "streamed_bytes_per_step": r.bytes,
+            "gbps_while_copying": r.gbps,
+            "overlap": r.overlap,
+            "vs_none": vs,
+            "arena_bytes": r.arena,
+            "driver_free_delta_bytes": r.driver_delta,
+            "host_ms_per_step": r.host_ms_per_step,
+            "readback": match &r.verified {
+                None => json!("skipped"),
+                Some(Ok(b)) => json!({"ok": true, "bytes": b}),
+                Some(Err(e)) => json!({"ok": false, "error": e}),
+            },
+        }));
+    }
+    writeln!(
+        md,
+        "\nstep = compute-stream time of one UNet pass (events); predicted = the planner's cost-model \
+         prediction for the same plan; stall = time the compute stream waited for copies; GB/s = \
+         bytes / copy time while copying; overlap = 1 − stall / copy time; arena = the scheduler's \
+         one device allocation (= budget); driver Δ = free memory before the run minus the lowest \
+         free memory seen during it (cuMemGetInfo on CUDA); read-back = every group copied back \
+         after acquire and compared with the host bytes."
+    )?;
+    let json = json!({
+        "model": "SD 1.5 UNet (runwayml/stable-diffusion-v1-5 config), random fp16 weights",
+        "groups": m.groups.len(),
+        "tensors": tensors,
+        "weight_bytes": m.bytes,
+        "largest_group": {"name": largest_name, "bytes": largest},
+        "reserve_bytes": reserve,
+        "flops_per_step": flops,
+        "assumed_tflops": args.tflops,
+        "modelled_compute_ns_per_step": compute.as_nanos() as u64,
+        "min_group_compute_ns": MIN_GROUP_COMPUTE.as_nanos() as u64,
+        "cost_model": {
+            "h2d_gbps": cost.h2d_bandwidth / GB,
+            "copy_latency_ns": cost.copy_latency.as_nanos() as u64,
+            "launch_latency_ns": cost.launch_latency.as_nanos() as u64,
+        },
+        "run_ahead": args.run_ahead,
+        "group_depth": args.depth,
+        "timed_steps": args.steps.max(1),
+        "host_fill_s": fill_s,
+        "group_table": m.groups.iter().zip(&m.flops).map(|(g, f)| json!({
+            "name": g.name, "bytes": g.device_bytes(), "tensors": g.tensors.len(),
+            "flops": f, "compute_ns": g.compute.as_nanos() as u64,
+        })).collect::<Vec<_>>(),
+        "runs": rows,
+        "failures": failures,
+    });
+    Ok((json, md, failures))
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// The opened device, its description, and the cost model to plan with (`None`: measure it).
+fn open(which: DeviceArg) -> BoxResult<(Arc<dyn Device>, Value, Option<CostModel>)> {
+    match which {
+        DeviceArg::Sim => {
+            let cfg = SimConfig::default();
+            let sim = SimDevice::new(cfg.clone());
+            let cost = CostModel::of_sim(&cfg);
+            let info = json!({
+                "kind": "sim",
+                "name": Device::name(sim.as_ref()),
+                "time": "virtual (the simulator's model; not hardware numbers)",
+                "h2d_gbps": cfg.h2d_bandwidth / GB,
+                "pageable_gbps": cfg.pageable_bandwidth / GB,
+                "copy_latency_ns": cfg.copy_latency.as_nanos() as u64,
+                "launch_latency_ns": cfg.launch_latency.as_nanos() as u64,
+                "memory_total_bytes": cfg.capacity,
+            });
+            Ok((sim, info, Some(cost)))
+        }
+        DeviceArg::Cuda => {
+            let cuda = CudaDevice::new(0)?;
+            let (major, minor) = cuda.compute_capability()?;
+            let mem = cuda.mem_info()?;
+            let v = cuda.driver_version();
+            let info = json!({
+                "kind": "cuda",
+                "name": Device::name(cuda.as_ref()),
+                "time": "GPU time from CUDA events",
+                "driver_cuda_version": format!("{}.{}", v / 1000, v % 1000 / 10),
+                "compute_capability": format!("{major}.{minor}"),
+                "memory_total_bytes": mem.total,
+                "memory_free_bytes": mem.free,
+                "read_only_host_register": cuda.supports_read_only_register(),
+            });
+            Ok((cuda, info, None))
+        }
+    }
+}
+
+fn unix_time() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn main() {
+    let args = Args::parse();
+    match run(&args) {
+        Ok(failures) if failures.is_empty() => {}
+        Ok(failures) => {
+            for f in failures {
+                eprintln!("FAILED: {f}");
+            }
+            std::process::exit(1);
+        }
+        Err(e) => {
+            eprintln!("ferry-gpu-bench: {e}");
+            std::process::exit(2);
+        }
+    }
+}
+
+/// Runs everything; returns the failed parts (the report is written either way).
+fn run(args: &Args) -> BoxResult<Vec<String>> {
+    let started = Instant::now();
+    let (dev, info, sim_cost) = open(args.device)?;
+    let tag = match args.device {
+        DeviceArg::Sim => "sim",
+        DeviceArg::Cuda => "cuda",
+    };
+    let mut md = String::new();
+    writeln!(
+        md,
+        "# ferry-gpu-bench: {}\n",
+        info["name"].as_str().unwrap_or("")
+    )?;
+    if args.device == DeviceArg::Sim {
+        writeln!(
+            md,
+            "**Simulated device, virtual time**: these numbers restate the simulator's model \
+             (PCIe 4-like, {} GB/s pinned); they check the benchmark and the scheduler's \
+             mechanics, not hardware.\n",
+            info["h2d_gbps"]
+        )?;
+    }
+    writeln!(
+        md,
+        "Compute is modelled (`busy` kernels sized from FLOPs); the CUDA executor for whole models \
+         is not built yet, so this measures paging, not the real UNet kernels (those are covered \
+         by the suite's kernel tests).\n"
+    )?;
+    writeln!(md, "device: `{info}`\n")?;
+    let mut failures = Vec::new();
+
+    eprintln!("[1/3] bandwidth ...");
+    let rig = Rig::new(dev.clone(), args.max_copy_mib.max(1) * MIB)?;
+    let bw = bandwidth(&rig)?;
+    writeln!(md, "## H2D bandwidth, pinned vs pageable\n\n{}", bw.md)?;
+    eprintln!("[2/3] overlap ...");
+    let (ov_json, ov_md) = overlap(&rig)?;
+    writeln!(md, "\n## Copy/compute overlap\n\n{ov_md}")?;
+    drop(rig);
+    // A partial report now, in case the UNet part does not finish (a time limit, a crash).
+    let partial = json!({
+        "tool": "ferry-gpu-bench",
+        "partial": "the UNet part did not finish",
+        "device": info,
+        "h2d": bw.json,
+        "overlap": ov_json,
+    });
+    save(args, tag, &md, &partial)?;
+
+    let cost = sim_cost.unwrap_or(CostModel {
+        h2d_bandwidth: bw.reference_bps,
+        copy_latency: bw.fixed,
+        launch_latency: CUDA_LAUNCH_LATENCY,
+    });
+    eprintln!("[3/3] SD 1.5 UNet paging ...");
+    let unet_json = match unet(&dev, cost, args) {
+        Ok((j, m, f)) => {
+            writeln!(md, "\n## SD 1.5 UNet paging (modelled compute)\n\n{m}")?;
+            failures.extend(f);
+            j
+        }
+        Err(e) => {
+            writeln!(md, "\n## SD 1.5 UNet paging\n\nFAILED: {e}")?;
+            failures.push(format!("unet: {e}"));
+            json!({"error": e.to_string()})
+        }
+    };
+    let report = json!({
+        "tool": "ferry-gpu-bench",
+        "version": env!("CARGO_PKG_VERSION"),
+        "unix_time": unix_time(),
+        "device": info,
+        "note": "compute is modelled by busy kernels sized from FLOPs at an assumed throughput; \
+                 the CUDA executor for whole models is not built, so this measures paging only",
+        "h2d": bw.json,
+        "overlap": ov_json,
+        "unet": unet_json,
+        "wall_s": started.elapsed().as_secs_f64(),
+        "failures": failures,
+    });
+    print!("{md}");
+    if let Some(dir) = save(args, tag, &md, &report)? {
+        eprintln!("wrote {dir}/gpu-bench-{tag}.json and .md");
+    }
+    eprintln!("done in {:.1} s", started.elapsed().as_secs_f64());
+    Ok(failures)
+}
+
+/// Writes `gpu-bench-<tag>.json` and `.md` under `--out`, if given; returns the folder.
+fn save(args: &Args, tag: &str, md: &str, report: &Value) -> BoxResult<Option<String>> {
+    let Some(dir) = &args.out else {
+        return Ok(None);
+    };
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(
+        dir.join(format!("gpu-bench-{tag}.json")),
+        serde_json::to_string_pretty(report)?,
+    )?;
+    std::fs::write(dir.join(format!("gpu-bench-{tag}.md")), md)?;
+    Ok(Some(dir.display().to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// diffusers 0.42.1 `UNet2DConditionModel(sample_size=64, cross_attention_dim=768,
+    /// attention_head_dim=8)` (SD 1.5) has 686 parameter tensors, 859,520,964 values.
+    #[test]
+    fn groups_hold_every_sd15_weight_once() {
+        let groups = unet_groups().unwrap();
+        let tensors: usize = groups.iter().map(|g| g.tensors.len()).sum();
+        let bytes: u64 = groups.iter().flat_map(|g| &g.tensors).map(|t| t.1).sum();
+        assert_eq!(tensors, 686);
+        assert_eq!(bytes, 2 * 859_520_964);
+        assert_eq!(groups.len(), 96);
+    }
+
+    #[test]
+    fn positions_follow_the_unet_resolutions() {
+        let p = |s: &str| group_positions(s, 4);
+        assert_eq!(p("conv_in"), 4096.0);
+        assert_eq!(p("down_blocks.0.resnets.1"), 4096.0);
+        assert_eq!(p("down_blocks.0.downsamplers.0"), 1024.0);
+        assert_eq!(p("down_blocks.2.attentions.0.proj_in"), 256.0);
+        assert_eq!(p("down_blocks.3.resnets.0"), 64.0);
+        assert_eq!(p("mid_block.attentions.0.transformer_blocks.0"), 64.0);
+        assert_eq!(p("up_blocks.0.resnets.2"), 64.0);
+        assert_eq!(p("up_blocks.0.upsamplers.0"), 256.0);
+        assert_eq!(p("up_blocks.3.attentions.2.proj_out"), 4096.0);
+    }
+
+    #[test]
+    fn flops_count_products_and_attention() {
+        // A 3×3 conv 320→320 at 64×64, batch 2.
+        let conv = weight_flops("x.conv1.weight", &[320, 320, 3, 3], 4096.0);
+        assert_eq!(conv, 2.0 * 320.0 * 320.0 * 9.0 * 4096.0 * 2.0);
+        assert_eq!(weight_flops("x.conv1.bias", &[320], 4096.0), 0.0);
+        assert_eq!(weight_flops("x.norm1.weight", &[320], 4096.0), 0.0);
+        // Cross-attention keys read 77 context tokens, not the latent positions.
+        let k = weight_flops("t.attn2.to_k.weight", &[320, 768], 4096.0);
+        assert_eq!(k, 2.0 * 320.0 * 768.0 * 77.0 * 2.0);
+        // Self-attention's query projection carries QKᵀ and PV.
+        let q = weight_flops("t.attn1.to_q.weight", &[320, 320], 4096.0);
+        let proj = 2.0 * 320.0 * 320.0 * 4096.0 * 2.0;
+        assert_eq!(q - proj, 4.0 * 2.0 * 4096.0 * 4096.0 * 320.0);
+    }
+
+    #[test]
+    fn expected_bytes_are_offset_consistent() {
+        let all = expected(0, 4096);
+        assert_eq!(&expected(256, 100)[..], &all[256..356]);
+        // fp16 values with the top exponent bit clear: finite.
+        let halves: Vec<u16> = all
+            .chunks(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+            .collect();
+        assert!(halves.iter().all(|h| h & 0x4000 == 0));
+        assert!(halves.iter().any(|&h| h != 0));
+    }
+}

@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# Runs the prepared GPU suite that scripts/gpu-suite/build.sh put in target/gpu-suite/.
+#
+#   on the GPU machine:  bash target/gpu-suite/run.sh          (writes under $OUT)
+#   rehearsal here:      scripts/gpu-suite/run.sh --sim        (or FERRY_GPU_SUITE_SIM=1)
+#
+# Steps: the GPU and driver; ferry-pager's CUDA backend tests and ferry-sd's kernel tests with
+# --include-ignored (the GPU tests are #[ignore]d; in --sim mode they stay ignored and are reported
+# as such); then ferry-gpu-bench on the GPU (--sim: on the simulated device). Each step has a
+# timeout and a failing step does not stop the others; a summary comes last. Needs no Rust
+# toolchain and no network. Output: $OUT (else a fresh temporary folder): env.txt, one log per
+# step, gpu-bench-<device>.{json,md}, summary.md — at most 8 files, as the device tool returns.
+#
+# Environment: OUT, FERRY_GPU_SUITE_SIM=1, FERRY_GPU_SUITE_BIN (folder of the binaries),
+# T_PAGER / T_KERNELS / T_BENCH (timeouts in seconds), BENCH_ARGS (extra ferry-gpu-bench args).
+set -u
+SIM=${FERRY_GPU_SUITE_SIM:-0}
+for a in "$@"; do
+  case $a in
+    --sim) SIM=1 ;;
+    *) echo "run.sh: unknown argument $a (only --sim)" >&2; exit 2 ;;
+  esac
+done
+HERE=$(cd "$(dirname "$0")" && pwd)
+if [ -n "${FERRY_GPU_SUITE_BIN:-}" ]; then
+  BIN=$FERRY_GPU_SUITE_BIN
+elif [ -f "$HERE/MANIFEST" ]; then
+  BIN=$HERE # run from the built folder
+else
+  BIN=$(cd "$HERE/../.." && pwd)/target/gpu-suite # run from scripts/gpu-suite in a checkout
+fi
+if [ ! -f "$BIN/MANIFEST" ]; then
+  echo "run.sh: no suite in $BIN; run scripts/gpu-suite/build.sh first" >&2
+  exit 2
+fi
+# A copy may lose the executable bits.
+chmod +x "$BIN"/pager-cuda_backend "$BIN"/sd-cuda_kernels "$BIN"/ferry-gpu-bench 2>/dev/null
+OUT=${OUT:-$(mktemp -d -t ferry-gpu-suite.XXXXXX)}
+mkdir -p "$OUT"
+export RUST_BACKTRACE=1
+T_PAGER=${T_PAGER:-90}
+T_KERNELS=${T_KERNELS:-210}
+T_BENCH=${T_BENCH:-180}
+START=$(date +%s)
+declare -a SUMMARY=()
+FAILED=0
+
+# step NAME TIMEOUT CMD...: runs CMD with its output in $OUT/NAME.log, records the outcome.
+step() {
+  local name=$1 limit=$2
+  shift 2
+  local log=$OUT/$name.log t0 rc
+  echo
+  echo "=== $name (timeout ${limit}s): $*"
+  t0=$(date +%s)
+  timeout --kill-after=10 "$limit" "$@" >"$log" 2>&1
+  rc=$?
+  local secs=$(($(date +%s) - t0)) verdict
+  case $rc in
+    0) verdict=PASS ;;
+    124 | 137) verdict="TIMEOUT (${limit}s)" ;;
+    *) verdict="FAIL (exit $rc)" ;;
+  esac
+  [ "$rc" -eq 0 ] || FAILED=$((FAILED + 1))
+  # Test binaries: the libtest result line and any failure names; otherwise the log's tail.
+  local results
+  results=$(grep -E '^test result:' "$log" | tail -n1)
+  if [ -n "$results" ]; then
+    grep -E '^test [^ ]+ \.\.\. (FAILED|ignored)' "$log" | head -n 30
+    grep -E -A1 'panicked at' "$log" | grep -v '^--$' | head -n 30
+    echo "$results"
+  else
+    tail -n 5 "$log"
+  fi
+  echo "--- $name: $verdict in ${secs}s"
+  SUMMARY+=("| $name | $verdict | ${secs} s | ${results:-} |")
+}
+
+{
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "host: $(uname -srm); $(nproc) CPUs"
+  echo "mode: $([ "$SIM" = 1 ] && echo 'simulated device (--sim): GPU tests stay ignored' || echo 'GPU')"
+  echo
+  cat "$BIN/MANIFEST"
+  echo
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    echo "gpu: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -n1)"
+    nvidia-smi
+    nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,pcie.link.gen.max,pcie.link.width.max,clocks.max.sm \
+      --format=csv
+  else
+    echo "nvidia-smi: not found"
+  fi
+} >"$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+if [ "$SIM" = 1 ]; then
+  TEST_ARGS=(--test-threads=1)
+  DEVICE=sim
+else
+  TEST_ARGS=(--include-ignored --test-threads=1)
+  DEVICE=cuda
+fi
+step pager-cuda_backend "$T_PAGER" "$BIN/pager-cuda_backend" "${TEST_ARGS[@]}"
+step sd-cuda_kernels "$T_KERNELS" "$BIN/sd-cuda_kernels" "${TEST_ARGS[@]}"
+# shellcheck disable=SC2086 # BENCH_ARGS is a list of words
+step ferry-gpu-bench "$T_BENCH" "$BIN/ferry-gpu-bench" --device "$DEVICE" --out "$OUT" ${BENCH_ARGS:-}
+
+TOTAL=$(($(date +%s) - START))
+{
+  echo "# Ferry GPU suite: $([ "$SIM" = 1 ] && echo 'SIMULATED device (rehearsal)' || sed -n 's/^gpu: //p' "$OUT/env.txt" | grep . || echo 'GPU (nvidia-smi gave no name)')"
+  echo
+  echo "$(date -u +%Y-%m-%d), $(grep -m1 '^commit:' "$BIN/MANIFEST"), ${TOTAL} s in all, $FAILED step(s) failed"
+  echo
+  echo "| step | verdict | time | tests |"
+  echo "| --- | --- | --- | --- |"
+  printf '%s\n' "${SUMMARY[@]}"
+} >"$OUT/summary.md"
+if [ -f "$OUT/gpu-bench-$DEVICE.md" ]; then
+  echo
+  # The bench's tables last, so they are in the tail the device tool returns.
+  sed -n '/^## /,$p' "$OUT/gpu-bench-$DEVICE.md"
+fi
+echo
+cat "$OUT/summary.md"
+echo "output: $OUT"
+[ "$FAILED" -eq 0 ]
