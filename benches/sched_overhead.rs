@@ -8,91 +8,13 @@
 //! `cargo bench -p ferry-sched --bench sched_overhead`.
 
 use criterion::{criterion_group, criterion_main, Criterion};
+use ferry_pager::device::null::NullDevice;
 use ferry_pager::device::sim::{SimConfig, SimDevice};
-use ferry_pager::{
-    Device, DeviceKind, DevicePtr, EventId, HostMemKind, HostPtr, MemInfo, Result, StreamId,
-};
+use ferry_pager::{Device, HostMemKind};
 use ferry_sched::{CostModel, GroupDesc, GroupId, Mode, Scheduler, SchedulerConfig, TensorSource};
 use std::hint::black_box;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// A device whose calls do nothing: measures the scheduler alone.
-#[derive(Debug, Default)]
-struct NullDevice {
-    next: AtomicU64,
-    events: AtomicU32,
-}
-
-impl Device for NullDevice {
-    fn kind(&self) -> DeviceKind {
-        DeviceKind::Sim
-    }
-    fn name(&self) -> String {
-        "null".into()
-    }
-    fn mem_info(&self) -> Result<MemInfo> {
-        Ok(MemInfo {
-            free: 1 << 40,
-            total: 1 << 40,
-        })
-    }
-    fn alloc_device(&self, _bytes: u64) -> Result<DevicePtr> {
-        Ok(DevicePtr(1 << 40))
-    }
-    fn free_device(&self, _ptr: DevicePtr) -> Result<()> {
-        Ok(())
-    }
-    fn alloc_host(&self, _bytes: u64, _kind: HostMemKind) -> Result<HostPtr> {
-        Ok(HostPtr(self.next.fetch_add(1, Ordering::Relaxed)))
-    }
-    fn free_host(&self, _ptr: HostPtr) -> Result<()> {
-        Ok(())
-    }
-    fn host_write(&self, _dst: HostPtr, _offset: u64, _src: &[u8]) -> Result<()> {
-        Ok(())
-    }
-    fn host_read(&self, _src: HostPtr, _offset: u64, _dst: &mut [u8]) -> Result<()> {
-        Ok(())
-    }
-    fn create_stream(&self) -> Result<StreamId> {
-        Ok(StreamId(self.next.fetch_add(1, Ordering::Relaxed) as u32))
-    }
-    fn create_event(&self) -> Result<EventId> {
-        Ok(EventId(self.events.fetch_add(1, Ordering::Relaxed)))
-    }
-    fn record_event(&self, _event: EventId, _stream: StreamId) -> Result<()> {
-        Ok(())
-    }
-    fn wait_event(&self, _stream: StreamId, _event: EventId) -> Result<()> {
-        Ok(())
-    }
-    fn event_done(&self, _event: EventId) -> Result<bool> {
-        Ok(true)
-    }
-    fn sync_event(&self, _event: EventId) -> Result<()> {
-        Ok(())
-    }
-    fn event_elapsed(&self, _start: EventId, _end: EventId) -> Result<Duration> {
-        Ok(Duration::ZERO)
-    }
-    fn sync_stream(&self, _stream: StreamId) -> Result<()> {
-        Ok(())
-    }
-    fn copy_h2d(&self, _s: StreamId, _d: DevicePtr, _h: HostPtr, _o: u64, _l: u64) -> Result<()> {
-        Ok(())
-    }
-    fn copy_h2d_pageable(&self, _s: StreamId, _d: DevicePtr, _src: &[u8]) -> Result<()> {
-        Ok(())
-    }
-    fn copy_d2h(&self, _s: StreamId, _h: HostPtr, _o: u64, _d: DevicePtr, _l: u64) -> Result<()> {
-        Ok(())
-    }
-    fn busy(&self, _stream: StreamId, _duration: Duration) -> Result<()> {
-        Ok(())
-    }
-}
 
 const GROUPS: usize = 48;
 /// Small layer-like groups (a 16 KiB weight, a 1 KiB bias, a norm pair): the simulator's byte

@@ -6,6 +6,7 @@
 //! [`EventId`]) so the trait is object safe and `Send + Sync`; the backend owns the memory.
 
 pub mod cuda;
+pub mod null;
 pub mod sim;
 
 use crate::error::{Error, Result};
