@@ -1,6 +1,9 @@
 //! CLIP text encoders against transformers' goldens (tests/fixtures/models/*/goldens.safetensors),
 //! bit-identical across offload modes and budgets, and clear errors for bad checkpoints.
 
+mod common;
+
+use common::{check, fixture, golden, golden_ids};
 use ferry_pager::device::sim::{SimConfig, SimDevice};
 use ferry_pager::{Device, HostStore, RawTensor, WeightsFile};
 use ferry_sched::Mode;
@@ -8,45 +11,22 @@ use ferry_sd::exec::{ExecConfig, Executor};
 use ferry_sd::models::clip::{register_weights, ClipOptions, ClipOutput, ClipTextModel};
 use ferry_sd::tensor::Tensor;
 use safetensors::{Dtype, SafeTensors};
-use std::path::PathBuf;
 use std::sync::Arc;
 
-fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/models")
-        .join(rel)
-}
-
-struct Goldens(Vec<u8>);
+/// The goldens of one fixture.
+struct Goldens(String);
 
 impl Goldens {
     fn open(model: &str) -> Goldens {
-        Goldens(std::fs::read(fixture(&format!("{model}/goldens.safetensors"))).unwrap())
+        Goldens(model.to_string())
     }
 
     fn f32(&self, name: &str) -> Tensor {
-        let st = SafeTensors::deserialize(&self.0).unwrap();
-        let t = st.tensor(name).unwrap();
-        assert_eq!(t.dtype(), Dtype::F32, "{name}");
-        let data = t
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        Tensor::new(t.shape().to_vec(), data).unwrap()
+        golden(&self.0, name)
     }
 
     fn ids(&self, name: &str) -> Vec<Vec<u32>> {
-        let st = SafeTensors::deserialize(&self.0).unwrap();
-        let t = st.tensor(name).unwrap();
-        assert_eq!(t.dtype(), Dtype::I64, "{name}");
-        let seq = t.shape()[1];
-        let flat: Vec<u32> = t
-            .data()
-            .chunks_exact(8)
-            .map(|c| u32::try_from(i64::from_le_bytes(c.try_into().unwrap())).unwrap())
-            .collect();
-        flat.chunks(seq).map(<[u32]>::to_vec).collect()
+        golden_ids(&self.0, name)
     }
 }
 
@@ -88,12 +68,9 @@ fn run(
     out
 }
 
+#[track_caller]
 fn assert_close(got: &Tensor, want: &Tensor, what: &str) {
-    assert_eq!(got.shape(), want.shape(), "{what}: shape");
-    let err = got.max_abs_diff(want).unwrap();
-    let tol = 1e-4 * want.max_abs();
-    assert!(want.max_abs() > 0.0, "{what}: zero reference");
-    assert!(err <= tol, "{what}: max abs error {err} > {tol}");
+    check(what, got, want);
 }
 
 /// Every golden of one text encoder: last hidden state, penultimate, pooled or text_embeds.

@@ -1,20 +1,16 @@
 //! The executor hands every layer exactly the bytes in the checkpoint, in every offload mode and at
 //! every budget, with the race checker clean.
 
+mod common;
+
+use common::fixture;
 use ferry_pager::device::sim::{SimConfig, SimDevice};
 use ferry_pager::host::{HostStore, LoadOptions};
 use ferry_pager::Device;
 use ferry_sched::Mode;
 use ferry_sd::exec::{ComponentGroups, ExecConfig, Executor};
 use ferry_sd::tensor::{DType, Tensor};
-use std::path::PathBuf;
 use std::sync::Arc;
-
-fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/models")
-        .join(rel)
-}
 
 fn groups() -> Vec<ComponentGroups> {
     vec![ComponentGroups {

@@ -2,20 +2,20 @@
 //! the reference (relative to its max |value|) and decoded images within 2/255, for several
 //! schedulers; bit-identical results across offload modes and budgets.
 
+mod common;
+
+use common::{fixture, golden};
 use ferry_sched::Mode;
 use ferry_sd::pipeline::{token_ids, GenerateParams, LoadConfig, Pipeline};
 use ferry_sd::tensor::Tensor;
-use std::path::PathBuf;
 
-fn model_dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/models")
-        .join(name)
+fn model_dir(name: &str) -> std::path::PathBuf {
+    fixture(name)
 }
 
 struct Goldens {
+    model: String,
     json: serde_json::Value,
-    bytes: Vec<u8>,
 }
 
 impl Goldens {
@@ -24,22 +24,12 @@ impl Goldens {
         Goldens {
             json: serde_json::from_str(&std::fs::read_to_string(dir.join("goldens.json")).unwrap())
                 .unwrap(),
-            bytes: std::fs::read(dir.join("goldens.safetensors")).unwrap(),
+            model: name.to_string(),
         }
     }
 
     fn tensor(&self, key: &str) -> Tensor {
-        let st = safetensors::SafeTensors::deserialize(&self.bytes).unwrap();
-        let t = st
-            .tensor(key)
-            .unwrap_or_else(|_| panic!("golden {key} missing"));
-        assert_eq!(t.dtype(), safetensors::Dtype::F32);
-        let data = t
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        Tensor::new(t.shape().to_vec(), data).unwrap()
+        golden(&self.model, key)
     }
 
     fn params(&self, scheduler: &str) -> GenerateParams {

@@ -1,14 +1,11 @@
 //! The `txt2img` binary on the tiny committed fixtures: the CLI contract, parity through
 //! `--init-latents` / `--save-latents`, batch outputs, and one-line errors for bad input.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/models")
-        .join(name)
-}
+use common::{fixture, golden};
+use std::path::Path;
+use std::process::{Command, Output};
 
 fn txt2img(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_txt2img"))
@@ -35,18 +32,6 @@ fn assert_clean_error(o: &Output, needle: &str) {
 
 fn read_npy(p: &Path) -> ferry_sd::tensor::Tensor {
     ferry_sd::npy::read_f32(p).unwrap()
-}
-
-fn golden(model: &str, key: &str) -> ferry_sd::tensor::Tensor {
-    let bytes = std::fs::read(fixture(model).join("goldens.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let t = st.tensor(key).unwrap();
-    let data = t
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
-    ferry_sd::tensor::Tensor::new(t.shape().to_vec(), data).unwrap()
 }
 
 #[test]

@@ -1,40 +1,31 @@
 //! `UNet2DConditionModel` against diffusers goldens (tests/fixtures/models/{sd15,sd2,sdxl}) at
 //! several timesteps, offload-mode invariance, and the errors for bad configs and checkpoints.
 
+mod common;
+
+use common::{check, fixture, golden, names_and_shapes, store_with};
 use ferry_pager::device::sim::{SimConfig, SimDevice};
-use ferry_pager::host::{HostStore, LoadOptions, TensorId};
+use ferry_pager::host::{HostStore, LoadOptions};
 use ferry_pager::Device;
 use ferry_sched::Mode;
 use ferry_sd::error::Error;
 use ferry_sd::exec::{ExecConfig, Executor};
 use ferry_sd::models::unet::{AddedCond, UNet2DConditionModel, UNetConfig};
-use ferry_sd::tensor::{DType, Tensor};
-use safetensors::{Dtype, SafeTensors};
-use std::path::PathBuf;
+use ferry_sd::tensor::Tensor;
 use std::sync::Arc;
 
-/// Tolerance of the brief: max |ours - diffusers| <= TOL * max |diffusers|.
-const TOL: f32 = 1e-4;
 const FIXTURES: [&str; 3] = ["sd15", "sd2", "sdxl"];
 
-fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/models")
-        .join(rel)
-}
-
-struct Goldens(Vec<u8>);
+/// The goldens of one fixture.
+struct Goldens(String);
 
 impl Goldens {
     fn load(model: &str) -> Goldens {
-        Goldens(std::fs::read(fixture(&format!("{model}/goldens.safetensors"))).unwrap())
+        Goldens(model.to_string())
     }
 
     fn get(&self, name: &str) -> Tensor {
-        let st = SafeTensors::deserialize(&self.0).unwrap();
-        let v = st.tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));
-        assert_eq!(v.dtype(), Dtype::F32, "{name}");
-        Tensor::from_bytes(v.data(), DType::F32, v.shape().to_vec()).unwrap()
+        golden(&self.0, name)
     }
 }
 
@@ -47,39 +38,12 @@ fn unet(model: &str) -> UNet2DConditionModel {
 }
 
 fn store(model: &str) -> (Arc<SimDevice>, HostStore) {
-    let dev = SimDevice::new(SimConfig::default());
-    let store = HostStore::new(dev.clone() as Arc<dyn Device>);
-    store
-        .load_file(
-            fixture(&format!("{model}/unet/diffusion_pytorch_model.safetensors")),
-            &LoadOptions {
-                prefix: "unet.".into(),
-                ..LoadOptions::default()
-            },
-        )
-        .unwrap();
-    (dev, store)
-}
-
-/// `(name without "unet.", shape)` of every registered tensor.
-fn names_and_shapes(store: &HostStore) -> Vec<(String, Vec<usize>)> {
-    (0..store.len())
-        .map(|i| {
-            let t = store.tensor(TensorId(i as u32)).unwrap();
-            (t.name["unet.".len()..].to_string(), t.shape)
-        })
-        .collect()
-}
-
-#[track_caller]
-fn check(what: &str, ours: &Tensor, reference: &Tensor) -> f32 {
-    assert_eq!(ours.shape(), reference.shape(), "{what}: shape");
-    let rel = ours.max_abs_diff(reference).unwrap() / reference.max_abs().max(f32::MIN_POSITIVE);
-    assert!(
-        rel <= TOL,
-        "{what}: max abs error {rel:e} x max|ref| > {TOL:e}"
-    );
-    rel
+    store_with(
+        model,
+        "unet",
+        "diffusion_pytorch_model.safetensors",
+        LoadOptions::default(),
+    )
 }
 
 /// The golden inputs of one fixture.
@@ -133,7 +97,7 @@ fn outputs_match_diffusers_at_every_timestep() {
         assert_eq!(u.needs_added_cond(), model == "sdxl");
         let (dev, store) = store(model);
         u.check_weights(
-            names_and_shapes(&store)
+            names_and_shapes(&store, "unet")
                 .iter()
                 .map(|(n, s)| (n.as_str(), s.as_slice())),
         )
@@ -394,7 +358,7 @@ fn bad_checkpoints_and_inputs_are_named() {
     let model = "sd15";
     let u = unet(model);
     let (_, full) = store(model);
-    let names = names_and_shapes(&full);
+    let names = names_and_shapes(&full, "unet");
     let list = |skip: &str| -> Vec<(String, Vec<usize>)> {
         names.iter().filter(|(n, _)| n != skip).cloned().collect()
     };

@@ -1,85 +1,35 @@
 //! `AutoencoderKL` against diffusers goldens (tests/fixtures/models/{sd15,sd2,sdxl}), offload-mode
 //! invariance, and the errors for bad configs and checkpoints.
 
-use ferry_pager::device::sim::{SimConfig, SimDevice};
-use ferry_pager::host::{HostStore, LoadOptions, TensorId};
+mod common;
+
+use common::{check, fixture, golden, names_and_shapes, store_with};
+use ferry_pager::device::sim::SimDevice;
+use ferry_pager::host::{HostStore, LoadOptions};
 use ferry_pager::weights::DType as WDType;
-use ferry_pager::Device;
 use ferry_sched::Mode;
 use ferry_sd::error::Error;
 use ferry_sd::exec::{ExecConfig, Executor};
 use ferry_sd::models::vae::{postprocess, preprocess, Vae, VaeConfig};
-use ferry_sd::tensor::{DType, Tensor};
-use safetensors::{Dtype, SafeTensors};
-use std::path::PathBuf;
+use ferry_sd::tensor::Tensor;
 use std::sync::Arc;
 
-/// Tolerance of the brief: max |ours - diffusers| <= TOL * max |diffusers|.
-const TOL: f32 = 1e-4;
 const FIXTURES: [&str; 3] = ["sd15", "sd2", "sdxl"];
-
-fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/models")
-        .join(rel)
-}
-
-fn golden(model: &str, name: &str) -> Tensor {
-    let bytes = std::fs::read(fixture(&format!("{model}/goldens.safetensors"))).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let v = st
-        .tensor(name)
-        .unwrap_or_else(|e| panic!("{model} {name}: {e}"));
-    assert_eq!(v.dtype(), Dtype::F32, "{model} {name}");
-    Tensor::from_bytes(v.data(), DType::F32, v.shape().to_vec()).unwrap()
-}
 
 fn vae(model: &str) -> Vae {
     Vae::from_config_file(fixture(&format!("{model}/vae/config.json"))).unwrap()
 }
 
-fn store_with(model: &str, opts: LoadOptions) -> (Arc<SimDevice>, HostStore) {
-    let dev = SimDevice::new(SimConfig::default());
-    let store = HostStore::new(dev.clone() as Arc<dyn Device>);
-    store
-        .load_file(
-            fixture(&format!("{model}/vae/diffusion_pytorch_model.safetensors")),
-            &LoadOptions {
-                prefix: "vae.".into(),
-                ..opts
-            },
-        )
-        .unwrap();
-    (dev, store)
+fn store_opts(model: &str, opts: LoadOptions) -> (Arc<SimDevice>, HostStore) {
+    store_with(model, "vae", "diffusion_pytorch_model.safetensors", opts)
 }
 
 fn store(model: &str) -> (Arc<SimDevice>, HostStore) {
-    store_with(model, LoadOptions::default())
+    store_opts(model, LoadOptions::default())
 }
 
 fn exec(dev: &Arc<SimDevice>, store: &HostStore, v: &Vae) -> Executor {
     Executor::new(dev.clone(), store, &[v.groups()], ExecConfig::default()).unwrap()
-}
-
-/// `(name without "vae.", shape)` of every registered tensor.
-fn names_and_shapes(store: &HostStore) -> Vec<(String, Vec<usize>)> {
-    (0..store.len())
-        .map(|i| {
-            let t = store.tensor(TensorId(i as u32)).unwrap();
-            (t.name["vae.".len()..].to_string(), t.shape)
-        })
-        .collect()
-}
-
-#[track_caller]
-fn check(what: &str, ours: &Tensor, reference: &Tensor) -> f32 {
-    assert_eq!(ours.shape(), reference.shape(), "{what}: shape");
-    let rel = ours.max_abs_diff(reference).unwrap() / reference.max_abs().max(f32::MIN_POSITIVE);
-    assert!(
-        rel <= TOL,
-        "{what}: max abs error {rel:e} x max|ref| > {TOL:e}"
-    );
-    rel
 }
 
 #[test]
@@ -88,7 +38,7 @@ fn decode_and_encode_match_diffusers() {
         let v = vae(model);
         let (dev, store) = store(model);
         v.check_weights(
-            names_and_shapes(&store)
+            names_and_shapes(&store, "vae")
                 .iter()
                 .map(|(n, s)| (n.as_str(), s.as_slice())),
         )
@@ -282,7 +232,7 @@ fn config_defaults_and_errors() {
     let (dev, store) = store("sd15");
     let e = v
         .check_weights(
-            names_and_shapes(&store)
+            names_and_shapes(&store, "vae")
                 .iter()
                 .map(|(n, s)| (n.as_str(), s.as_slice())),
         )
@@ -301,7 +251,7 @@ fn missing_wrong_shaped_and_unknown_weights_are_named() {
     let v = vae(model);
     let all = {
         let (_, s) = store(model);
-        names_and_shapes(&s)
+        names_and_shapes(&s, "vae")
     };
     let missing = "decoder.up_blocks.1.resnets.2.conv2.weight";
 
@@ -311,7 +261,7 @@ fn missing_wrong_shaped_and_unknown_weights_are_named() {
         .map(|(n, _)| n.clone())
         .filter(|n| n != missing)
         .collect();
-    let (dev, st) = store_with(
+    let (dev, st) = store_opts(
         model,
         LoadOptions {
             names: Some(names),
@@ -320,7 +270,7 @@ fn missing_wrong_shaped_and_unknown_weights_are_named() {
     );
     let e = v
         .check_weights(
-            names_and_shapes(&st)
+            names_and_shapes(&st, "vae")
                 .iter()
                 .map(|(n, s)| (n.as_str(), s.as_slice())),
         )
@@ -341,7 +291,7 @@ fn missing_wrong_shaped_and_unknown_weights_are_named() {
         .map(|(n, _)| n.clone())
         .filter(|n| n != bad)
         .collect();
-    let (dev, st) = store_with(
+    let (dev, st) = store_opts(
         model,
         LoadOptions {
             names: Some(names),
@@ -357,7 +307,7 @@ fn missing_wrong_shaped_and_unknown_weights_are_named() {
     .unwrap();
     let e = v
         .check_weights(
-            names_and_shapes(&st)
+            names_and_shapes(&st, "vae")
                 .iter()
                 .map(|(n, s)| (n.as_str(), s.as_slice())),
         )
@@ -381,7 +331,7 @@ fn missing_wrong_shaped_and_unknown_weights_are_named() {
         .unwrap();
     let e = v
         .check_weights(
-            names_and_shapes(&st)
+            names_and_shapes(&st, "vae")
                 .iter()
                 .map(|(n, s)| (n.as_str(), s.as_slice())),
         )

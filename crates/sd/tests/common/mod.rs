@@ -1,0 +1,102 @@
+//! What the model tests share: fixture paths, golden tensors from the real diffusers /
+//! transformers runs, weights loaded onto the simulated device, and the tolerance check.
+#![allow(dead_code)] // each test crate uses a subset
+
+use ferry_pager::device::sim::{SimConfig, SimDevice};
+use ferry_pager::host::{HostStore, LoadOptions, TensorId};
+use ferry_pager::Device;
+use ferry_sd::tensor::{DType, Tensor};
+use safetensors::{Dtype, SafeTensors};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// The brief's tolerance: max |ours - reference| <= TOL * max |reference|.
+pub const TOL: f32 = 1e-4;
+
+/// A path under `tests/fixtures/models`.
+pub fn fixture(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/models")
+        .join(rel)
+}
+
+fn with_golden<T>(
+    model: &str,
+    name: &str,
+    f: impl FnOnce(safetensors::tensor::TensorView<'_>) -> T,
+) -> T {
+    let bytes = std::fs::read(fixture(&format!("{model}/goldens.safetensors"))).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let v = st
+        .tensor(name)
+        .unwrap_or_else(|e| panic!("golden {model} {name}: {e}"));
+    f(v)
+}
+
+/// The f32 golden `name` of fixture `model`.
+pub fn golden(model: &str, name: &str) -> Tensor {
+    with_golden(model, name, |v| {
+        assert_eq!(v.dtype(), Dtype::F32, "{model} {name}");
+        Tensor::from_bytes(v.data(), DType::F32, v.shape().to_vec()).unwrap()
+    })
+}
+
+/// The i64 token-id golden `name` (`[batch, seq]`) of fixture `model`, as rows of u32.
+pub fn golden_ids(model: &str, name: &str) -> Vec<Vec<u32>> {
+    with_golden(model, name, |v| {
+        assert_eq!(v.dtype(), Dtype::I64, "{model} {name}");
+        let seq = v.shape()[1];
+        let flat: Vec<u32> = v
+            .data()
+            .chunks_exact(8)
+            .map(|c| u32::try_from(i64::from_le_bytes(c.try_into().unwrap())).unwrap())
+            .collect();
+        flat.chunks(seq).map(<[u32]>::to_vec).collect()
+    })
+}
+
+/// A simulated device and a store holding `model/component/file` as `"{component}."` + key.
+pub fn store_with(
+    model: &str,
+    component: &str,
+    file: &str,
+    opts: LoadOptions,
+) -> (Arc<SimDevice>, HostStore) {
+    let dev = SimDevice::new(SimConfig::default());
+    let store = HostStore::new(dev.clone() as Arc<dyn Device>);
+    store
+        .load_file(
+            fixture(&format!("{model}/{component}/{file}")),
+            &LoadOptions {
+                prefix: format!("{component}."),
+                ..opts
+            },
+        )
+        .unwrap();
+    (dev, store)
+}
+
+/// `(name without "{component}.", shape)` of every registered tensor.
+pub fn names_and_shapes(store: &HostStore, component: &str) -> Vec<(String, Vec<usize>)> {
+    let skip = component.len() + 1;
+    (0..store.len())
+        .map(|i| {
+            let t = store.tensor(TensorId(i as u32)).unwrap();
+            (t.name[skip..].to_string(), t.shape)
+        })
+        .collect()
+}
+
+/// Asserts `ours` is within [`TOL`] of `reference` (relative to max |reference|); returns the
+/// relative error.
+#[track_caller]
+pub fn check(what: &str, ours: &Tensor, reference: &Tensor) -> f32 {
+    assert_eq!(ours.shape(), reference.shape(), "{what}: shape");
+    assert!(reference.max_abs() > 0.0, "{what}: zero reference");
+    let rel = ours.max_abs_diff(reference).unwrap() / reference.max_abs();
+    assert!(
+        rel <= TOL,
+        "{what}: max abs error {rel:e} x max|ref| > {TOL:e}"
+    );
+    rel
+}
