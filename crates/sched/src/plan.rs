@@ -3,7 +3,7 @@
 
 use crate::error::{Error, Result};
 use crate::predict::{predict, Prediction};
-use ferry_pager::HostPtr;
+use ferry_pager::{Device, DevicePtr, HostMemKind, HostPtr};
 use std::fmt;
 use std::time::Duration;
 
@@ -110,6 +110,56 @@ impl CostModel {
             launch_latency: cfg.launch_latency,
         }
     }
+
+    /// Measures pinned host→device bandwidth and per-copy latency on `dev` with device events:
+    /// the median of several small (4 KiB) copies gives the latency, a large copy (up to 64 MiB,
+    /// less if the device has less free) the bandwidth. `launch_latency` is taken as given.
+    /// Frees what it allocated, also on error.
+    pub fn measure(dev: &dyn Device, launch_latency: Duration) -> Result<CostModel> {
+        let free = dev.mem_info()?.free;
+        let large = (64u64 << 20).min(free / 4).max(1 << 20);
+        let host = dev.alloc_host(large, HostMemKind::Upload)?;
+        let result = dev
+            .alloc_device(large)
+            .map_err(Error::from)
+            .and_then(|buf| {
+                let r = time_copies(dev, host, buf, large);
+                let _ = dev.free_device(buf);
+                r
+            });
+        let _ = dev.free_host(host);
+        let (latency, large_ns) = result?;
+        let transfer = (large_ns - latency).max(1.0);
+        Ok(CostModel {
+            h2d_bandwidth: large as f64 / transfer * 1e9,
+            copy_latency: Duration::from_nanos(latency.round() as u64),
+            launch_latency,
+        })
+    }
+}
+
+/// (median ns of a 4 KiB copy, ns of one `large`-byte copy), timed with events on a fresh stream.
+fn time_copies(dev: &dyn Device, host: HostPtr, buf: DevicePtr, large: u64) -> Result<(f64, f64)> {
+    let s = dev.create_stream()?;
+    let (a, b) = (dev.create_event()?, dev.create_event()?);
+    let time = |bytes: u64| -> Result<f64> {
+        // Keep the stream busy so the copy starts right after `a`, not after the launch delay.
+        dev.busy(s, Duration::from_micros(100))?;
+        dev.record_event(a, s)?;
+        dev.copy_h2d(s, buf, host, 0, bytes)?;
+        dev.record_event(b, s)?;
+        dev.sync_event(b)?;
+        Ok(dev.event_elapsed(a, b)?.as_nanos() as f64)
+    };
+    time(large)?; // warm-up
+    let mut small: Vec<f64> = (0..9).map(|_| time(4096)).collect::<Result<_>>()?;
+    small.sort_by(f64::total_cmp);
+    let small_ns = small[small.len() / 2];
+    // Subtract the 4 KiB payload to keep only the fixed cost.
+    let big = time(large)?;
+    let per_byte = (big - small_ns) / (large - 4096) as f64;
+    let latency = (small_ns - 4096.0 * per_byte).max(0.0);
+    Ok((latency, big))
 }
 
 /// Everything the planner needs.

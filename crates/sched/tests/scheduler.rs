@@ -442,3 +442,24 @@ fn replanning_for_new_shapes_keeps_data_exact_and_moves_the_prediction() {
     // The old plan is still in force after a failed replan.
     assert!(run_passes(&m, &s, budget, 1) == expected(&m, 1));
 }
+
+#[test]
+fn the_cost_model_is_measured_from_the_device() {
+    let cfg = SimConfig {
+        h2d_bandwidth: 12.5e9,
+        copy_latency: Duration::from_micros(7),
+        ..SimConfig::default()
+    };
+    let dev = SimDevice::new(cfg.clone());
+    let m = CostModel::measure(dev.as_ref(), Duration::from_micros(3)).unwrap();
+    let bw_err = (m.h2d_bandwidth - cfg.h2d_bandwidth).abs() / cfg.h2d_bandwidth;
+    assert!(bw_err < 0.01, "measured {} B/s", m.h2d_bandwidth);
+    let lat = m.copy_latency.as_nanos() as f64;
+    assert!((lat - 7_000.0).abs() < 70.0, "measured latency {lat} ns");
+    assert_eq!(m.launch_latency, Duration::from_micros(3));
+    assert_eq!(
+        dev.live_allocations(),
+        (0, 0),
+        "measurement frees what it allocated"
+    );
+}
