@@ -119,6 +119,8 @@ pub struct Generated {
     pub images: Tensor,
     /// Width and height used.
     pub size: (usize, usize),
+    /// Things the caller should tell the user (e.g. a prompt truncated to 77 tokens).
+    pub warnings: Vec<String>,
 }
 
 /// Padded token ids of one tokenizer for the prompt and negative prompt.
@@ -322,18 +324,28 @@ impl Pipeline {
 
     /// Encodes one batch of texts with every text encoder: (prompt embeds `[n, 77, C]`, pooled
     /// `[n, P]` for SDXL).
-    fn encode(&self, texts: &[&str]) -> Result<(Tensor, Option<Tensor>)> {
+    fn encode(
+        &self,
+        texts: &[&str],
+        warnings: &mut Vec<String>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let mut states = Vec::new();
         let mut pooled = None;
         for e in &self.encoders {
-            let ids: Vec<Vec<u32>> = texts.iter().map(|t| e.tokenizer.encode(t).ids).collect();
-            for (t, i) in texts.iter().zip(&ids) {
-                if e.tokenizer.encode(t).truncated {
-                    eprintln!(
-                        "warning: the prompt is longer than {} tokens and was truncated",
-                        i.len()
+            let mut ids = Vec::with_capacity(texts.len());
+            for t in texts {
+                let enc = e.tokenizer.encode(t);
+                if enc.truncated {
+                    let w = format!(
+                        "the prompt has {} tokens; it was truncated to {} as CLIP allows",
+                        enc.untruncated_len,
+                        enc.ids.len()
                     );
+                    if !warnings.contains(&w) {
+                        warnings.push(w);
+                    }
                 }
+                ids.push(enc.ids);
             }
             if self.family == ModelFamily::Sdxl {
                 let out = e.model.forward(
@@ -394,7 +406,8 @@ impl Pipeline {
             .map_err(|e| Error::InvalidArgument(e.to_string()))?;
 
         // Prompt embeddings: [negative; positive], each repeated per image.
-        let (pos, pos_pooled) = self.encode(&[&p.prompt])?;
+        let mut warnings = Vec::new();
+        let (pos, pos_pooled) = self.encode(&[&p.prompt], &mut warnings)?;
         let zero_negative = p.negative_prompt.is_none()
             && self.family == ModelFamily::Sdxl
             && self.force_zeros_for_empty_prompt;
@@ -408,7 +421,8 @@ impl Pipeline {
             };
             (Some(z), zp)
         } else {
-            let (e, pl) = self.encode(&[p.negative_prompt.as_deref().unwrap_or("")])?;
+            let (e, pl) =
+                self.encode(&[p.negative_prompt.as_deref().unwrap_or("")], &mut warnings)?;
             (Some(e), pl)
         };
         let repeat = |t: &Tensor| -> Result<Tensor> {
@@ -502,6 +516,7 @@ impl Pipeline {
             latents,
             images,
             size: (w, h),
+            warnings,
         })
     }
 }

@@ -225,3 +225,23 @@ fn bad_requests_are_clear_errors() {
         .to_string();
     assert!(e.contains("nope"), "{e}");
 }
+
+#[test]
+fn an_over_long_prompt_is_truncated_with_a_warning() {
+    let pipe = Pipeline::load(&model_dir("sd15"), LoadConfig::default()).unwrap();
+    let long = "a very detailed painting of a lighthouse ".repeat(20);
+    let p = GenerateParams {
+        prompt: long,
+        steps: 1,
+        ..GenerateParams::default()
+    };
+    let out = pipe.generate(&p, |_, _| {}).unwrap();
+    assert_eq!(out.warnings.len(), 1, "{:?}", out.warnings);
+    assert!(out.warnings[0].contains("truncated to 77"), "{:?}", out.warnings);
+    let short = GenerateParams {
+        prompt: "a lighthouse".into(),
+        steps: 1,
+        ..GenerateParams::default()
+    };
+    assert!(pipe.generate(&short, |_, _| {}).unwrap().warnings.is_empty());
+}

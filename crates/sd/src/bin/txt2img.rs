@@ -130,6 +130,9 @@ fn run(args: &Args) -> Result<()> {
         bar.set_position(step as u64);
     })?;
     bar.finish_and_clear();
+    for w in &out.warnings {
+        eprintln!("txt2img: warning: {w}");
+    }
 
     if let Some(p) = &args.save_latents {
         npy::write_f32(p, &out.latents)?;
