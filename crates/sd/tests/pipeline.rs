@@ -237,11 +237,19 @@ fn an_over_long_prompt_is_truncated_with_a_warning() {
     };
     let out = pipe.generate(&p, |_, _| {}).unwrap();
     assert_eq!(out.warnings.len(), 1, "{:?}", out.warnings);
-    assert!(out.warnings[0].contains("truncated to 77"), "{:?}", out.warnings);
+    assert!(
+        out.warnings[0].contains("truncated to 77"),
+        "{:?}",
+        out.warnings
+    );
     let short = GenerateParams {
         prompt: "a lighthouse".into(),
         steps: 1,
         ..GenerateParams::default()
     };
-    assert!(pipe.generate(&short, |_, _| {}).unwrap().warnings.is_empty());
+    assert!(pipe
+        .generate(&short, |_, _| {})
+        .unwrap()
+        .warnings
+        .is_empty());
 }
