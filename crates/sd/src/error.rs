@@ -17,6 +17,9 @@ pub enum Error {
     /// The scheduler failed (including a budget below the minimum).
     #[error(transparent)]
     Sched(#[from] ferry_sched::Error),
+    /// The CUDA backend's activation arena (reserve too small, or a stale mark).
+    #[error(transparent)]
+    Arena(#[from] crate::backend::ArenaError),
     /// A weight the model needs is not in the checkpoint.
     #[error("weight '{0}' is missing from the checkpoint")]
     MissingWeight(String),

@@ -1,0 +1,186 @@
+//! The CPU backend: every op is the f32 reference op of [`crate::ops`].
+
+use super::Backend;
+use crate::error::Result;
+use crate::ops::{self, gemm, softmax_rows_inplace, Activation, Conv2dParams, MatMut, MatRef};
+use crate::tensor::{DType, OpError, Tensor};
+
+/// The f32 CPU reference ops behind [`Backend`]; results are bit-identical to [`crate::ops`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuBackend;
+
+impl CpuBackend {
+    /// The CPU backend.
+    pub fn new() -> Self {
+        CpuBackend
+    }
+}
+
+impl Backend for CpuBackend {
+    type Tensor = Tensor;
+    type Mark = ();
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn dtype(&self) -> DType {
+        DType::F32
+    }
+
+    fn upload(&self, t: &Tensor) -> Result<Tensor> {
+        Ok(t.clone())
+    }
+
+    fn download(&self, t: &Tensor) -> Result<Tensor> {
+        Ok(t.clone())
+    }
+
+    fn shape<'t>(&self, t: &'t Tensor) -> &'t [usize] {
+        t.shape()
+    }
+
+    fn mark(&self) {}
+
+    fn keep(&self, _mark: (), t: Tensor) -> Result<Tensor> {
+        Ok(t)
+    }
+
+    fn release(&self, _mark: ()) -> Result<()> {
+        Ok(())
+    }
+
+    fn linear(&self, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        Ok(ops::linear(x, weight, bias)?)
+    }
+
+    fn conv2d(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        params: Conv2dParams,
+    ) -> Result<Tensor> {
+        Ok(ops::conv2d(x, weight, bias, params)?)
+    }
+
+    fn group_norm(
+        &self,
+        x: &Tensor,
+        groups: usize,
+        weight: Option<&Tensor>,
+        bias: Option<&Tensor>,
+        eps: f32,
+        silu: bool,
+    ) -> Result<Tensor> {
+        Ok(ops::group_norm(x, groups, weight, bias, eps, silu)?)
+    }
+
+    fn layer_norm(
+        &self,
+        x: &Tensor,
+        weight: Option<&Tensor>,
+        bias: Option<&Tensor>,
+        eps: f32,
+    ) -> Result<Tensor> {
+        Ok(ops::layer_norm(x, weight, bias, eps)?)
+    }
+
+    fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        heads: usize,
+        causal: bool,
+    ) -> Result<Tensor> {
+        if causal {
+            Ok(causal_attention(q, k, v, heads)?)
+        } else {
+            Ok(ops::scaled_dot_product_attention(q, k, v, heads)?)
+        }
+    }
+
+    fn activation(&self, act: Activation, x: &Tensor) -> Result<Tensor> {
+        Ok(act.forward(x))
+    }
+
+    fn geglu(&self, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        Ok(ops::geglu(x, weight, bias)?)
+    }
+
+    fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        Ok(ops::add(a, b)?)
+    }
+
+    fn scale(&self, x: &Tensor, s: f32) -> Result<Tensor> {
+        Ok(ops::scale(x, s))
+    }
+
+    fn add_channel_bias(&self, x: &Tensor, b: &Tensor) -> Result<Tensor> {
+        Ok(ops::add_channel_bias(x, b)?)
+    }
+
+    fn upsample_nearest2x(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(ops::upsample_nearest2x(x)?)
+    }
+
+    fn cat_channels(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        Ok(ops::cat_channels(&[a, b])?)
+    }
+
+    fn timestep_embedding(
+        &self,
+        timesteps: &[f32],
+        dim: usize,
+        flip_sin_to_cos: bool,
+        downscale_freq_shift: f32,
+    ) -> Result<Tensor> {
+        Ok(ops::timestep_embedding(
+            timesteps,
+            dim,
+            flip_sin_to_cos,
+            downscale_freq_shift,
+        )?)
+    }
+}
+
+/// Causal multi-head attention for `q, k, v [b, n, heads*d]`, composed from the reference GEMM
+/// and softmax (the ops have no mask): scores of later positions are exactly 0, as the additive
+/// `finfo.min` mask of transformers gives. Same arithmetic as the CLIP model's own routine, so
+/// porting CLIP onto the backend keeps its bits.
+fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor, OpError> {
+    q.expect_rank("causal attention", 3, "[batch, seq, heads*head_dim]")?;
+    let (b, n, c) = (q.shape()[0], q.shape()[1], q.shape()[2]);
+    for t in [k, v] {
+        t.expect_shape("causal attention", &[b, n, c])?;
+    }
+    if heads == 0 || !c.is_multiple_of(heads) {
+        return Err(OpError::shape(
+            "causal attention",
+            format!("{c} channels divisible into {heads} heads"),
+            format!("q {:?}", q.shape()),
+        ));
+    }
+    let d = c / heads;
+    let scale = (d as f32).powf(-0.5);
+    let mut out = vec![0.0f32; b * n * c];
+    let mut scores = vec![0.0f32; n * n];
+    for bi in 0..b {
+        for hh in 0..heads {
+            let off = bi * n * c + hh * d;
+            let q_h = MatRef::new(q.data(), off, n, d, c, 1)?;
+            let k_t = MatRef::new(k.data(), off, d, n, 1, c)?;
+            gemm(scale, q_h, k_t, 0.0, MatMut::row_major(&mut scores, n, n)?)?;
+            for (i, row) in scores.chunks_exact_mut(n.max(1)).enumerate() {
+                let (seen, masked) = row.split_at_mut(i + 1);
+                softmax_rows_inplace(seen, i + 1)?;
+                masked.fill(0.0);
+            }
+            let v_h = MatRef::new(v.data(), off, n, d, c, 1)?;
+            let o_h = MatMut::new(&mut out, off, n, d, c, 1)?;
+            gemm(1.0, MatRef::row_major(&scores, n, n)?, v_h, 0.0, o_h)?;
+        }
+    }
+    Tensor::new([b, n, c], out)
+}
