@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{fixture, golden};
+use common::{fixture, golden, rel_err, to_np};
 use ferry_sched::Mode;
 use ferry_sd::pipeline::{token_ids, GenerateParams, LoadConfig, Pipeline};
 use ferry_sd::tensor::Tensor;
@@ -46,29 +46,6 @@ impl Goldens {
             ..GenerateParams::default()
         }
     }
-}
-
-fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.shape(), b.shape());
-    a.max_abs_diff(b).unwrap() / b.max_abs().max(1e-12)
-}
-
-/// NCHW decoded [-1, 1] → NHWC in [0, 1], as diffusers' `output_type="np"`.
-fn to_np(images: &Tensor) -> Tensor {
-    let s = images.shape();
-    let (n, c, h, w) = (s[0], s[1], s[2], s[3]);
-    let mut out = vec![0.0; n * c * h * w];
-    for b in 0..n {
-        for ch in 0..c {
-            for y in 0..h {
-                for x in 0..w {
-                    let v = images.data()[((b * c + ch) * h + y) * w + x];
-                    out[((b * h + y) * w + x) * c + ch] = (v / 2.0 + 0.5).clamp(0.0, 1.0);
-                }
-            }
-        }
-    }
-    Tensor::new(vec![n, h, w, c], out).unwrap()
 }
 
 fn check_runs(name: &str, runs: &[(&str, &str)]) {

@@ -4,19 +4,20 @@
 //! the fixture's `goldens.json`; final latents must be within 1e-3 of the reference (relative to its
 //! max |value|) and decoded images within 2/255.
 
+mod common;
+
+use common::{fixture, golden, rel_err, to_np};
 use ferry_sd::pipeline::{GenerateParams, LoadConfig, Pipeline};
 use ferry_sd::tensor::Tensor;
 use std::path::PathBuf;
 
 fn model_dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/models")
-        .join(name)
+    fixture(name)
 }
 
 struct Goldens {
+    model: String,
     json: serde_json::Value,
-    bytes: Vec<u8>,
 }
 
 impl Goldens {
@@ -25,22 +26,12 @@ impl Goldens {
         Goldens {
             json: serde_json::from_str(&std::fs::read_to_string(dir.join("goldens.json")).unwrap())
                 .unwrap(),
-            bytes: std::fs::read(dir.join("goldens.safetensors")).unwrap(),
+            model: name.to_string(),
         }
     }
 
     fn tensor(&self, key: &str) -> Tensor {
-        let st = safetensors::SafeTensors::deserialize(&self.bytes).unwrap();
-        let t = st
-            .tensor(key)
-            .unwrap_or_else(|_| panic!("golden {key} missing"));
-        assert_eq!(t.dtype(), safetensors::Dtype::F32);
-        let data = t
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        Tensor::new(t.shape().to_vec(), data).unwrap()
+        golden(&self.model, key)
     }
 
     fn run(&self, run: &str) -> &serde_json::Value {
@@ -74,29 +65,6 @@ impl Goldens {
             init_latents: None,
         }
     }
-}
-
-fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.shape(), b.shape());
-    a.max_abs_diff(b).unwrap() / b.max_abs().max(1e-12)
-}
-
-/// NCHW decoded [-1, 1] → NHWC in [0, 1], as diffusers' `output_type="np"`.
-fn to_np(images: &Tensor) -> Tensor {
-    let s = images.shape();
-    let (n, c, h, w) = (s[0], s[1], s[2], s[3]);
-    let mut out = vec![0.0; n * c * h * w];
-    for b in 0..n {
-        for ch in 0..c {
-            for y in 0..h {
-                for x in 0..w {
-                    let v = images.data()[((b * c + ch) * h + y) * w + x];
-                    out[((b * h + y) * w + x) * c + ch] = (v / 2.0 + 0.5).clamp(0.0, 1.0);
-                }
-            }
-        }
-    }
-    Tensor::new(vec![n, h, w, c], out).unwrap()
 }
 
 /// Runs each named seeded run of `name` and compares it to diffusers' output.
