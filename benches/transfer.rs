@@ -20,8 +20,9 @@
 use criterion::{Criterion, Throughput};
 use ferry_pager::device::cuda::CudaDevice;
 use ferry_pager::device::sim::{SimConfig, SimDevice};
-use ferry_pager::{Device, DeviceKind, DevicePtr, EventId, HostMemKind, HostPtr, StreamId};
+use ferry_pager::{Device, HostMemKind, HostPtr};
 use ferry_sched::plan::align;
+use ferry_sched::transfer::{size_label, TransferRig};
 use ferry_sched::{CostModel, GroupDesc, GroupId, Mode, Scheduler, SchedulerConfig, TensorSource};
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -34,223 +35,63 @@ const MIB: u64 = 1 << 20;
 const MAX_SIZE: u64 = 256 * MIB;
 /// Largest copy when run as a smoke test (`cargo test --benches`).
 const QUICK_MAX_SIZE: u64 = 4 * MIB;
-const SIZES: [u64; 9] = [
-    4 * KIB,
-    16 * KIB,
-    64 * KIB,
-    256 * KIB,
-    MIB,
-    4 * MIB,
-    16 * MIB,
-    64 * MIB,
-    256 * MIB,
-];
 
-fn size_label(b: u64) -> String {
-    if b >= MIB {
-        format!("{} MiB", b / MIB)
-    } else {
-        format!("{} KiB", b / KIB)
-    }
-}
-
-fn gbps(bytes: u64, t: Duration) -> f64 {
-    bytes as f64 / t.as_nanos().max(1) as f64
-}
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
-/// A device with its two streams, a pair of timing events and the buffers every case shares.
-struct Rig {
-    dev: Arc<dyn Device>,
-    compute: StreamId,
-    copy: StreamId,
-    ev: [EventId; 4],
-    host: HostPtr,
-    pageable: Vec<u8>,
-    dst: DevicePtr,
-    /// Largest copy size (the buffers' size).
-    max: u64,
-    /// Runs per measurement (1 on the simulator: virtual time is deterministic).
-    reps: usize,
-}
-
-impl Rig {
-    fn new(dev: Arc<dyn Device>, max: u64) -> BoxResult<Rig> {
-        let compute = dev.create_stream()?;
-        let copy = dev.create_stream()?;
-        let ev = [
-            dev.create_event()?,
-            dev.create_event()?,
-            dev.create_event()?,
-            dev.create_event()?,
-        ];
-        let host = dev.alloc_host(max, HostMemKind::Upload)?;
-        let dst = dev.alloc_device(max)?;
-        let reps = if dev.kind() == DeviceKind::Sim { 1 } else { 5 };
-        Ok(Rig {
-            dev,
-            compute,
-            copy,
-            ev,
-            host,
-            pageable: vec![0x5a; max as usize],
-            dst,
-            max,
-            reps,
-        })
-    }
-
-    /// Event time on `stream` of the work `f` enqueues there.
-    fn time(&self, stream: StreamId, f: impl FnOnce() -> BoxResult<()>) -> BoxResult<Duration> {
-        let [a, b, ..] = self.ev;
-        self.dev.record_event(a, stream)?;
-        f()?;
-        self.dev.record_event(b, stream)?;
-        self.dev.sync_event(b)?;
-        Ok(self.dev.event_elapsed(a, b)?)
-    }
-
-    /// `count` back-to-back pinned copies of `size` bytes on the copy stream.
-    fn pinned(&self, size: u64, count: u64) -> BoxResult<Duration> {
-        self.time(self.copy, || {
-            for _ in 0..count {
-                self.dev.copy_h2d(self.copy, self.dst, self.host, 0, size)?;
-            }
-            Ok(())
-        })
-    }
-
-    /// `count` pageable copies of `size` bytes (each returns once done, as on CUDA).
-    fn pageable(&self, size: u64, count: u64) -> BoxResult<Duration> {
-        let src = &self.pageable[..size as usize];
-        self.time(self.copy, || {
-            for _ in 0..count {
-                self.dev.copy_h2d_pageable(self.copy, self.dst, src)?;
-            }
-            Ok(())
-        })
-    }
-
-    fn median_of(&self, mut f: impl FnMut() -> BoxResult<Duration>) -> BoxResult<Duration> {
-        let runs = (0..self.reps).map(|_| f()).collect::<BoxResult<Vec<_>>>()?;
-        Ok(median(runs))
-    }
-
-    /// Copies per measurement at `size`: enough to amortise the events, at most 64 MiB (or the
-    /// largest size) or 256 copies.
-    fn batch(&self, size: u64) -> u64 {
-        (self.max.min(64 * MIB) / size).clamp(1, 256)
-    }
-}
-
-impl Drop for Rig {
-    fn drop(&mut self) {
-        let _ = self.dev.free_device(self.dst);
-        let _ = self.dev.free_host(self.host);
-    }
-}
-
-/// Bandwidth table; returns the reference (best plain copy of the largest size) bandwidth in bytes/s and the
-/// per-copy fixed cost estimated from the 4 KiB copies.
-fn bandwidth(rig: &Rig, out: &mut String) -> BoxResult<(f64, Duration)> {
-    // Warm up (first-touch of pinned pages and driver paths on CUDA).
-    rig.pinned(rig.max, 1)?;
-    let best = (0..rig.reps.max(3))
-        .map(|_| rig.pinned(rig.max, 1))
-        .collect::<BoxResult<Vec<_>>>()?
-        .into_iter()
-        .min()
-        .unwrap_or_default();
-    let best_gbps = gbps(rig.max, best);
+/// Bandwidth table; returns the reference (best plain copy of the largest size) bandwidth in
+/// bytes/s and the per-copy fixed cost estimated from the 4 KiB copies.
+fn bandwidth(rig: &TransferRig, out: &mut String) -> BoxResult<(f64, Duration)> {
+    let bw = rig.bandwidth()?;
+    let best_gbps = bw.reference_gbps;
     writeln!(
         out,
         "reference: one {} pinned copy, best of {}: {best_gbps:.2} GB/s\n",
-        size_label(rig.max),
-        rig.reps.max(3)
+        size_label(bw.reference_bytes),
+        bw.reference_tries
     )?;
     writeln!(
         out,
         "| size | copies | pinned GB/s | pinned / best | pageable GB/s | pinned / pageable |"
     )?;
     writeln!(out, "| --- | --- | --- | --- | --- | --- |")?;
-    let mut fixed = Duration::ZERO;
-    for size in SIZES.into_iter().filter(|&s| s <= rig.max) {
-        let n = rig.batch(size);
-        let p = rig.median_of(|| rig.pinned(size, n))?;
-        let q = rig.median_of(|| rig.pageable(size, n))?;
-        let (pg, qg) = (gbps(size * n, p), gbps(size * n, q));
-        if size == SIZES[0] {
-            // Per-copy time minus the bytes at the reference bandwidth.
-            let per = p.as_nanos() as f64 / n as f64 - size as f64 / best_gbps;
-            fixed = Duration::from_nanos(per.max(0.0) as u64);
-        }
+    for r in &bw.rows {
+        let (pg, qg) = (r.pinned_gbps, r.pageable_gbps);
         writeln!(
             out,
-            "| {} | {n} | {pg:.2} | {:.1} % | {qg:.2} | {:.2}× |",
-            size_label(size),
+            "| {} | {} | {pg:.2} | {:.1} % | {qg:.2} | {:.2}× |",
+            size_label(r.bytes),
+            r.copies,
             100.0 * pg / best_gbps,
             pg / qg
         )?;
     }
+    let fixed = bw.per_copy_fixed;
     writeln!(
         out,
         "\nper-copy fixed cost (4 KiB copies, bytes at the reference bandwidth removed): {fixed:?}"
     )?;
-    Ok((best_gbps * 1e9, fixed))
+    Ok((bw.reference_bytes_per_s(), fixed))
 }
 
 /// Copy/compute overlap with a 64 MiB copy and kernels of 0.5×, 1× and 2× its duration.
-fn overlap(rig: &Rig, out: &mut String) -> BoxResult<()> {
-    let size = rig.max.min(64 * MIB);
-    let copy_alone = rig.median_of(|| rig.pinned(size, 1))?;
+fn overlap(rig: &TransferRig, out: &mut String) -> BoxResult<()> {
+    let rows = rig.overlap(rig.max_bytes().min(64 * MIB), &[0.5, 1.0, 2.0])?;
     writeln!(
         out,
         "| copy | kernel | copy alone | kernel alone | together | overlap |"
     )?;
     writeln!(out, "| --- | --- | --- | --- | --- | --- |")?;
-    for factor in [0.5, 1.0, 2.0] {
-        let kernel = Duration::from_nanos((copy_alone.as_nanos() as f64 * factor) as u64);
-        let kernel_alone =
-            rig.median_of(|| rig.time(rig.compute, || Ok(rig.dev.busy(rig.compute, kernel)?)))?;
-        let together = rig.median_of(|| concurrent(rig, size, kernel))?;
-        let (lo, hi) = if copy_alone < kernel_alone {
-            (copy_alone, kernel_alone)
-        } else {
-            (kernel_alone, copy_alone)
-        };
-        let frac = 1.0 - together.saturating_sub(hi).as_nanos() as f64 / lo.as_nanos() as f64;
+    for r in rows {
         writeln!(
             out,
-            "| {} | {factor}× copy | {copy_alone:.2?} | {kernel_alone:.2?} | {together:.2?} | {:.1} % |",
-            size_label(size),
-            100.0 * frac
+            "| {} | {}× copy | {:.2?} | {:.2?} | {:.2?} | {:.1} % |",
+            size_label(r.copy_bytes),
+            r.kernel_factor,
+            r.copy_alone,
+            r.kernel_alone,
+            r.together,
+            100.0 * r.overlap
         )?;
     }
     Ok(())
-}
-
-/// Time from a common start until both the kernel (compute stream) and the copy (copy stream)
-/// are done.
-fn concurrent(rig: &Rig, size: u64, kernel: Duration) -> BoxResult<Duration> {
-    let dev = &rig.dev;
-    let [start, k_end, c_end, _] = rig.ev;
-    // A short gate so that both streams have their work queued before the start point runs.
-    dev.busy(rig.compute, Duration::from_micros(200))?;
-    dev.record_event(start, rig.compute)?;
-    dev.wait_event(rig.copy, start)?;
-    dev.busy(rig.compute, kernel)?;
-    dev.record_event(k_end, rig.compute)?;
-    dev.copy_h2d(rig.copy, rig.dst, rig.host, 0, size)?;
-    dev.record_event(c_end, rig.copy)?;
-    dev.sync_event(k_end)?;
-    dev.sync_event(c_end)?;
-    Ok(dev
-        .event_elapsed(start, k_end)?
-        .max(dev.event_elapsed(start, c_end)?))
 }
 
 /// SD 1.5 UNet blocks in execution order: (name, parameters in millions, resolution level 0–3 of
@@ -505,7 +346,7 @@ struct Scope {
 /// Everything for one device; returns the report.
 fn report(dev: Arc<dyn Device>, cost: Option<CostModel>, scope: Scope) -> BoxResult<String> {
     let mut out = String::new();
-    let rig = Rig::new(dev.clone(), scope.max)?;
+    let rig = TransferRig::new(dev.clone(), scope.max)?;
     writeln!(out, "## H2D bandwidth, pinned vs pageable\n")?;
     let (best, fixed) = bandwidth(&rig, &mut out)?;
     writeln!(out, "\n## Copy/compute overlap\n")?;
@@ -524,7 +365,7 @@ fn report(dev: Arc<dyn Device>, cost: Option<CostModel>, scope: Scope) -> BoxRes
 
 /// Criterion cases on CUDA: pinned copies and a concurrent copy + kernel, timed by events.
 fn criterion_cuda(dev: Arc<dyn Device>) -> BoxResult<()> {
-    let rig = Rig::new(dev, 64 * MIB)?;
+    let rig = TransferRig::new(dev, 64 * MIB)?;
     let mut c = Criterion::default()
         .sample_size(10)
         .warm_up_time(Duration::from_millis(300))
@@ -541,7 +382,10 @@ fn criterion_cuda(dev: Arc<dyn Device>) -> BoxResult<()> {
     g.bench_function("copy_64MiB_with_2ms_kernel", |b| {
         b.iter_custom(|iters| {
             (0..iters)
-                .map(|_| concurrent(&rig, 64 * MIB, Duration::from_millis(2)).expect("overlap"))
+                .map(|_| {
+                    rig.concurrent(64 * MIB, Duration::from_millis(2))
+                        .expect("overlap")
+                })
                 .sum()
         })
     });

@@ -9,6 +9,7 @@ pub mod plan;
 pub mod predict;
 pub mod ring;
 pub mod scheduler;
+pub mod transfer;
 
 pub use error::{Error, Result};
 pub use metrics::RunMetrics;

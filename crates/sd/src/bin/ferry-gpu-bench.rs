@@ -23,8 +23,9 @@
 use clap::{Parser, ValueEnum};
 use ferry_pager::device::cuda::CudaDevice;
 use ferry_pager::device::sim::{SimConfig, SimDevice};
-use ferry_pager::{Device, DeviceKind, DevicePtr, EventId, HostMemKind, HostPtr, StreamId};
+use ferry_pager::{Device, DeviceKind, HostMemKind, HostPtr};
 use ferry_sched::plan::align;
+use ferry_sched::transfer::{size_label, TransferRig};
 use ferry_sched::{CostModel, GroupDesc, GroupId, Mode, Scheduler, SchedulerConfig, TensorSource};
 use ferry_sd::models::unet::{UNet2DConditionModel, UNetConfig};
 use serde_json::{json, Value};
@@ -35,7 +36,6 @@ use std::time::{Duration, Instant};
 
 type BoxResult<T> = Result<T, Box<dyn std::error::Error>>;
 
-const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
 const GB: f64 = 1e9;
 
@@ -115,19 +115,6 @@ struct Args {
     no_verify: bool,
 }
 
-fn size_label(b: u64) -> String {
-    if b >= MIB {
-        format!("{} MiB", b / MIB)
-    } else {
-        format!("{} KiB", b / KIB)
-    }
-}
-
-/// Bytes per nanosecond = GB/s.
-fn gbps(bytes: u64, t: Duration) -> f64 {
-    bytes as f64 / t.as_nanos().max(1) as f64
-}
-
 fn ms(ns: f64) -> f64 {
     ns / 1e6
 }
@@ -140,122 +127,6 @@ fn median_f(mut v: Vec<f64>) -> f64 {
 // ---------------------------------------------------------------------------------------------
 // 1–2: bandwidth and overlap
 
-/// Two streams, timing events and the copy buffers.
-struct Rig {
-    dev: Arc<dyn Device>,
-    compute: StreamId,
-    copy: StreamId,
-    ev: [EventId; 3],
-    host: HostPtr,
-    pageable: Vec<u8>,
-    dst: DevicePtr,
-    max: u64,
-    reps: usize,
-}
-
-impl Rig {
-    fn new(dev: Arc<dyn Device>, max: u64) -> BoxResult<Rig> {
-        let compute = dev.create_stream()?;
-        let copy = dev.create_stream()?;
-        let ev = [
-            dev.create_event()?,
-            dev.create_event()?,
-            dev.create_event()?,
-        ];
-        let host = dev.alloc_host(max, HostMemKind::Upload)?;
-        let dst = match dev.alloc_device(max) {
-            Ok(d) => d,
-            Err(e) => {
-                let _ = dev.free_host(host);
-                return Err(e.into());
-            }
-        };
-        // Non-zero source bytes: zeros could take a faster path somewhere.
-        let pattern: Vec<u8> = (0..max).map(|i| (i * 131 % 251) as u8 + 1).collect();
-        for (i, chunk) in pattern.chunks(64 << 20).enumerate() {
-            dev.host_write(host, i as u64 * (64 << 20), chunk)?;
-        }
-        let reps = if dev.kind() == DeviceKind::Sim { 1 } else { 5 };
-        Ok(Rig {
-            dev,
-            compute,
-            copy,
-            ev,
-            host,
-            pageable: pattern,
-            dst,
-            max,
-            reps,
-        })
-    }
-
-    /// Event time on `stream` of the work `f` enqueues there.
-    fn time(&self, stream: StreamId, f: impl FnOnce() -> BoxResult<()>) -> BoxResult<Duration> {
-        let [a, b, _] = self.ev;
-        self.dev.record_event(a, stream)?;
-        f()?;
-        self.dev.record_event(b, stream)?;
-        self.dev.sync_event(b)?;
-        Ok(self.dev.event_elapsed(a, b)?)
-    }
-
-    fn pinned(&self, size: u64, count: u64) -> BoxResult<Duration> {
-        self.time(self.copy, || {
-            for _ in 0..count {
-                self.dev.copy_h2d(self.copy, self.dst, self.host, 0, size)?;
-            }
-            Ok(())
-        })
-    }
-
-    fn pageable(&self, size: u64, count: u64) -> BoxResult<Duration> {
-        let src = &self.pageable[..size as usize];
-        self.time(self.copy, || {
-            for _ in 0..count {
-                self.dev.copy_h2d_pageable(self.copy, self.dst, src)?;
-            }
-            Ok(())
-        })
-    }
-
-    fn median_of(&self, mut f: impl FnMut() -> BoxResult<Duration>) -> BoxResult<Duration> {
-        let mut runs = (0..self.reps).map(|_| f()).collect::<BoxResult<Vec<_>>>()?;
-        runs.sort();
-        Ok(runs[runs.len() / 2])
-    }
-
-    /// Copies per measurement: enough to amortise the events, at most 64 MiB or 256 copies.
-    fn batch(&self, size: u64) -> u64 {
-        (self.max.min(64 * MIB) / size).clamp(1, 256)
-    }
-
-    /// From a common start until both a `kernel`-long busy kernel and a `size` copy are done.
-    fn concurrent(&self, size: u64, kernel: Duration) -> BoxResult<Duration> {
-        let dev = &self.dev;
-        let [start, k_end, c_end] = self.ev;
-        // A short gate so both streams have their work queued before the start point runs.
-        dev.busy(self.compute, Duration::from_micros(200))?;
-        dev.record_event(start, self.compute)?;
-        dev.wait_event(self.copy, start)?;
-        dev.busy(self.compute, kernel)?;
-        dev.record_event(k_end, self.compute)?;
-        dev.copy_h2d(self.copy, self.dst, self.host, 0, size)?;
-        dev.record_event(c_end, self.copy)?;
-        dev.sync_event(k_end)?;
-        dev.sync_event(c_end)?;
-        Ok(dev
-            .event_elapsed(start, k_end)?
-            .max(dev.event_elapsed(start, c_end)?))
-    }
-}
-
-impl Drop for Rig {
-    fn drop(&mut self) {
-        let _ = self.dev.free_device(self.dst);
-        let _ = self.dev.free_host(self.host);
-    }
-}
-
 /// Bandwidth measurements; the reference bandwidth (bytes/s) and per-copy fixed cost.
 struct Bandwidth {
     reference_bps: f64,
@@ -264,23 +135,16 @@ struct Bandwidth {
     md: String,
 }
 
-fn bandwidth(rig: &Rig) -> BoxResult<Bandwidth> {
-    // Warm-up: first touch of pinned pages and driver paths.
-    rig.pinned(rig.max, 1)?;
-    rig.pageable(rig.max.min(16 * MIB), 1)?;
-    let tries = rig.reps.max(3);
-    let best = (0..tries)
-        .map(|_| rig.pinned(rig.max, 1))
-        .collect::<BoxResult<Vec<_>>>()?
-        .into_iter()
-        .min()
-        .unwrap_or_default();
-    let best_gbps = gbps(rig.max, best);
+fn bandwidth(rig: &TransferRig) -> BoxResult<Bandwidth> {
+    let bw = rig.bandwidth()?;
+    let best_gbps = bw.reference_gbps;
+    let fixed = bw.per_copy_fixed;
     let mut md = String::new();
     writeln!(
         md,
-        "reference: one {} pinned copy, best of {tries}: **{best_gbps:.2} GB/s**\n",
-        size_label(rig.max)
+        "reference: one {} pinned copy, best of {}: **{best_gbps:.2} GB/s**\n",
+        size_label(bw.reference_bytes),
+        bw.reference_tries
     )?;
     writeln!(
         md,
@@ -288,39 +152,29 @@ fn bandwidth(rig: &Rig) -> BoxResult<Bandwidth> {
     )?;
     writeln!(md, "| --- | --- | --- | --- | --- | --- |")?;
     let mut rows = Vec::new();
-    let mut fixed = Duration::ZERO;
-    let mut size = 4 * KIB;
-    while size <= rig.max {
-        let n = rig.batch(size);
-        let p = rig.median_of(|| rig.pinned(size, n))?;
-        let q = rig.median_of(|| rig.pageable(size, n))?;
-        let (pg, qg) = (gbps(size * n, p), gbps(size * n, q));
-        if size == 4 * KIB {
-            let per = p.as_nanos() as f64 / n as f64 - size as f64 / best_gbps;
-            fixed = Duration::from_nanos(per.max(0.0) as u64);
-        }
+    for r in &bw.rows {
+        let (n, pg, qg) = (r.copies, r.pinned_gbps, r.pageable_gbps);
         writeln!(
             md,
             "| {} | {n} | {pg:.2} | {:.1} % | {qg:.2} | {:.2}× |",
-            size_label(size),
+            size_label(r.bytes),
             100.0 * pg / best_gbps,
             pg / qg
         )?;
         rows.push(json!({
-            "bytes": size, "copies": n, "pinned_gbps": pg, "pageable_gbps": qg,
+            "bytes": r.bytes, "copies": n, "pinned_gbps": pg, "pageable_gbps": qg,
             "pinned_fraction_of_reference": pg / best_gbps,
         }));
-        size *= 4;
     }
     writeln!(
         md,
         "\nper-copy fixed cost (4 KiB copies, bytes at the reference bandwidth removed): {fixed:.2?}"
     )?;
     Ok(Bandwidth {
-        reference_bps: best_gbps * GB,
+        reference_bps: bw.reference_bytes_per_s(),
         fixed,
         json: json!({
-            "reference_bytes": rig.max,
+            "reference_bytes": bw.reference_bytes,
             "reference_gbps": best_gbps,
             "per_copy_fixed_ns": fixed.as_nanos() as u64,
             "rows": rows,
@@ -329,9 +183,8 @@ fn bandwidth(rig: &Rig) -> BoxResult<Bandwidth> {
     })
 }
 
-fn overlap(rig: &Rig) -> BoxResult<(Value, String)> {
-    let size = rig.max.min(64 * MIB);
-    let copy_alone = rig.median_of(|| rig.pinned(size, 1))?;
+fn overlap(rig: &TransferRig) -> BoxResult<(Value, String)> {
+    let measured = rig.overlap(rig.max_bytes().min(64 * MIB), &[0.5, 1.0, 2.0])?;
     let mut md = String::new();
     writeln!(
         md,
@@ -339,30 +192,23 @@ fn overlap(rig: &Rig) -> BoxResult<(Value, String)> {
     )?;
     writeln!(md, "| --- | --- | --- | --- | --- | --- |")?;
     let mut rows = Vec::new();
-    for factor in [0.5, 1.0, 2.0] {
-        let kernel = Duration::from_nanos((copy_alone.as_nanos() as f64 * factor) as u64);
-        let kernel_alone =
-            rig.median_of(|| rig.time(rig.compute, || Ok(rig.dev.busy(rig.compute, kernel)?)))?;
-        let together = rig.median_of(|| rig.concurrent(size, kernel))?;
-        let (lo, hi) = if copy_alone < kernel_alone {
-            (copy_alone, kernel_alone)
-        } else {
-            (kernel_alone, copy_alone)
-        };
-        // 1 = the shorter one fully hidden behind the longer one; 0 = serialised.
-        let frac = 1.0 - together.saturating_sub(hi).as_nanos() as f64 / lo.as_nanos() as f64;
+    for r in measured {
         writeln!(
             md,
-            "| {} | {factor}× copy | {copy_alone:.2?} | {kernel_alone:.2?} | {together:.2?} | {:.1} % |",
-            size_label(size),
-            100.0 * frac
+            "| {} | {}× copy | {:.2?} | {:.2?} | {:.2?} | {:.1} % |",
+            size_label(r.copy_bytes),
+            r.kernel_factor,
+            r.copy_alone,
+            r.kernel_alone,
+            r.together,
+            100.0 * r.overlap
         )?;
         rows.push(json!({
-            "copy_bytes": size, "kernel_factor": factor,
-            "copy_alone_ns": copy_alone.as_nanos() as u64,
-            "kernel_alone_ns": kernel_alone.as_nanos() as u64,
-            "together_ns": together.as_nanos() as u64,
-            "overlap": frac,
+            "copy_bytes": r.copy_bytes, "kernel_factor": r.kernel_factor,
+            "copy_alone_ns": r.copy_alone.as_nanos() as u64,
+            "kernel_alone_ns": r.kernel_alone.as_nanos() as u64,
+            "together_ns": r.together.as_nanos() as u64,
+            "overlap": r.overlap,
         }));
     }
     Ok((Value::Array(rows), md))
@@ -1046,7 +892,7 @@ fn run(args: &Args) -> BoxResult<Vec<String>> {
     let mut failures = Vec::new();
 
     eprintln!("[1/3] bandwidth ...");
-    let rig = Rig::new(dev.clone(), args.max_copy_mib.max(1) * MIB)?;
+    let rig = TransferRig::new(dev.clone(), args.max_copy_mib.max(1) * MIB)?;
     let bw = bandwidth(&rig)?;
     writeln!(md, "## H2D bandwidth, pinned vs pageable\n\n{}", bw.md)?;
     eprintln!("[2/3] overlap ...");
