@@ -96,6 +96,7 @@ macro_rules! backend_tests {
                 linear, linear_3d, conv2d, group_norm, layer_norm, attention, causal_attention,
                 activations, geglu, add_and_scale, add_channel_bias, upsample_nearest2x,
                 cat_channels, timestep_embedding, keep_reclaims_temporaries, resnet_chain,
+                nchw_tokens, embedding, gather_rows, resize_nearest, reshape,
             );
         }
     };
@@ -171,6 +172,7 @@ fn check(what: &str, tol: Tol, got: &Tensor, want: &Tensor) {
 
 /// The test bodies, generic over the backend.
 mod bodies {
+    pub use super::layout_bodies::{embedding, gather_rows, nchw_tokens, reshape, resize_nearest};
     use super::*;
 
     /// Random input of `shape` rounded to the backend's storage, on the host and uploaded.
@@ -525,6 +527,172 @@ mod bodies {
     }
 }
 
+/// The layout ops move elements without arithmetic: exact on every backend and storage type
+/// (inputs are already rounded to it).
+mod layout_bodies {
+    use super::*;
+
+    fn input<B: Backend>(be: &B, shape: &[usize], seed: u64) -> (Tensor, B::Tensor) {
+        let t = randn(shape, seed, 1.0, be.dtype());
+        let d = be.upload(&t).unwrap();
+        (t, d)
+    }
+
+    fn exact<B: Backend>(be: &B, what: &str, got: &B::Tensor, want: &Tensor) {
+        assert_eq!(be.shape(got), want.shape(), "{what}: backend shape");
+        let what = format!("{} {what}", be.name());
+        check(&what, Tol::Exact, &be.download(got).unwrap(), want);
+    }
+
+    pub fn nchw_tokens<B: Backend>(be: &B, _tol: Tol) {
+        // Sizes around the 32-wide transpose tiles, and a single pixel.
+        for [b, c, h, w] in [[2usize, 5, 3, 7], [2, 40, 5, 13], [1, 64, 1, 1]] {
+            let (x, xd) = input(be, &[b, c, h, w], 40);
+            let mut want = vec![0.0f32; b * c * h * w];
+            for (bi, ci, p) in itertools(b, c, h * w) {
+                want[(bi * h * w + p) * c + ci] = x.data()[(bi * c + ci) * h * w + p];
+            }
+            let want = Tensor::new([b, h * w, c], want).unwrap();
+            let tokens = be.nchw_to_tokens(&xd).unwrap();
+            exact(
+                be,
+                &format!("nchw_to_tokens {:?}", x.shape()),
+                &tokens,
+                &want,
+            );
+            let back = be.tokens_to_nchw(&tokens, h, w).unwrap();
+            exact(be, &format!("tokens_to_nchw {:?}", want.shape()), &back, &x);
+            let err = be
+                .tokens_to_nchw(&tokens, h + 1, w)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("tokens_to_nchw"), "{err}");
+        }
+        let (_, flat) = input(be, &[2, 3, 4], 41);
+        assert!(be.nchw_to_tokens(&flat).is_err(), "rank 3 accepted");
+    }
+
+    /// `(i, j, k)` over `0..a × 0..b × 0..c`, row-major.
+    fn itertools(a: usize, b: usize, c: usize) -> impl Iterator<Item = (usize, usize, usize)> {
+        (0..a).flat_map(move |i| (0..b).flat_map(move |j| (0..c).map(move |k| (i, j, k))))
+    }
+
+    pub fn embedding<B: Backend>(be: &B, _tol: Tol) {
+        let (v, d) = (11usize, 37usize);
+        let (table, td) = input(be, &[v, d], 42);
+        let ids = vec![vec![0u32, 3, 10, 3], vec![7, 7, 1, 0]];
+        let mut want = Vec::new();
+        for &id in ids.iter().flatten() {
+            want.extend_from_slice(&table.data()[id as usize * d..(id as usize + 1) * d]);
+        }
+        let want = Tensor::new([2, 4, d], want).unwrap();
+        exact(be, "embedding", &be.embedding(&td, &ids).unwrap(), &want);
+        // CLIP's position embedding is the same lookup with ids 0..n.
+        let pos: Vec<Vec<u32>> = vec![(0..4).collect(); 2];
+        let got = be.download(&be.embedding(&td, &pos).unwrap()).unwrap();
+        assert_eq!(got.narrow(0, 1, 1).unwrap().data(), &table.data()[..4 * d]);
+
+        let err = be.embedding(&td, &[vec![1, 11]]).unwrap_err().to_string();
+        assert!(
+            err.contains("id 11 at [0, 1]") && err.contains("11 rows"),
+            "{err}"
+        );
+        let err = be
+            .embedding(&td, &[vec![1, 2], vec![3]])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("row 1 has 1 ids"), "{err}");
+        let empty = be.embedding(&td, &[]).unwrap();
+        assert_eq!(be.shape(&empty), &[0, 0, d]);
+    }
+
+    pub fn gather_rows<B: Backend>(be: &B, _tol: Tol) {
+        let (b, n, d) = (3usize, 6usize, 37usize);
+        let (x, xd) = input(be, &[b, n, d], 43);
+        let rows = [5usize, 0, 2];
+        let mut want = Vec::new();
+        for (bi, &r) in rows.iter().enumerate() {
+            let start = (bi * n + r) * d;
+            want.extend_from_slice(&x.data()[start..start + d]);
+        }
+        let want = Tensor::new([b, d], want).unwrap();
+        exact(
+            be,
+            "gather_rows",
+            &be.gather_rows(&xd, &rows).unwrap(),
+            &want,
+        );
+        let err = be.gather_rows(&xd, &[5, 6, 0]).unwrap_err().to_string();
+        assert!(err.contains("row 6 for batch item 1"), "{err}");
+        assert!(be.gather_rows(&xd, &[0, 0]).is_err(), "2 rows for 3 items");
+    }
+
+    /// PyTorch's nearest source index, written out: `min(floor(dst * (in / out)), in - 1)` with
+    /// the scale and the product in f32 (ATen `nearest_neighbor_compute_source_index`).
+    fn torch_nearest(dst: usize, input: usize, output: usize) -> usize {
+        let scale = input as f32 / output as f32;
+        ((dst as f32 * scale).floor() as usize).min(input - 1)
+    }
+
+    pub fn resize_nearest<B: Backend>(be: &B, _tol: Tol) {
+        let (x, xd) = input(be, &[1, 2, 14, 5], 44);
+        // Source rows / columns of `F.interpolate(x, size=(46, 9), mode="nearest")` on a
+        // [1, 2, 14, 5] arange, printed by torch 2.15.0 (CPU). Output row 23 reads input row 6
+        // although 23 * 14 / 46 = 7 exactly: the f32 product rounds below 7.
+        let rows = [
+            0usize, 0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7,
+            8, 8, 8, 9, 9, 9, 10, 10, 10, 10, 11, 11, 11, 12, 12, 12, 13, 13, 13,
+        ];
+        let cols = [0usize, 0, 1, 1, 2, 2, 3, 3, 4];
+        // Downscaling to (4, 3), same source: rows [0, 3, 7, 10], columns [0, 1, 3].
+        for (h, w, rows, cols) in [
+            (46, 9, &rows[..], &cols[..]),
+            (4, 3, &[0, 3, 7, 10][..], &[0, 1, 3][..]),
+        ] {
+            let want: Vec<f32> = itertools(2, h, w)
+                .map(|(p, i, j)| x.data()[(p * 14 + rows[i]) * 5 + cols[j]])
+                .collect();
+            let want = Tensor::new([1, 2, h, w], want).unwrap();
+            let got = be.resize_nearest(&xd, h, w).unwrap();
+            exact(
+                be,
+                &format!("resize_nearest to {h}x{w} (torch)"),
+                &got,
+                &want,
+            );
+        }
+        // The formula on more shapes: UNet-style 7 -> 13, up, down, identity, and ×2 against the
+        // dedicated upsample op.
+        let (y, yd) = input(be, &[2, 3, 7, 5], 45);
+        for (h, w) in [(13, 9), (3, 2), (7, 5), (1, 1), (14, 10)] {
+            let want: Vec<f32> = itertools(6, h, w)
+                .map(|(p, i, j)| {
+                    y.data()[(p * 7 + torch_nearest(i, 7, h)) * 5 + torch_nearest(j, 5, w)]
+                })
+                .collect();
+            let want = Tensor::new([2, 3, h, w], want).unwrap();
+            let got = be.resize_nearest(&yd, h, w).unwrap();
+            exact(be, &format!("resize_nearest 7x5 -> {h}x{w}"), &got, &want);
+        }
+        let up = ops::upsample_nearest2x(&y).unwrap();
+        exact(
+            be,
+            "resize ×2",
+            &be.resize_nearest(&yd, 14, 10).unwrap(),
+            &up,
+        );
+        assert!(be.resize_nearest(&yd, 0, 4).is_err(), "zero size accepted");
+    }
+
+    pub fn reshape<B: Backend>(be: &B, _tol: Tol) {
+        let (x, xd) = input(be, &[2, 3, 4], 46);
+        let r = be.reshape(xd.clone(), &[6, 4]).unwrap();
+        exact(be, "reshape", &r, &x.clone().reshape([6, 4]).unwrap());
+        let err = be.reshape(xd, &[5, 5]).unwrap_err().to_string();
+        assert!(err.contains("[5, 5]") && err.contains("[2, 3, 4]"), "{err}");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The activation arena (no GPU: it only does address arithmetic).
 
@@ -750,5 +918,103 @@ fn recording_keep_copies_in_pieces_when_there_is_no_room_to_stage() {
         assert_eq!(b[1].0 .0 + 256, b[0].0 .0, "piece {i}: 64 elements apart");
         assert_eq!(b[1].0 .0, WS + i as u64 * 256, "piece {i}: forward order");
         assert!(b[0].1 <= 256);
+    }
+}
+
+#[test]
+fn recording_backend_layout_ops_launch_as_planned() {
+    let log = RefCell::new(Vec::new());
+    let ws = range(WS, 1 << 20);
+    let be = CudaBackend::recording(&log, ws, DType::F16).unwrap();
+    let x = be.upload(&Tensor::zeros([2, 40, 5, 13]).unwrap()).unwrap();
+    let tokens = be.nchw_to_tokens(&x).unwrap();
+    assert_eq!(tokens.shape(), &[2, 65, 40]);
+    let back = be.tokens_to_nchw(&tokens, 5, 13).unwrap();
+    assert_eq!(back.shape(), &[2, 40, 5, 13]);
+
+    let (v, d) = (49408usize, 768usize);
+    let table_bytes = (v * d * 2) as u64;
+    let table = be.weight(range(WEIGHTS, table_bytes), [v, d]).unwrap();
+    let ids = vec![vec![49406u32, 1, 49407], vec![49406, 2, 49407]];
+    let used = be.arena().used();
+    let before = log.borrow().len();
+    assert!(be.embedding(&table, &[vec![49408]]).is_err());
+    assert_eq!((be.arena().used(), log.borrow().len()), (used, before));
+    let emb = be.embedding(&table, &ids).unwrap();
+    assert_eq!(emb.shape(), &[2, 3, d]);
+    // The staged ids are popped with the launch: only the output stays.
+    let out_bytes = (2 * 3 * d * 2) as u64;
+    assert_eq!(
+        be.arena().used(),
+        used + out_bytes.div_ceil(ARENA_ALIGN) * ARENA_ALIGN
+    );
+    let pooled = be.gather_rows(&emb, &[2, 1]).unwrap();
+    assert_eq!(pooled.shape(), &[2, d]);
+    let resized = be.resize_nearest(&back, 9, 25).unwrap();
+    let flat = be.reshape(resized.clone(), &[80, 225]).unwrap();
+    assert_eq!(
+        (flat.buf(), flat.shape()),
+        (resized.buf(), &[80usize, 225][..])
+    );
+    assert!(be.reshape(resized, &[80, 224]).is_err());
+
+    let log = log.into_inner();
+    let funcs: Vec<&str> = log.iter().map(|l| l.func).collect();
+    assert_eq!(
+        funcs,
+        [
+            "ferry_transpose_f16",
+            "ferry_transpose_f16",
+            "ferry_gather_f16",
+            "ferry_gather_f16",
+            "ferry_resize_nearest_f16",
+        ]
+    );
+    let scalars = |l: &Launch| -> Vec<KernelArg> {
+        l.args
+            .iter()
+            .filter(|a| !matches!(a, KernelArg::Buf { .. }))
+            .cloned()
+            .collect()
+    };
+    use KernelArg::{F32, U32, U64};
+    assert_eq!(scalars(&log[0]), [U64(2), U32(40), U32(65)], "b, c, h*w");
+    assert_eq!(scalars(&log[1]), [U64(2), U32(65), U32(40)], "b, h*w, c");
+    assert_eq!(scalars(&log[2]), [U64(6), U32(768), U32(49408)]);
+    // gather_rows: x as a [2*3, d] table, one id per batch item.
+    assert_eq!(scalars(&log[3]), [U64(2), U32(768), U32(6)]);
+    assert_eq!(
+        scalars(&log[4]),
+        [
+            U64(80),
+            U32(5),
+            U32(13),
+            U32(9),
+            U32(25),
+            F32(5.0 / 9.0),
+            F32(13.0 / 25.0)
+        ]
+    );
+    let gather = buf_args(&log[2]);
+    assert_eq!(gather[0].0, DevicePtr(WEIGHTS), "reads the table");
+    assert_eq!(gather[1].1, 6 * 4, "six u32 ids");
+    assert_eq!(gather[2].0, emb.buf().ptr);
+    assert!(
+        gather[1].0 .0 >= emb.range().end(),
+        "ids staged above the output"
+    );
+    assert_eq!(
+        buf_args(&log[3])[0].0,
+        emb.buf().ptr,
+        "pooling reads the embedding"
+    );
+    let weights = range(WEIGHTS, table_bytes);
+    for l in &log {
+        check_launch_args(l.ptx, l.func, &l.args).unwrap_or_else(|e| panic!("{}: {e}", l.func));
+        for (ptr, bytes) in buf_args(l) {
+            let r = DeviceRange::new(ptr, bytes);
+            let inside = |o: &DeviceRange| r.ptr.0 >= o.ptr.0 && r.end() <= o.end();
+            assert!(inside(&ws) || inside(&weights), "{}: {r} outside", l.func);
+        }
     }
 }

@@ -12,7 +12,7 @@
 
 use ferry_pager::device::cuda::{check_launch_args, ptx_entry_params, CudaDevice, ParamKind};
 use ferry_pager::{Device, DevicePtr, HostMemKind, StreamId};
-use ferry_sd::cuda::{all_kernels, Attention, AttentionKernel, DevBuf, GemmKernel, Gpu};
+use ferry_sd::cuda::{all_kernels, Attention, AttentionKernel, DevBuf, GemmKernel, Gpu, IdBuf};
 use ferry_sd::ops::{self, Activation, Conv2dParams};
 use ferry_sd::rng::TorchGenerator;
 use ferry_sd::tensor::{DType, Tensor};
@@ -85,6 +85,17 @@ fn every_wrapper_launch_matches_its_ptx_signature() {
         g.upsample_nearest2x(&x, 6, 5, 7, &y).unwrap();
         g.cat_channels(&x, &y, 2, 35, 70, &z).unwrap();
         g.softmax(&x, 7, 77, &y).unwrap();
+        g.transpose(&x, 2, 40, 65, &y).unwrap();
+        let ids = IdBuf::new(buf(DType::F32).ptr, 77);
+        g.gather(&x, 49408, 768, &ids, &y).unwrap();
+        g.resize_nearest(&x, 6, (7, 5), (13, 9), &y).unwrap();
+        assert!(g.resize_nearest(&x, 6, (0, 5), (13, 9), &y).is_err());
+        assert!(g
+            .transpose(&DevBuf { len: 10, ..x }, 2, 40, 65, &y)
+            .is_err());
+        assert!(g
+            .gather(&DevBuf { len: 10, ..x }, 49408, 768, &ids, &y)
+            .is_err());
         g.timestep_embedding(&buf(DType::F32), 2, 320, true, 0.0, &y)
             .unwrap();
         g.group_norm(&x, 2, 64, 99, 32, Some(&w), Some(&z), 1e-6, true, &y)

@@ -129,6 +129,59 @@ impl Backend for CpuBackend {
         Ok(ops::cat_channels(&[a, b])?)
     }
 
+    fn nchw_to_tokens(&self, x: &Tensor) -> Result<Tensor> {
+        let &[b, c, h, w] = x.shape() else {
+            let found = format!("{:?}", x.shape());
+            return Err(OpError::shape("nchw_to_tokens", "x [b, c, h, w]", found).into());
+        };
+        Ok(x.permute(&[0, 2, 3, 1])?.reshape([b, h * w, c])?)
+    }
+
+    fn tokens_to_nchw(&self, x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
+        let op = "tokens_to_nchw";
+        let &[b, p, c] = x.shape() else {
+            return Err(OpError::shape(op, "x [b, h*w, c]", format!("{:?}", x.shape())).into());
+        };
+        if h.checked_mul(w) != Some(p) {
+            return Err(OpError::shape(
+                op,
+                format!("x [b, {h}*{w}, c]"),
+                format!("{:?}", x.shape()),
+            )
+            .into());
+        }
+        Ok(x.transpose(1, 2)?.reshape([b, c, h, w])?)
+    }
+
+    fn embedding(&self, table: &Tensor, ids: &[Vec<u32>]) -> Result<Tensor> {
+        let (b, n, _, d) = super::check_ids(table.shape(), ids)?;
+        let mut out = Vec::with_capacity(b * n * d);
+        for &id in ids.iter().flatten() {
+            let id = id as usize;
+            out.extend_from_slice(&table.data()[id * d..(id + 1) * d]);
+        }
+        Ok(Tensor::new([b, n, d], out)?)
+    }
+
+    fn gather_rows(&self, x: &Tensor, rows: &[usize]) -> Result<Tensor> {
+        let (b, n, d) = super::check_rows(x.shape(), rows)?;
+        let mut out = Vec::with_capacity(b * d);
+        for (bi, &r) in rows.iter().enumerate() {
+            let start = (bi * n + r) * d;
+            out.extend_from_slice(&x.data()[start..start + d]);
+        }
+        Ok(Tensor::new([b, d], out)?)
+    }
+
+    fn resize_nearest(&self, x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
+        Ok(ops::resize_nearest(x, h, w)?)
+    }
+
+    fn reshape(&self, x: Tensor, shape: &[usize]) -> Result<Tensor> {
+        super::check_reshape(x.shape(), shape)?;
+        Ok(x.reshape(shape)?)
+    }
+
     fn timestep_embedding(
         &self,
         timesteps: &[f32],

@@ -3,7 +3,7 @@
 
 use super::arena::{ActivationArena, ArenaMark, ARENA_ALIGN};
 use super::Backend;
-use crate::cuda::{Attention, DevBuf, Gpu, Launch};
+use crate::cuda::{Attention, DevBuf, Gpu, IdBuf, Launch};
 use crate::error::{Error, Result};
 use crate::ops::{self, Activation, Conv2dParams};
 use crate::tensor::{DType, OpError, Tensor};
@@ -199,6 +199,39 @@ impl<'a> CudaBackend<'a> {
                 format!("{:?}", t.shape),
             )),
         }
+    }
+
+    /// Host u32 indices copied into a new arena allocation (only allocated when recording).
+    fn upload_ids(&self, ids: &[u32]) -> Result<IdBuf> {
+        let range = self.arena.alloc(ids.len() as u64 * 4)?;
+        if let Some((dev, stream)) = self.device {
+            if !ids.is_empty() {
+                let bytes: Vec<u8> = ids.iter().flat_map(|v| v.to_le_bytes()).collect();
+                // Pageable copy on the compute stream, like `upload`.
+                dev.copy_h2d_pageable(stream, range.ptr, &bytes)?;
+            }
+        }
+        Ok(IdBuf::new(range.ptr, ids.len()))
+    }
+
+    /// `y` = rows `ids` of `table [rows, dim]`, the ids staged in a temporary that is popped
+    /// right after the launch (later users of the space are ordered after it on the stream).
+    fn gather_into(
+        &self,
+        table: DevBuf,
+        rows: usize,
+        dim: usize,
+        ids: &[u32],
+        y: &CudaTensor,
+    ) -> Result<()> {
+        let mark = self.arena.mark();
+        let run = || -> Result<()> {
+            let idb = self.upload_ids(ids)?;
+            Ok(self.gpu.gather(&table, rows, dim, &idb, &y.buf)?)
+        };
+        let ran = run();
+        self.arena.release(mark)?;
+        ran
     }
 
     /// Copies `src` to a non-overlapping `dst` of the same type and length (a scale by 1, which
@@ -645,6 +678,93 @@ impl Backend for CudaBackend<'_> {
             &y.buf,
         )?;
         Ok(y)
+    }
+
+    fn nchw_to_tokens(&self, x: &CudaTensor) -> Result<CudaTensor> {
+        let op = "nchw_to_tokens";
+        let &[b, c, h, w] = &x.shape[..] else {
+            return Err(rank_err(op, "x [b, c, h, w]", &x.shape));
+        };
+        let hw = numel(op, &[h, w])?;
+        let xb = self.buf(op, "x", x)?;
+        let y = self.alloc([b, hw, c])?;
+        self.gpu.transpose(&xb, b, c, hw, &y.buf)?;
+        Ok(y)
+    }
+
+    fn tokens_to_nchw(&self, x: &CudaTensor, h: usize, w: usize) -> Result<CudaTensor> {
+        let op = "tokens_to_nchw";
+        let (b, p, c) = match x.shape[..] {
+            [b, p, c] if h.checked_mul(w) == Some(p) => (b, p, c),
+            _ => {
+                return Err(shape_err(
+                    op,
+                    format!("x [b, {h}*{w}, c]"),
+                    format!("{:?}", x.shape),
+                ))
+            }
+        };
+        let xb = self.buf(op, "x", x)?;
+        let y = self.alloc([b, c, h, w])?;
+        self.gpu.transpose(&xb, b, p, c, &y.buf)?;
+        Ok(y)
+    }
+
+    fn embedding(&self, table: &CudaTensor, ids: &[Vec<u32>]) -> Result<CudaTensor> {
+        let (b, n, v, d) = super::check_ids(&table.shape, ids)?;
+        let tb = self.buf("embedding", "table", table)?;
+        let flat: Vec<u32> = ids.iter().flatten().copied().collect();
+        let y = self.alloc([b, n, d])?;
+        self.gather_into(tb, v, d, &flat, &y)?;
+        Ok(y)
+    }
+
+    fn gather_rows(&self, x: &CudaTensor, rows: &[usize]) -> Result<CudaTensor> {
+        let op = "gather_rows";
+        let (b, n, d) = super::check_rows(&x.shape, rows)?;
+        // Rows of x viewed as a [b*n, d] table: item bi's row r is row bi*n + r.
+        let ids = rows
+            .iter()
+            .enumerate()
+            .map(|(bi, &r)| u32::try_from(bi * n + r).ok())
+            .collect::<Option<Vec<u32>>>()
+            .ok_or_else(|| {
+                Error::Op(OpError::invalid(
+                    op,
+                    format!("x {:?} has more rows than u32 indices address", x.shape),
+                ))
+            })?;
+        let xb = self.buf(op, "x", x)?;
+        let y = self.alloc([b, d])?;
+        self.gather_into(xb, b * n, d, &ids, &y)?;
+        Ok(y)
+    }
+
+    fn resize_nearest(&self, x: &CudaTensor, h: usize, w: usize) -> Result<CudaTensor> {
+        let op = "resize_nearest";
+        let &[n, c, ih, iw] = &x.shape[..] else {
+            return Err(rank_err(op, "x [n, c, h, w]", &x.shape));
+        };
+        if ih == 0 || iw == 0 || h == 0 || w == 0 {
+            return Err(Error::Op(OpError::invalid(
+                op,
+                format!("input and output sizes must be non-zero, found {ih}x{iw} -> {h}x{w}"),
+            )));
+        }
+        let xb = self.buf(op, "x", x)?;
+        let y = self.alloc([n, c, h, w])?;
+        self.gpu
+            .resize_nearest(&xb, numel(op, &[n, c])?, (ih, iw), (h, w), &y.buf)?;
+        Ok(y)
+    }
+
+    fn reshape(&self, x: CudaTensor, shape: &[usize]) -> Result<CudaTensor> {
+        super::check_reshape(&x.shape, shape)?;
+        self.buf("reshape", "x", &x)?;
+        Ok(CudaTensor {
+            shape: shape.to_vec(),
+            ..x
+        })
     }
 
     fn timestep_embedding(

@@ -25,7 +25,7 @@ pub use cuda::{CudaBackend, CudaTensor};
 
 use crate::error::Result;
 use crate::ops::{Activation, Conv2dParams};
-use crate::tensor::{DType, Tensor};
+use crate::tensor::{DType, OpError, Tensor};
 
 /// The ops the SD models run, over one kind of activation tensor.
 ///
@@ -33,8 +33,9 @@ use crate::tensor::{DType, Tensor};
 /// `[out, in]` linear weights. Every op checks its operands and returns an error saying what it
 /// expected and what it found; none panics on input.
 pub trait Backend {
-    /// An activation or weight on this backend.
-    type Tensor;
+    /// An activation or weight on this backend (a clone of a CUDA tensor is another view of
+    /// the same memory; of a CPU tensor, a copy).
+    type Tensor: Clone + std::fmt::Debug;
     /// A point of the activation stack to return to ([`Backend::keep`], [`Backend::release`]).
     type Mark: Copy;
 
@@ -123,6 +124,23 @@ pub trait Backend {
     fn upsample_nearest2x(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
     /// `torch.cat([a, b], dim=1)` (UNet skip connections).
     fn cat_channels(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
+    /// `[b, c, h, w]` -> `[b, h*w, c]` (diffusers' `permute(0, 2, 3, 1).reshape(b, h*w, c)`
+    /// before a `Transformer2DModel` / VAE attention).
+    fn nchw_to_tokens(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
+    /// `[b, h*w, c]` -> `[b, c, h, w]` (the inverse of [`Backend::nchw_to_tokens`]).
+    fn tokens_to_nchw(&self, x: &Self::Tensor, h: usize, w: usize) -> Result<Self::Tensor>;
+    /// Token embedding lookup: `table [v, d]` rows at host `ids` (`b` rows of `n` ids, each
+    /// `< v`) -> `[b, n, d]`.
+    fn embedding(&self, table: &Self::Tensor, ids: &[Vec<u32>]) -> Result<Self::Tensor>;
+    /// One row per batch item: `x [b, n, d]` at host `rows` (`b` of them, each `< n`) ->
+    /// `[b, d]` (CLIP's pooled output at the eos position).
+    fn gather_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Result<Self::Tensor>;
+    /// `F.interpolate(x, size=(h, w), mode="nearest")` on `x [n, c, ih, iw]` (PyTorch's f32
+    /// source-index formula, [`crate::ops::resize_nearest`]).
+    fn resize_nearest(&self, x: &Self::Tensor, h: usize, w: usize) -> Result<Self::Tensor>;
+    /// The same elements under another shape (metadata only, nothing is copied); the element
+    /// count must match.
+    fn reshape(&self, x: Self::Tensor, shape: &[usize]) -> Result<Self::Tensor>;
     /// diffusers `get_timestep_embedding` of host timesteps -> `[timesteps.len(), dim]`.
     fn timestep_embedding(
         &self,
@@ -131,4 +149,70 @@ pub trait Backend {
         flip_sin_to_cos: bool,
         downscale_freq_shift: f32,
     ) -> Result<Self::Tensor>;
+}
+
+/// Checks `ids` against a `[v, d]` embedding table: equal row lengths, every id `< v`. Returns
+/// `(b, n, v, d)`.
+fn check_ids(table: &[usize], ids: &[Vec<u32>]) -> Result<(usize, usize, usize, usize)> {
+    let op = "embedding";
+    let &[v, d] = table else {
+        return Err(OpError::shape(op, "table [vocab, dim]", format!("{table:?}")).into());
+    };
+    let n = ids.first().map_or(0, Vec::len);
+    for (bi, row) in ids.iter().enumerate() {
+        if row.len() != n {
+            return Err(OpError::shape(
+                op,
+                format!("{} rows of {n} ids (row 0's length)", ids.len()),
+                format!("row {bi} has {} ids", row.len()),
+            )
+            .into());
+        }
+        if let Some((i, &id)) = row.iter().enumerate().find(|(_, &id)| id as usize >= v) {
+            return Err(OpError::invalid(
+                op,
+                format!("id {id} at [{bi}, {i}] is out of range for a table of {v} rows"),
+            )
+            .into());
+        }
+    }
+    Ok((ids.len(), n, v, d))
+}
+
+/// Checks `rows` against `x [b, n, d]`: one row per batch item, each `< n`. Returns `(b, n, d)`.
+fn check_rows(x: &[usize], rows: &[usize]) -> Result<(usize, usize, usize)> {
+    let op = "gather_rows";
+    let &[b, n, d] = x else {
+        return Err(OpError::shape(op, "x [batch, seq, dim]", format!("{x:?}")).into());
+    };
+    if rows.len() != b {
+        return Err(OpError::shape(
+            op,
+            format!("one row index per batch item ({b})"),
+            format!("{} indices", rows.len()),
+        )
+        .into());
+    }
+    if let Some((bi, &r)) = rows.iter().enumerate().find(|(_, &r)| r >= n) {
+        return Err(OpError::invalid(
+            op,
+            format!("row {r} for batch item {bi} is out of range for x {x:?}"),
+        )
+        .into());
+    }
+    Ok((b, n, d))
+}
+
+/// Checks that `shape` has as many elements as `from` (for [`Backend::reshape`]).
+fn check_reshape(from: &[usize], shape: &[usize]) -> Result<()> {
+    let count = |s: &[usize]| s.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    if count(from).is_none() || count(from) != count(shape) {
+        return Err(OpError::shape(
+            "reshape",
+            format!("a shape with as many elements as {from:?}"),
+            format!("{shape:?}"),
+        )
+        .into());
+    }
+    Ok(())
 }

@@ -25,6 +25,10 @@ pub(super) const ATTENTION: Module = Module {
     name: "ferry_sd_attention",
     ptx: include_str!("../../../../kernels/ptx/attention.ptx"),
 };
+pub(super) const LAYOUT: Module = Module {
+    name: "ferry_sd_layout",
+    ptx: include_str!("../../../../kernels/ptx/layout.ptx"),
+};
 
 const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
@@ -156,6 +160,21 @@ pub(super) const ATTENTION_SIMT: [&str; 3] = [
     "ferry_attention_simt_bf16",
 ];
 
+/// Kernel names (f32, f16, bf16) of one wrapper.
+pub(super) const TRANSPOSE: [&str; 3] = [
+    "ferry_transpose_f32",
+    "ferry_transpose_f16",
+    "ferry_transpose_bf16",
+];
+/// Kernel names (f32, f16, bf16) of one wrapper.
+pub(super) const GATHER: [&str; 3] = ["ferry_gather_f32", "ferry_gather_f16", "ferry_gather_bf16"];
+/// Kernel names (f32, f16, bf16) of one wrapper.
+pub(super) const RESIZE_NEAREST: [&str; 3] = [
+    "ferry_resize_nearest_f32",
+    "ferry_resize_nearest_f16",
+    "ferry_resize_nearest_bf16",
+];
+
 /// The per-dtype names above, by module (every wrapper in `mod.rs` uses one of these).
 const BY_DTYPE: &[(&Module, [&str; 3])] = &[
     (&ELEMENTWISE, ADD),
@@ -171,6 +190,9 @@ const BY_DTYPE: &[(&Module, [&str; 3])] = &[
     (&GEMM, LINEAR),
     (&GEMM, CONV2D),
     (&ATTENTION, ATTENTION_SIMT),
+    (&LAYOUT, TRANSPOSE),
+    (&LAYOUT, GATHER),
+    (&LAYOUT, RESIZE_NEAREST),
 ];
 
 /// Every `(module PTX, kernel name)` the wrappers can launch.

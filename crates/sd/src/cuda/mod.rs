@@ -13,7 +13,7 @@ use crate::ops::{Activation, Conv2dParams};
 use crate::tensor::DType;
 use ferry_pager::device::cuda::{CudaDevice, KernelArg, LaunchDims};
 use ferry_pager::{DevicePtr, Error, Result, StreamId};
-use kernels::{Module, ATTENTION, ELEMENTWISE, GEMM, NORM};
+use kernels::{Module, ATTENTION, ELEMENTWISE, GEMM, LAYOUT, NORM};
 use std::cell::RefCell;
 
 /// A typed view of device memory: `len` elements of `dtype` from `ptr`.
@@ -43,6 +43,27 @@ impl DevBuf {
             ptr: self.ptr,
             bytes: self.bytes(),
         }
+    }
+}
+
+/// `len` u32 indices (token ids, row numbers) in device memory, read by [`Gpu::gather`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdBuf {
+    /// First index.
+    pub ptr: DevicePtr,
+    /// Number of indices.
+    pub len: usize,
+}
+
+impl IdBuf {
+    /// A view of `len` u32 indices at `ptr`.
+    pub fn new(ptr: DevicePtr, len: usize) -> Self {
+        IdBuf { ptr, len }
+    }
+
+    /// Size in bytes.
+    pub fn bytes(&self) -> u64 {
+        self.len as u64 * 4
     }
 }
 
@@ -373,6 +394,99 @@ impl<'a> Gpu<'a> {
             LaunchDims::linear(blocks_for(total), 256),
             &args,
         )
+    }
+
+    /// Batched transpose `x [batch, rows, cols]` -> `y [batch, cols, rows]` (`y` must not
+    /// overlap `x`): NCHW -> tokens is `(b, c, h*w)`, tokens -> NCHW is `(b, h*w, c)`.
+    pub fn transpose(
+        &self,
+        x: &DevBuf,
+        batch: usize,
+        rows: usize,
+        cols: usize,
+        y: &DevBuf,
+    ) -> Result<()> {
+        let op = "transpose";
+        let n = mul(op, &[batch, rows, cols])?;
+        check(op, "x", x, x.dtype, n)?;
+        check(op, "y", y, x.dtype, n)?;
+        let args = [
+            x.arg(),
+            y.arg(),
+            KernelArg::U64(batch as u64),
+            u32_of(op, "rows", rows)?,
+            u32_of(op, "cols", cols)?,
+        ];
+        // One 32x32 tile per block iteration (32x8 threads, the kernel's fixed shape).
+        let tiles = mul(op, &[batch, rows.div_ceil(32), cols.div_ceil(32)])?;
+        let blocks = tiles.clamp(1, 1 << 20) as u32;
+        let f = kernels::by_dtype(x.dtype, kernels::TRANSPOSE);
+        self.launch(&LAYOUT, f, LaunchDims::linear(blocks, 256), &args)
+    }
+
+    /// Row gather: `y [ids.len, dim]`, row `i` = `table [vocab, dim]` row `ids[i]` (token
+    /// embedding; with `table` a `[b*n, d]` view, per-batch row picks). The ids are device data
+    /// the wrapper cannot see: the caller validates them; an id `>= vocab` yields a NaN row.
+    pub fn gather(
+        &self,
+        table: &DevBuf,
+        vocab: usize,
+        dim: usize,
+        ids: &IdBuf,
+        y: &DevBuf,
+    ) -> Result<()> {
+        let op = "gather";
+        check(op, "table", table, table.dtype, mul(op, &[vocab, dim])?)?;
+        let n = mul(op, &[ids.len, dim])?;
+        check(op, "y", y, table.dtype, n)?;
+        let args = [
+            table.arg(),
+            KernelArg::Buf {
+                ptr: ids.ptr,
+                bytes: ids.bytes(),
+            },
+            y.arg(),
+            KernelArg::U64(ids.len as u64),
+            u32_of(op, "dim", dim)?,
+            u32_of(op, "vocab", vocab)?,
+        ];
+        let f = kernels::by_dtype(table.dtype, kernels::GATHER);
+        self.launch(&LAYOUT, f, LaunchDims::linear(blocks_for(n), 256), &args)
+    }
+
+    /// `F.interpolate(size=(oh, ow), mode="nearest")`: `x [planes, ih, iw]` ->
+    /// `y [planes, oh, ow]` with PyTorch's f32 source-index formula, like
+    /// [`crate::ops::resize_nearest`].
+    pub fn resize_nearest(
+        &self,
+        x: &DevBuf,
+        planes: usize,
+        (ih, iw): (usize, usize),
+        (oh, ow): (usize, usize),
+        y: &DevBuf,
+    ) -> Result<()> {
+        let op = "resize_nearest";
+        if ih == 0 || iw == 0 || oh == 0 || ow == 0 {
+            return Err(invalid(format!(
+                "{op}: input and output sizes must be non-zero, found {ih}x{iw} -> {oh}x{ow}"
+            )));
+        }
+        check(op, "x", x, x.dtype, mul(op, &[planes, ih, iw])?)?;
+        let n = mul(op, &[planes, oh, ow])?;
+        check(op, "y", y, x.dtype, n)?;
+        let args = [
+            x.arg(),
+            y.arg(),
+            KernelArg::U64(planes as u64),
+            u32_of(op, "ih", ih)?,
+            u32_of(op, "iw", iw)?,
+            u32_of(op, "oh", oh)?,
+            u32_of(op, "ow", ow)?,
+            KernelArg::F32(crate::ops::resize::nearest_scale(ih, oh)),
+            KernelArg::F32(crate::ops::resize::nearest_scale(iw, ow)),
+        ];
+        let f = kernels::by_dtype(x.dtype, kernels::RESIZE_NEAREST);
+        self.launch(&LAYOUT, f, LaunchDims::linear(blocks_for(n), 256), &args)
     }
 
     /// Converts `x.len` elements to `y`'s type (round to nearest even).

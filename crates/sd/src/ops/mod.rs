@@ -22,6 +22,7 @@ pub mod linear;
 pub mod matmul;
 pub mod norm;
 mod parallel;
+pub mod resize;
 pub mod softmax;
 pub mod upsample;
 
@@ -35,5 +36,6 @@ pub use gemm::{gemm, MatMut, MatRef};
 pub use linear::linear;
 pub use matmul::matmul;
 pub use norm::{group_norm, layer_norm};
+pub use resize::resize_nearest;
 pub use softmax::{softmax_last_dim, softmax_rows_inplace};
 pub use upsample::upsample_nearest2x;
