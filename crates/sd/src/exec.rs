@@ -398,3 +398,26 @@ impl Drop for Weights<'_> {
         let _ = self.exec.sched.release(self.gid);
     }
 }
+
+impl crate::weights::WeightGroup<crate::backend::CpuBackend> for Weights<'_> {
+    fn get(&self, key: &str) -> Result<&Tensor> {
+        Weights::get(self, key)
+    }
+    fn get_shaped(&self, key: &str, shape: &[usize]) -> Result<&Tensor> {
+        Weights::get_shaped(self, key, shape)
+    }
+    fn opt(&self, key: &str) -> Option<&Tensor> {
+        Weights::opt(self, key)
+    }
+    fn name(&self) -> &str {
+        Weights::name(self)
+    }
+}
+
+impl crate::weights::WeightSource<crate::backend::CpuBackend> for Executor {
+    type Group<'a> = Weights<'a>;
+
+    fn group<'a>(&'a self, component: &str, prefix: &str) -> Result<Weights<'a>> {
+        Executor::group(self, component, prefix)
+    }
+}

@@ -16,3 +16,4 @@ pub mod rng;
 pub mod schedulers;
 pub mod tensor;
 pub mod tokenizer;
+pub mod weights;
