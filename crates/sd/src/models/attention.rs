@@ -6,11 +6,13 @@
 //! [`Weights`] group under a key prefix; `Transformer2DModel` acquires its own groups (see
 //! [`Transformer2DConfig::groups`]) one at a time, so a budget need only hold one transformer block.
 
-use crate::error::Result;
+use crate::backend::{Backend, CpuBackend};
+use crate::error::{Error, Result};
 use crate::exec::{Executor, Weights};
 use crate::models::resnet::WeightShape;
-use crate::ops;
+use crate::ops::Conv2dParams;
 use crate::tensor::Tensor;
+use crate::weights::{WeightGroup, WeightSource};
 
 /// Joins a key prefix (`""` or ending in `.`) and a key.
 fn key(prefix: &str, k: &str) -> String {
@@ -117,66 +119,83 @@ impl AttentionConfig {
         x: &Tensor,
         context: Option<&Tensor>,
     ) -> Result<Tensor> {
+        self.forward_on(&CpuBackend::new(), w, prefix, x, context)
+    }
+
+    /// [`AttentionConfig::forward`] on backend `b`; only the output survives the module's
+    /// temporaries.
+    pub fn forward_on<B: Backend, W: WeightGroup<B>>(
+        &self,
+        b: &B,
+        w: &W,
+        prefix: &str,
+        x: &B::Tensor,
+        context: Option<&B::Tensor>,
+    ) -> Result<B::Tensor> {
         let (qd, inner) = (self.query_dim, self.inner_dim());
         let kv_dim = self.cross_attention_dim.unwrap_or(qd);
-        let spatial = if x.rank() == 4 {
-            Some((x.shape()[2], x.shape()[3]))
-        } else {
-            x.expect_rank("Attention", 3, "[batch, tokens, channels]")?;
-            None
+        let spatial = match *b.shape(x) {
+            [_, _, h, ww] => Some((h, ww)),
+            [_, _, _] => None,
+            ref s => {
+                return Err(Error::InvalidArgument(format!(
+                    "{}: expected input [batch, tokens, channels] or [batch, channels, h, w], \
+                     found {s:?}",
+                    w.name()
+                )))
+            }
         };
-        let normed = match self.group_norm {
-            Some(g) => {
+        let m = b.mark();
+        let h = match (self.group_norm, spatial) {
+            (Some(g), _) => {
                 let wt = w.get_shaped(&key(prefix, "group_norm.weight"), &[qd])?;
                 let bs = w.get_shaped(&key(prefix, "group_norm.bias"), &[qd])?;
-                let n = if x.rank() == 4 {
-                    x.clone()
-                } else {
-                    // [b, n, c] -> [b, c, n] for the norm over channels.
-                    x.transpose(1, 2)?
-                };
-                let y = ops::group_norm(&n, g.groups, Some(wt), Some(bs), g.eps, false)?;
-                if x.rank() == 4 {
-                    y
-                } else {
-                    y.transpose(1, 2)?
+                match spatial {
+                    Some(_) => {
+                        let y = b.group_norm(x, g.groups, Some(wt), Some(bs), g.eps, false)?;
+                        b.nchw_to_tokens(&y)?
+                    }
+                    None => {
+                        // [b, n, c] -> [b, c, n, 1] for the norm over channels, and back.
+                        let n = b.shape(x)[1];
+                        let t = b.tokens_to_nchw(x, n, 1)?;
+                        let y = b.group_norm(&t, g.groups, Some(wt), Some(bs), g.eps, false)?;
+                        b.nchw_to_tokens(&y)?
+                    }
                 }
             }
-            None => x.clone(),
-        };
-        let h = match spatial {
-            Some(_) => nchw_to_tokens(&normed)?,
-            None => normed,
+            (None, Some(_)) => b.nchw_to_tokens(x)?,
+            (None, None) => x.clone(),
         };
         let ctx = context.unwrap_or(&h);
-        let proj = |name: &str, input: &Tensor, in_dim: usize| -> Result<Tensor> {
+        let proj = |name: &str, input: &B::Tensor, in_dim: usize| -> Result<B::Tensor> {
             let wt = w.get_shaped(&key(prefix, &format!("{name}.weight")), &[inner, in_dim])?;
-            let b = if self.bias {
+            let bias = if self.bias {
                 Some(w.get_shaped(&key(prefix, &format!("{name}.bias")), &[inner])?)
             } else {
                 None
             };
-            Ok(ops::linear(input, wt, b)?)
+            b.linear(input, wt, bias)
         };
         let q = proj("to_q", &h, qd)?;
         let k = proj("to_k", ctx, kv_dim)?;
         let v = proj("to_v", ctx, kv_dim)?;
-        let a = ops::scaled_dot_product_attention(&q, &k, &v, self.heads)?;
+        let a = b.attention(&q, &k, &v, self.heads, false)?;
         let ow = w.get_shaped(&key(prefix, "to_out.0.weight"), &[qd, inner])?;
         let ob = w.get_shaped(&key(prefix, "to_out.0.bias"), &[qd])?;
-        let mut out = ops::linear(&a, ow, Some(ob))?;
+        let mut out = b.linear(&a, ow, Some(ob))?;
         if let Some((hh, ww)) = spatial {
-            out = tokens_to_nchw(&out, hh, ww)?;
+            out = b.tokens_to_nchw(&out, hh, ww)?;
         }
         if self.residual_connection {
-            ops::add_assign(&mut out, x)?;
+            out = b.add(&out, x)?;
         }
         if self.rescale_output_factor != 1.0 {
-            // Division, as diffusers does, so that the result rounds the same.
-            let f = self.rescale_output_factor;
-            out.data_mut().iter_mut().for_each(|v| *v /= f);
+            // diffusers divides; multiplying by the reciprocal is exact for powers of two (SD
+            // uses 1).
+            out = b.scale(&out, 1.0 / self.rescale_output_factor)?;
         }
-        Ok(out)
+        b.keep(m, out)
     }
 }
 
@@ -203,13 +222,26 @@ impl FeedForwardConfig {
 
     /// Runs the feed-forward on `x [b, n, dim]`, weights under `prefix`.
     pub fn forward(&self, w: &Weights<'_>, prefix: &str, x: &Tensor) -> Result<Tensor> {
+        self.forward_on(&CpuBackend::new(), w, prefix, x)
+    }
+
+    /// [`FeedForwardConfig::forward`] on backend `b`.
+    pub fn forward_on<B: Backend, W: WeightGroup<B>>(
+        &self,
+        b: &B,
+        w: &W,
+        prefix: &str,
+        x: &B::Tensor,
+    ) -> Result<B::Tensor> {
         let (d, f) = (self.dim, self.inner_dim);
+        let m = b.mark();
         let pw = w.get_shaped(&key(prefix, "net.0.proj.weight"), &[2 * f, d])?;
         let pb = w.get_shaped(&key(prefix, "net.0.proj.bias"), &[2 * f])?;
-        let h = ops::geglu(x, pw, Some(pb))?;
+        let h = b.geglu(x, pw, Some(pb))?;
         let ow = w.get_shaped(&key(prefix, "net.2.weight"), &[d, f])?;
         let ob = w.get_shaped(&key(prefix, "net.2.bias"), &[d])?;
-        Ok(ops::linear(&h, ow, Some(ob))?)
+        let out = b.linear(&h, ow, Some(ob))?;
+        b.keep(m, out)
     }
 }
 
@@ -266,10 +298,17 @@ impl BasicTransformerBlockConfig {
         v
     }
 
-    fn layer_norm(&self, w: &Weights<'_>, prefix: &str, name: &str, x: &Tensor) -> Result<Tensor> {
+    fn layer_norm_on<B: Backend, W: WeightGroup<B>>(
+        &self,
+        b: &B,
+        w: &W,
+        prefix: &str,
+        name: &str,
+        x: &B::Tensor,
+    ) -> Result<B::Tensor> {
         let wt = w.get_shaped(&key(prefix, &format!("{name}.weight")), &[self.dim])?;
-        let b = w.get_shaped(&key(prefix, &format!("{name}.bias")), &[self.dim])?;
-        Ok(ops::layer_norm(x, Some(wt), Some(b), self.norm_eps)?)
+        let bias = w.get_shaped(&key(prefix, &format!("{name}.bias")), &[self.dim])?;
+        b.layer_norm(x, Some(wt), Some(bias), self.norm_eps)
     }
 
     /// Runs the block on `x [b, n, dim]` with `context [b, m, cross_attention_dim]`.
@@ -280,16 +319,30 @@ impl BasicTransformerBlockConfig {
         x: &Tensor,
         context: &Tensor,
     ) -> Result<Tensor> {
+        self.forward_on(&CpuBackend::new(), w, prefix, x, context)
+    }
+
+    /// [`BasicTransformerBlockConfig::forward`] on backend `b`; each sub-layer's temporaries
+    /// are released as it ends.
+    pub fn forward_on<B: Backend, W: WeightGroup<B>>(
+        &self,
+        b: &B,
+        w: &W,
+        prefix: &str,
+        x: &B::Tensor,
+        context: &B::Tensor,
+    ) -> Result<B::Tensor> {
         let (attn1, attn2, ff) = self.parts();
-        let mut h = x.clone();
-        let n = self.layer_norm(w, prefix, "norm1", &h)?;
-        ops::add_assign(&mut h, &attn1.forward(w, &key(prefix, "attn1."), &n, None)?)?;
-        let n = self.layer_norm(w, prefix, "norm2", &h)?;
-        let a = attn2.forward(w, &key(prefix, "attn2."), &n, Some(context))?;
-        ops::add_assign(&mut h, &a)?;
-        let n = self.layer_norm(w, prefix, "norm3", &h)?;
-        ops::add_assign(&mut h, &ff.forward(w, &key(prefix, "ff."), &n)?)?;
-        Ok(h)
+        let m = b.mark();
+        let n = self.layer_norm_on(b, w, prefix, "norm1", x)?;
+        let a = attn1.forward_on(b, w, &key(prefix, "attn1."), &n, None)?;
+        let h = b.keep(m, b.add(x, &a)?)?;
+        let n = self.layer_norm_on(b, w, prefix, "norm2", &h)?;
+        let a = attn2.forward_on(b, w, &key(prefix, "attn2."), &n, Some(context))?;
+        let h = b.keep(m, b.add(&h, &a)?)?;
+        let n = self.layer_norm_on(b, w, prefix, "norm3", &h)?;
+        let f = ff.forward_on(b, w, &key(prefix, "ff."), &n)?;
+        b.keep(m, b.add(&h, &f)?)
     }
 }
 
@@ -378,42 +431,66 @@ impl Transformer2DConfig {
         x: &Tensor,
         context: &Tensor,
     ) -> Result<Tensor> {
-        x.expect_rank("Transformer2DModel", 4, "input [b, c, h, w]")?;
+        self.forward_on(&CpuBackend::new(), exec, component, prefix, x, context)
+    }
+
+    /// [`Transformer2DConfig::forward`] on backend `b`, acquiring the groups from `src` one at
+    /// a time; only the output survives the model's temporaries.
+    pub fn forward_on<B: Backend, S: WeightSource<B>>(
+        &self,
+        b: &B,
+        src: &S,
+        component: &str,
+        prefix: &str,
+        x: &B::Tensor,
+        context: &B::Tensor,
+    ) -> Result<B::Tensor> {
         let (c, inner) = (self.in_channels, self.inner_dim());
-        let (hh, ww) = (x.shape()[2], x.shape()[3]);
+        let (hh, ww) = match *b.shape(x) {
+            [_, _, hh, ww] => (hh, ww),
+            ref s => {
+                return Err(Error::InvalidArgument(format!(
+                    "Transformer2DModel {component}.{prefix}: expected input [b, c, h, w], \
+                     found {s:?}"
+                )))
+            }
+        };
+        let m = b.mark();
         let normed = {
-            let w = exec.group(component, &format!("{prefix}.norm"))?;
+            let w = src.group(component, &format!("{prefix}.norm"))?;
             let wt = w.get_shaped("weight", &[c])?;
-            let b = w.get_shaped("bias", &[c])?;
-            ops::group_norm(x, self.norm_num_groups, Some(wt), Some(b), 1e-6, false)?
+            let bias = w.get_shaped("bias", &[c])?;
+            b.group_norm(x, self.norm_num_groups, Some(wt), Some(bias), 1e-6, false)?
         };
         let mut h = {
-            let w = exec.group(component, &format!("{prefix}.proj_in"))?;
+            let w = src.group(component, &format!("{prefix}.proj_in"))?;
             let wt = w.get_shaped("weight", &self.proj_shape(inner, c))?;
-            let b = w.get_shaped("bias", &[inner])?;
-            if self.use_linear_projection {
-                ops::linear(&nchw_to_tokens(&normed)?, wt, Some(b))?
+            let bias = w.get_shaped("bias", &[inner])?;
+            let h = if self.use_linear_projection {
+                b.linear(&b.nchw_to_tokens(&normed)?, wt, Some(bias))?
             } else {
-                let y = ops::conv2d(&normed, wt, Some(b), ops::Conv2dParams::default())?;
-                nchw_to_tokens(&y)?
-            }
+                let y = b.conv2d(&normed, wt, Some(bias), Conv2dParams::default())?;
+                b.nchw_to_tokens(&y)?
+            };
+            b.keep(m, h)?
         };
         let block = self.block();
         for i in 0..self.num_layers {
-            let w = exec.group(component, &format!("{prefix}.transformer_blocks.{i}"))?;
-            h = block.forward(&w, "", &h, context)?;
+            let w = src.group(component, &format!("{prefix}.transformer_blocks.{i}"))?;
+            h = block.forward_on(b, &w, "", &h, context)?;
+            h = b.keep(m, h)?;
         }
-        let w = exec.group(component, &format!("{prefix}.proj_out"))?;
+        let w = src.group(component, &format!("{prefix}.proj_out"))?;
         let wt = w.get_shaped("weight", &self.proj_shape(c, inner))?;
-        let b = w.get_shaped("bias", &[c])?;
-        let mut out = if self.use_linear_projection {
-            tokens_to_nchw(&ops::linear(&h, wt, Some(b))?, hh, ww)?
+        let bias = w.get_shaped("bias", &[c])?;
+        let out = if self.use_linear_projection {
+            b.tokens_to_nchw(&b.linear(&h, wt, Some(bias))?, hh, ww)?
         } else {
-            let y = tokens_to_nchw(&h, hh, ww)?;
-            ops::conv2d(&y, wt, Some(b), ops::Conv2dParams::default())?
+            let y = b.tokens_to_nchw(&h, hh, ww)?;
+            b.conv2d(&y, wt, Some(bias), Conv2dParams::default())?
         };
         drop(w);
-        ops::add_assign(&mut out, x)?;
-        Ok(out)
+        let out = b.add(&out, x)?;
+        b.keep(m, out)
     }
 }

@@ -1,17 +1,18 @@
 //! transformers' `CLIPTextModel` and `CLIPTextModelWithProjection`, built from their `config.json`,
-//! with weights paged through the [`Executor`].
+//! run on any [`Backend`] with weights from a [`WeightSource`] (on the CPU, paged through the
+//! [`Executor`]).
 //!
 //! Weight names are transformers' without the `text_model.` prefix (as transformers 5 saves them,
 //! e.g. `encoder.layers.0.self_attn.q_proj.weight`); [`weight_name`] maps older names.
 //! Weight groups, in forward order: `embeddings`, `encoder.layers.{i}`, `final_layer_norm`, and
 //! `text_projection` for the projection variant.
 
+use crate::backend::{Backend, CpuBackend};
 use crate::error::{Error, Result};
 use crate::exec::{ComponentGroups, Executor};
-use crate::ops::{
-    self, gemm, layer_norm, linear, softmax_rows_inplace, Activation, MatMut, MatRef,
-};
+use crate::ops::Activation;
 use crate::tensor::Tensor;
+use crate::weights::{WeightGroup, WeightSource};
 use ferry_pager::{HostStore, RawTensor, TensorId, WeightsFile};
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
@@ -150,10 +151,6 @@ impl ClipTextConfig {
             .iter()
             .any(|a| a == "CLIPTextModelWithProjection")
     }
-
-    fn head_dim(&self) -> usize {
-        self.hidden_size / self.num_attention_heads
-    }
 }
 
 /// Field `key` of a config object as `T`; `None` when absent or null, an error naming the field
@@ -210,17 +207,18 @@ pub struct ClipOptions {
     pub normed_hidden_states: bool,
 }
 
-/// Outputs of [`ClipTextModel::forward`], all `[batch, ...]`.
+/// Outputs of [`ClipTextModel::forward`] (host tensors) and [`ClipTextModel::forward_on`]
+/// (the backend's tensors), all `[batch, ...]`.
 #[derive(Clone, Debug)]
-pub struct ClipOutput {
+pub struct ClipOutput<T = Tensor> {
     /// `[batch, seq, hidden]`, after `final_layer_norm`.
-    pub last_hidden_state: Tensor,
+    pub last_hidden_state: T,
     /// The hidden states requested in [`ClipOptions::hidden_states`], in that order.
-    pub hidden_states: Vec<Tensor>,
+    pub hidden_states: Vec<T>,
     /// `[batch, hidden]`: `last_hidden_state` at the pooling position (`pooler_output`).
-    pub pooled: Tensor,
+    pub pooled: T,
     /// `[batch, projection_dim]`: `text_projection(pooled)` (projection variant only).
-    pub text_embeds: Option<Tensor>,
+    pub text_embeds: Option<T>,
 }
 
 /// A CLIP text encoder whose weights live in an [`Executor`] under one component name.
@@ -283,14 +281,27 @@ impl ClipTextModel {
         }
     }
 
-    /// Runs the encoder on `input_ids` (one row of token ids per batch item, all the same length,
-    /// at most `max_position_embeddings`).
+    /// Runs the encoder on the CPU on `input_ids` (one row of token ids per batch item, all the
+    /// same length, at most `max_position_embeddings`).
     pub fn forward<I: AsRef<[u32]>>(
         &self,
         exec: &Executor,
         input_ids: &[I],
         opts: &ClipOptions,
     ) -> Result<ClipOutput> {
+        self.forward_on(&CpuBackend::new(), exec, input_ids, opts)
+    }
+
+    /// Runs the encoder on backend `b` with weights from `src` (see [`ClipTextModel::forward`]
+    /// for `input_ids`). Requested hidden states stay allocated until the caller drops the output;
+    /// everything else a layer allocates is released at its end.
+    pub fn forward_on<B: Backend, S: WeightSource<B>, I: AsRef<[u32]>>(
+        &self,
+        b: &B,
+        src: &S,
+        input_ids: &[I],
+        opts: &ClipOptions,
+    ) -> Result<ClipOutput<B::Tensor>> {
         let cfg = &self.cfg;
         let (batch, seq) = self.check_ids(input_ids)?;
         let n_states = cfg.num_hidden_layers + 1;
@@ -299,45 +310,49 @@ impl ClipTextModel {
             .iter()
             .map(|&i| resolve_index(i, n_states))
             .collect::<Result<Vec<usize>>>()?;
-        let mut kept: Vec<Option<Tensor>> = vec![None; wanted.len()];
-        let mut keep = |state: usize, x: &Tensor| {
-            for (slot, &w) in kept.iter_mut().zip(&wanted) {
-                if w == state {
+        let mut kept: Vec<Option<B::Tensor>> = vec![None; wanted.len()];
+
+        // `base` is where the next state's output is kept: below the current state (freeing it)
+        // unless that state was requested, in which case it stays and `base` moves above it.
+        let mut base = b.mark();
+        let mut x = self.embeddings_on(b, src, input_ids, batch, seq)?;
+        for i in 0..=cfg.num_hidden_layers {
+            if wanted.contains(&i) {
+                for (slot, _) in kept.iter_mut().zip(&wanted).filter(|(_, &w)| w == i) {
                     *slot = Some(x.clone());
                 }
+                base = b.mark();
             }
-        };
-
-        let mut x = self.embeddings(exec, input_ids, batch, seq)?;
-        keep(0, &x);
-        for i in 0..cfg.num_hidden_layers {
-            x = self.layer(exec, i, x)?;
-            keep(i + 1, &x);
+            if i == cfg.num_hidden_layers {
+                break;
+            }
+            let out = self.layer_on(b, src, i, &x)?;
+            x = b.keep(base, out)?;
         }
 
         let h = cfg.hidden_size;
         let eps = cfg.layer_norm_eps as f32;
-        let w = exec.group(&self.component, "final_layer_norm")?;
+        let w = src.group(&self.component, "final_layer_norm")?;
         let (lw, lb) = (w.get_shaped("weight", &[h])?, w.get_shaped("bias", &[h])?);
-        let last = layer_norm(&x, Some(lw), Some(lb), eps)?;
+        let last = b.layer_norm(&x, Some(lw), Some(lb), eps)?;
         let mut hidden_states = Vec::with_capacity(kept.len());
         for t in kept {
             let t = t.ok_or_else(|| {
                 Error::InvalidArgument("a requested hidden state was not produced".into())
             })?;
             hidden_states.push(if opts.normed_hidden_states {
-                layer_norm(&t, Some(lw), Some(lb), eps)?
+                b.layer_norm(&t, Some(lw), Some(lb), eps)?
             } else {
                 t
             });
         }
         drop(w);
 
-        let pooled = self.pool(&last, input_ids)?;
+        let pooled = b.gather_rows(&last, &self.pool_positions(input_ids)?)?;
         let text_embeds = if self.projection {
-            let w = exec.group(&self.component, "text_projection")?;
+            let w = src.group(&self.component, "text_projection")?;
             let p = w.get_shaped("weight", &[cfg.projection_dim, h])?;
-            Some(linear(&pooled, p, None)?)
+            Some(b.linear(&pooled, p, None)?)
         } else {
             None
         };
@@ -383,91 +398,101 @@ impl ClipTextModel {
     }
 
     /// Token plus position embeddings, `[batch, seq, hidden]` (transformers' `hidden_states[0]`).
-    fn embeddings<I: AsRef<[u32]>>(
+    fn embeddings_on<B: Backend, S: WeightSource<B>, I: AsRef<[u32]>>(
         &self,
-        exec: &Executor,
+        b: &B,
+        src: &S,
         input_ids: &[I],
         batch: usize,
         seq: usize,
-    ) -> Result<Tensor> {
+    ) -> Result<B::Tensor> {
         let h = self.cfg.hidden_size;
-        let w = exec.group(&self.component, "embeddings")?;
+        let w = src.group(&self.component, "embeddings")?;
         let tok = w.get_shaped("token_embedding.weight", &[self.cfg.vocab_size, h])?;
         let pos = w.get_shaped(
             "position_embedding.weight",
             &[self.cfg.max_position_embeddings, h],
         )?;
-        let mut out = Vec::with_capacity(batch * seq * h);
-        for row in input_ids {
-            for (p, &id) in row.as_ref().iter().enumerate() {
-                let t = &tok.data()[id as usize * h..(id as usize + 1) * h];
-                let q = &pos.data()[p * h..(p + 1) * h];
-                out.extend(t.iter().zip(q).map(|(a, b)| a + b));
-            }
-        }
-        Ok(Tensor::new([batch, seq, h], out)?)
+        let ids: Vec<Vec<u32>> = input_ids.iter().map(|r| r.as_ref().to_vec()).collect();
+        let seq_u32 = u32::try_from(seq).map_err(|_| {
+            Error::InvalidArgument(format!("CLIP input_ids: sequence length {seq} is too long"))
+        })?;
+        let positions = vec![(0..seq_u32).collect::<Vec<u32>>(); batch];
+        let m = b.mark();
+        let t = b.embedding(tok, &ids)?;
+        let p = b.embedding(pos, &positions)?;
+        // token + position, the f32 sum transformers computes.
+        let x = b.add(&t, &p)?;
+        b.keep(m, x)
     }
 
-    /// One pre-LN encoder layer: causal self-attention and the MLP, each with a residual.
-    fn layer(&self, exec: &Executor, i: usize, x: Tensor) -> Result<Tensor> {
+    /// One pre-LN encoder layer: causal self-attention and the MLP, each with a residual. The
+    /// attention's temporaries are released before the MLP; the MLP's stay for the caller's
+    /// `keep`.
+    fn layer_on<B: Backend, S: WeightSource<B>>(
+        &self,
+        b: &B,
+        src: &S,
+        i: usize,
+        x: &B::Tensor,
+    ) -> Result<B::Tensor> {
         let cfg = &self.cfg;
         let (h, m) = (cfg.hidden_size, cfg.intermediate_size);
         let eps = cfg.layer_norm_eps as f32;
-        let w = exec.group(&self.component, &format!("encoder.layers.{i}"))?;
-        let norm = |x: &Tensor, name: &str| -> Result<Tensor> {
+        let w = src.group(&self.component, &format!("encoder.layers.{i}"))?;
+        let norm = |x: &B::Tensor, name: &str| -> Result<B::Tensor> {
             let g = w.get_shaped(&format!("{name}.weight"), &[h])?;
-            let b = w.get_shaped(&format!("{name}.bias"), &[h])?;
-            Ok(layer_norm(x, Some(g), Some(b), eps)?)
+            let bias = w.get_shaped(&format!("{name}.bias"), &[h])?;
+            b.layer_norm(x, Some(g), Some(bias), eps)
         };
-        let lin = |x: &Tensor, name: &str, out: usize, inp: usize| -> Result<Tensor> {
+        let lin = |x: &B::Tensor, name: &str, out: usize, inp: usize| -> Result<B::Tensor> {
             let wt = w.get_shaped(&format!("{name}.weight"), &[out, inp])?;
-            let b = w.get_shaped(&format!("{name}.bias"), &[out])?;
-            Ok(linear(x, wt, Some(b))?)
+            let bias = w.get_shaped(&format!("{name}.bias"), &[out])?;
+            b.linear(x, wt, Some(bias))
         };
 
-        let y = norm(&x, "layer_norm1")?;
+        let mark = b.mark();
+        let y = norm(x, "layer_norm1")?;
         let q = lin(&y, "self_attn.q_proj", h, h)?;
         let k = lin(&y, "self_attn.k_proj", h, h)?;
         let v = lin(&y, "self_attn.v_proj", h, h)?;
-        let a = causal_attention(&q, &k, &v, cfg.num_attention_heads, cfg.head_dim())?;
+        let a = b.attention(&q, &k, &v, cfg.num_attention_heads, true)?;
         let a = lin(&a, "self_attn.out_proj", h, h)?;
-        let x = ops::add(&x, &a)?;
+        let x = b.add(x, &a)?;
+        let x = b.keep(mark, x)?;
 
         let y = norm(&x, "layer_norm2")?;
-        let mut y = lin(&y, "mlp.fc1", m, h)?;
-        self.act.apply_inplace(y.data_mut());
+        let y = lin(&y, "mlp.fc1", m, h)?;
+        let y = b.activation(self.act, &y)?;
         let y = lin(&y, "mlp.fc2", h, m)?;
-        Ok(ops::add(&x, &y)?)
+        b.add(&x, &y)
     }
 
-    /// `last [batch, seq, hidden]` at each row's pooling position, as transformers picks it: the
-    /// first `eos_token_id`, or the largest id when `eos_token_id` is 2 (configs from before
-    /// transformers PR #24773). A row without the eos id pools position 0, as `argmax` does.
-    fn pool<I: AsRef<[u32]>>(&self, last: &Tensor, input_ids: &[I]) -> Result<Tensor> {
-        let h = self.cfg.hidden_size;
-        let seq = last.dim(1)?;
+    /// Each row's pooling position, as transformers picks it: the first `eos_token_id`, or the
+    /// largest id when `eos_token_id` is 2 (configs from before transformers PR #24773). A row
+    /// without the eos id pools position 0, as `argmax` does.
+    fn pool_positions<I: AsRef<[u32]>>(&self, input_ids: &[I]) -> Result<Vec<usize>> {
         let eos = self.cfg.eos_token_id.ok_or_else(|| {
             Error::Config("CLIP text config: eos_token_id is null; pooling needs it".into())
         })?;
-        let mut out = Vec::with_capacity(input_ids.len() * h);
-        for (b, row) in input_ids.iter().enumerate() {
-            let row = row.as_ref();
-            let pos = if eos == 2 {
-                // First index of the maximum, like torch.argmax.
-                row.iter()
-                    .enumerate()
-                    .fold(
-                        (0, 0u32),
-                        |(bi, bv), (i, &v)| if v > bv { (i, v) } else { (bi, bv) },
-                    )
-                    .0
-            } else {
-                row.iter().position(|&id| i64::from(id) == eos).unwrap_or(0)
-            };
-            let start = (b * seq + pos) * h;
-            out.extend_from_slice(&last.data()[start..start + h]);
-        }
-        Ok(Tensor::new([input_ids.len(), h], out)?)
+        Ok(input_ids
+            .iter()
+            .map(|row| {
+                let row = row.as_ref();
+                if eos == 2 {
+                    // First index of the maximum, like torch.argmax.
+                    row.iter()
+                        .enumerate()
+                        .fold(
+                            (0, 0u32),
+                            |(bi, bv), (i, &v)| if v > bv { (i, v) } else { (bi, bv) },
+                        )
+                        .0
+                } else {
+                    row.iter().position(|&id| i64::from(id) == eos).unwrap_or(0)
+                }
+            })
+            .collect())
     }
 }
 
@@ -484,36 +509,6 @@ fn resolve_index(i: i64, len: usize) -> Result<usize> {
             len - 1
         )))
     }
-}
-
-/// Causal multi-head attention for `q, k, v [batch, seq, heads * d]`: `softmax(q·kᵀ · d^-0.5)`
-/// over positions `0..=i` for query `i` (later positions get weight exactly 0, as transformers'
-/// additive `finfo.min` mask gives), times `v`.
-fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, d: usize) -> Result<Tensor> {
-    let (b, n, c) = (q.dim(0)?, q.dim(1)?, q.dim(2)?);
-    for t in [k, v] {
-        t.expect_shape("clip causal attention", &[b, n, c])?;
-    }
-    let scale = (d as f32).powf(-0.5);
-    let mut out = vec![0.0f32; b * n * c];
-    let mut scores = vec![0.0f32; n * n];
-    for bi in 0..b {
-        for hh in 0..heads {
-            let off = bi * n * c + hh * d;
-            let q_h = MatRef::new(q.data(), off, n, d, c, 1)?;
-            let k_t = MatRef::new(k.data(), off, d, n, 1, c)?;
-            gemm(scale, q_h, k_t, 0.0, MatMut::row_major(&mut scores, n, n)?)?;
-            for (i, row) in scores.chunks_exact_mut(n).enumerate() {
-                let (seen, masked) = row.split_at_mut(i + 1);
-                softmax_rows_inplace(seen, i + 1)?;
-                masked.fill(0.0);
-            }
-            let v_h = MatRef::new(v.data(), off, n, d, c, 1)?;
-            let o_h = MatMut::new(&mut out, off, n, d, c, 1)?;
-            gemm(1.0, MatRef::row_major(&scores, n, n)?, v_h, 0.0, o_h)?;
-        }
-    }
-    Ok(Tensor::new([b, n, c], out)?)
 }
 
 #[cfg(test)]
@@ -580,7 +575,8 @@ mod tests {
             Tensor::new([2, 5, 4], data).unwrap()
         };
         let (q, k, v) = (mk(1), mk(2), mk(3));
-        let a = causal_attention(&q, &k, &v, 2, 2).unwrap();
+        let be = CpuBackend::new();
+        let a = be.attention(&q, &k, &v, 2, true).unwrap();
         let (mut k2, mut v2) = (k.clone(), v.clone());
         for bi in 0..2 {
             for ch in 0..4 {
@@ -588,7 +584,7 @@ mod tests {
                 v2.data_mut()[(bi * 5 + 4) * 4 + ch] -= 2.0;
             }
         }
-        let b = causal_attention(&q, &k2, &v2, 2, 2).unwrap();
+        let b = be.attention(&q, &k2, &v2, 2, true).unwrap();
         for bi in 0..2 {
             let rows = (bi * 5 * 4)..((bi * 5 + 4) * 4);
             assert_eq!(a.data()[rows.clone()], b.data()[rows]);

@@ -4,10 +4,12 @@
 //! prefix inside that group (`""` when the group is the module itself, e.g. `"resnets.0."` when a
 //! group holds a whole block), so callers choose the group granularity.
 
+use crate::backend::{Backend, CpuBackend};
 use crate::error::{Error, Result};
 use crate::exec::Weights;
-use crate::ops::{self, Conv2dParams};
+use crate::ops::{Activation, Conv2dParams};
 use crate::tensor::Tensor;
+use crate::weights::WeightGroup;
 
 /// A weight name and the shape the config implies for it.
 pub type WeightShape = (String, Vec<usize>);
@@ -39,49 +41,43 @@ fn key(prefix: &str, name: &str) -> String {
     format!("{prefix}{name}")
 }
 
-/// 3×3 convolution weight+bias `{name}.weight [out, in, 3, 3]`, `{name}.bias [out]` from `w`.
-fn conv(
-    w: &Weights,
+/// A convolution `{name}.weight [out, in, k, k]` + `{name}.bias [out]` from `w`.
+fn conv_on<B: Backend, W: WeightGroup<B>>(
+    b: &B,
+    w: &W,
     prefix: &str,
     name: &str,
-    x: &Tensor,
+    x: &B::Tensor,
     (cin, cout, k): (usize, usize, usize),
     params: Conv2dParams,
-) -> Result<Tensor> {
+) -> Result<B::Tensor> {
     let weight = w.get_shaped(&key(prefix, &format!("{name}.weight")), &[cout, cin, k, k])?;
     let bias = w.get_shaped(&key(prefix, &format!("{name}.bias")), &[cout])?;
-    Ok(ops::conv2d(x, weight, Some(bias), params)?)
+    b.conv2d(x, weight, Some(bias), params)
 }
 
 /// GroupNorm `{name}.weight`/`{name}.bias [c]` from `w`, optionally followed by SiLU.
-pub(crate) fn norm(
-    w: &Weights,
+pub(crate) fn norm_on<B: Backend, W: WeightGroup<B>>(
+    b: &B,
+    w: &W,
     prefix: &str,
     name: &str,
-    x: &Tensor,
+    x: &B::Tensor,
     (c, groups, eps): (usize, usize, f32),
     silu: bool,
-) -> Result<Tensor> {
+) -> Result<B::Tensor> {
     let weight = w.get_shaped(&key(prefix, &format!("{name}.weight")), &[c])?;
     let bias = w.get_shaped(&key(prefix, &format!("{name}.bias")), &[c])?;
-    Ok(ops::group_norm(
-        x,
-        groups,
-        Some(weight),
-        Some(bias),
-        eps,
-        silu,
-    )?)
+    b.group_norm(x, groups, Some(weight), Some(bias), eps, silu)
 }
 
-/// Checks that `x` is `[n, channels, h, w]`, naming the module in the error.
-fn expect_channels(module: &str, x: &Tensor, channels: usize) -> Result<()> {
-    if x.rank() == 4 && x.shape()[1] == channels {
+/// Checks that `shape` is `[n, channels, h, w]`, naming the module in the error.
+fn expect_channels(module: &str, shape: &[usize], channels: usize) -> Result<()> {
+    if shape.len() == 4 && shape[1] == channels {
         Ok(())
     } else {
         Err(Error::InvalidArgument(format!(
-            "{module}: expected input [n, {channels}, h, w], found {:?}",
-            x.shape()
+            "{module}: expected input [n, {channels}, h, w], found {shape:?}"
         )))
     }
 }
@@ -143,24 +139,47 @@ impl ResnetBlock2D {
         x: &Tensor,
         temb: Option<&Tensor>,
     ) -> Result<Tensor> {
+        self.forward_on(&CpuBackend::new(), w, prefix, x, temb)
+    }
+
+    /// [`ResnetBlock2D::forward`] on backend `b`; only the output survives the block's
+    /// temporaries.
+    pub fn forward_on<B: Backend, W: WeightGroup<B>>(
+        &self,
+        b: &B,
+        w: &W,
+        prefix: &str,
+        x: &B::Tensor,
+        temb: Option<&B::Tensor>,
+    ) -> Result<B::Tensor> {
         let (i, o) = (self.in_channels, self.out_channels);
-        expect_channels(w.name(), x, i)?;
-        let h = norm(w, prefix, "norm1", x, (i, self.groups, self.eps), true)?;
-        let mut h = conv(w, prefix, "conv1", &h, (i, o, 3), Conv2dParams::new(1, 1))?;
+        let xs = b.shape(x);
+        expect_channels(w.name(), xs, i)?;
+        let n = xs[0];
+        let m = b.mark();
+        let h = norm_on(b, w, prefix, "norm1", x, (i, self.groups, self.eps), true)?;
+        let mut h = conv_on(
+            b,
+            w,
+            prefix,
+            "conv1",
+            &h,
+            (i, o, 3),
+            Conv2dParams::new(1, 1),
+        )?;
         match (self.temb_channels, temb) {
             (Some(tc), Some(t)) => {
-                let n = x.shape()[0];
-                if t.shape() != [n, tc] {
+                if b.shape(t) != [n, tc] {
                     return Err(Error::InvalidArgument(format!(
                         "{}: expected time embedding [{n}, {tc}], found {:?}",
                         w.name(),
-                        t.shape()
+                        b.shape(t)
                     )));
                 }
                 let pw = w.get_shaped(&key(prefix, "time_emb_proj.weight"), &[o, tc])?;
                 let pb = w.get_shaped(&key(prefix, "time_emb_proj.bias"), &[o])?;
-                let t = ops::linear(&ops::silu(t), pw, Some(pb))?;
-                h = ops::add_channel_bias(&h, &t)?;
+                let t = b.linear(&b.activation(Activation::Silu, t)?, pw, Some(pb))?;
+                h = b.add_channel_bias(&h, &t)?;
             }
             (None, None) => {}
             (Some(tc), None) => {
@@ -176,27 +195,50 @@ impl ResnetBlock2D {
                 )))
             }
         }
-        let h = norm(w, prefix, "norm2", &h, (o, self.groups_out, self.eps), true)?;
-        let h = conv(w, prefix, "conv2", &h, (o, o, 3), Conv2dParams::new(1, 1))?;
-        let mut out = if self.use_conv_shortcut {
-            conv(
+        // Keeping each conv's output frees the norm before it: one copy of the (smaller) conv
+        // output buys back a full-size temporary, which sets the VAE decoder's peak.
+        let h = b.keep(m, h)?;
+        let h = norm_on(
+            b,
+            w,
+            prefix,
+            "norm2",
+            &h,
+            (o, self.groups_out, self.eps),
+            true,
+        )?;
+        let h = conv_on(
+            b,
+            w,
+            prefix,
+            "conv2",
+            &h,
+            (o, o, 3),
+            Conv2dParams::new(1, 1),
+        )?;
+        let h = b.keep(m, h)?;
+        let out = if self.use_conv_shortcut {
+            let s = conv_on(
+                b,
                 w,
                 prefix,
                 "conv_shortcut",
                 x,
                 (i, o, 1),
                 Conv2dParams::default(),
-            )?
+            )?;
+            b.add(&s, &h)?
         } else {
-            x.clone()
+            b.add(x, &h)?
         };
-        ops::add_assign(&mut out, &h)?;
-        if self.output_scale_factor != 1.0 {
-            // Division, as diffusers does, so that the result rounds the same.
-            let s = self.output_scale_factor;
-            out.data_mut().iter_mut().for_each(|v| *v /= s);
-        }
-        Ok(out)
+        let out = if self.output_scale_factor != 1.0 {
+            // diffusers divides; multiplying by the reciprocal is exact for the powers of two
+            // SD configs use (1, and 2 in some upscalers).
+            b.scale(&out, 1.0 / self.output_scale_factor)?
+        } else {
+            out
+        };
+        b.keep(m, out)
     }
 }
 
@@ -226,14 +268,26 @@ impl Downsample2D {
 
     /// Runs it on `x [n, channels, h, w]` with weights `w` under `prefix`.
     pub fn forward(&self, w: &Weights, prefix: &str, x: &Tensor) -> Result<Tensor> {
-        expect_channels(w.name(), x, self.channels)?;
+        self.forward_on(&CpuBackend::new(), w, prefix, x)
+    }
+
+    /// [`Downsample2D::forward`] on backend `b`.
+    pub fn forward_on<B: Backend, W: WeightGroup<B>>(
+        &self,
+        b: &B,
+        w: &W,
+        prefix: &str,
+        x: &B::Tensor,
+    ) -> Result<B::Tensor> {
+        expect_channels(w.name(), b.shape(x), self.channels)?;
         let p = self.padding;
         let padding = if p == 0 { [0, 1, 0, 1] } else { [p; 4] };
         let params = Conv2dParams {
             stride: (2, 2),
             padding,
         };
-        conv(
+        conv_on(
+            b,
             w,
             prefix,
             "conv",
@@ -267,15 +321,35 @@ impl Upsample2D {
 
     /// Runs it on `x [n, channels, h, w]`, giving `[n, out_channels, 2h, 2w]`.
     pub fn forward(&self, w: &Weights, prefix: &str, x: &Tensor) -> Result<Tensor> {
-        expect_channels(w.name(), x, self.channels)?;
-        let up = ops::upsample_nearest2x(x)?;
-        conv(
+        self.forward_on(&CpuBackend::new(), w, prefix, x, None)
+    }
+
+    /// [`Upsample2D::forward`] on backend `b`; with `size = Some((h, w))` the input is resized
+    /// (nearest) to exactly that size instead of doubled (diffusers' `output_size`, used when a
+    /// UNet skip connection has an odd size).
+    pub fn forward_on<B: Backend, W: WeightGroup<B>>(
+        &self,
+        b: &B,
+        w: &W,
+        prefix: &str,
+        x: &B::Tensor,
+        size: Option<(usize, usize)>,
+    ) -> Result<B::Tensor> {
+        expect_channels(w.name(), b.shape(x), self.channels)?;
+        let m = b.mark();
+        let up = match size {
+            Some((h, ww)) => b.resize_nearest(x, h, ww)?,
+            None => b.upsample_nearest2x(x)?,
+        };
+        let out = conv_on(
+            b,
             w,
             prefix,
             "conv",
             &up,
             (self.channels, self.out_channels, 3),
             Conv2dParams::new(1, 1),
-        )
+        )?;
+        b.keep(m, out)
     }
 }

@@ -6,12 +6,14 @@
 //! `transformer_blocks.k`, `proj_out`), `downsamplers.0` / `upsamplers.0`, the mid block likewise,
 //! and `conv_norm_out`, `conv_out`.
 
+use crate::backend::{Backend, CpuBackend};
 use crate::error::{Error, Result};
 use crate::exec::{ComponentGroups, Executor};
 use crate::models::attention::Transformer2DConfig;
 use crate::models::resnet::{Downsample2D, ResnetBlock2D, Upsample2D, WeightShape};
-use crate::ops::{self, Conv2dParams};
+use crate::ops::{Activation, Conv2dParams};
 use crate::tensor::Tensor;
+use crate::weights::{WeightGroup, WeightSource};
 use serde::Deserialize;
 use std::path::Path;
 
@@ -297,7 +299,8 @@ pub struct AddedCond<'a> {
     pub time_ids: &'a Tensor,
 }
 
-/// `UNet2DConditionModel` built from its config; weights come from an [`Executor`].
+/// `UNet2DConditionModel` built from its config; weights come from an [`Executor`] (CPU) or any
+/// [`WeightSource`] ([`UNet2DConditionModel::forward_on`]).
 #[derive(Clone, Debug)]
 pub struct UNet2DConditionModel {
     config: UNetConfig,
@@ -322,28 +325,6 @@ fn check_act(field: &str, v: &Option<String>) -> Result<()> {
         None | Some("silu") | Some("swish") => Ok(()),
         Some(o) => Err(unsupported(field, o, "null or \"silu\"")),
     }
-}
-
-/// `F.interpolate(x, size=(h, w), mode="nearest")` on `x [n, c, ih, iw]`: output row `i` reads
-/// input row `floor(i * (ih / h))` (PyTorch's scale, computed in f32), clamped.
-fn upsample_nearest_to(x: &Tensor, (h, w): (usize, usize)) -> Result<Tensor> {
-    x.expect_rank("upsample_nearest", 4, "[n, c, h, w]")?;
-    let s = x.shape();
-    let (planes, ih, iw) = (s[0] * s[1], s[2], s[3]);
-    let src = |o: usize, i: usize| -> Vec<usize> {
-        let scale = i as f32 / o as f32;
-        (0..o)
-            .map(|d| ((d as f32 * scale).floor() as usize).min(i - 1))
-            .collect()
-    };
-    let (rows, cols) = (src(h, ih), src(w, iw));
-    let mut out = Vec::with_capacity(planes * h * w);
-    for p in x.data().chunks_exact(ih * iw).take(planes) {
-        for &r in &rows {
-            out.extend(cols.iter().map(|&c| p[r * iw + c]));
-        }
-    }
-    Ok(Tensor::new([s[0], s[1], h, w], out)?)
 }
 
 /// `channels / heads`, or an error naming the block.
@@ -789,95 +770,125 @@ impl UNet2DConditionModel {
     }
 
     /// `linear_1 -> silu -> linear_2` of a `TimestepEmbedding` group.
-    fn timestep_embedding_mlp(
+    fn timestep_embedding_mlp<B: Backend, S: WeightSource<B>>(
         &self,
-        exec: &Executor,
+        b: &B,
+        src: &S,
         group: &str,
-        x: &Tensor,
+        x: &B::Tensor,
         in_dim: usize,
         post_act: bool,
-    ) -> Result<Tensor> {
+    ) -> Result<B::Tensor> {
         let ted = self.time_embed_dim;
-        let w = exec.group(&self.component, group)?;
-        let h = ops::linear(
+        let w = src.group(&self.component, group)?;
+        let h = b.linear(
             x,
             w.get_shaped("linear_1.weight", &[ted, in_dim])?,
             Some(w.get_shaped("linear_1.bias", &[ted])?),
         )?;
-        let h = ops::linear(
-            &ops::silu(&h),
+        let h = b.linear(
+            &b.activation(Activation::Silu, &h)?,
             w.get_shaped("linear_2.weight", &[ted, ted])?,
             Some(w.get_shaped("linear_2.bias", &[ted])?),
         )?;
-        Ok(if post_act { ops::silu(&h) } else { h })
+        if post_act {
+            b.activation(Activation::Silu, &h)
+        } else {
+            Ok(h)
+        }
     }
 
     /// The time embedding `emb [b, time_embed_dim]` for timesteps (one per batch item).
-    fn time_embedding(
+    fn time_embedding<B: Backend, S: WeightSource<B>>(
         &self,
-        exec: &Executor,
+        b: &B,
+        src: &S,
         timesteps: &[f32],
-        added: Option<AddedCond<'_>>,
-    ) -> Result<Tensor> {
+        added: Option<(&B::Tensor, &Tensor)>,
+    ) -> Result<B::Tensor> {
         let c = &self.config;
         let c0 = c.block_out_channels[0];
-        let b = timesteps.len();
-        let t_emb = ops::timestep_embedding(timesteps, c0, c.flip_sin_to_cos, c.freq_shift)?;
+        let n = timesteps.len();
+        let t_emb = b.timestep_embedding(timesteps, c0, c.flip_sin_to_cos, c.freq_shift)?;
         let post = c.timestep_post_act.is_some();
-        let mut emb = self.timestep_embedding_mlp(exec, "time_embedding", &t_emb, c0, post)?;
+        let mut emb = self.timestep_embedding_mlp(b, src, "time_embedding", &t_emb, c0, post)?;
         if let Some((atd, pcid)) = self.text_time {
-            let a = added.ok_or_else(|| {
+            let (te, ti) = added.ok_or_else(|| {
                 Error::InvalidArgument(
                     "this UNet has addition_embed_type \"text_time\" and needs added conditioning \
                      (text_embeds and time_ids), none given"
                         .into(),
                 )
             })?;
-            let (te, ti) = (a.text_embeds, a.time_ids);
-            if te.rank() != 2 || te.shape()[0] != b || ti.rank() != 2 || ti.shape()[0] != b {
+            let tes = b.shape(te);
+            if tes.len() != 2 || tes[0] != n || ti.rank() != 2 || ti.shape()[0] != n {
                 return Err(Error::InvalidArgument(format!(
-                    "added conditioning: expected text_embeds [{b}, p] and time_ids [{b}, k], \
-                     found {:?} and {:?}",
-                    te.shape(),
+                    "added conditioning: expected text_embeds [{n}, p] and time_ids [{n}, k], \
+                     found {tes:?} and {:?}",
                     ti.shape()
                 )));
             }
-            let width = te.shape()[1] + ti.shape()[1] * atd;
+            let width = tes[1] + ti.shape()[1] * atd;
             if width != pcid {
                 return Err(Error::InvalidArgument(format!(
                     "added conditioning: text_embeds width + time_ids count × {atd} must equal \
                      projection_class_embeddings_input_dim {pcid}, found {} + {} × {atd} = {width}",
-                    te.shape()[1],
+                    tes[1],
                     ti.shape()[1]
                 )));
             }
+            // The time ids are host values: embedded on the host like the timesteps.
             let time_embeds =
-                ops::timestep_embedding(ti.data(), atd, c.flip_sin_to_cos, c.freq_shift)?
-                    .reshape([b, ti.shape()[1] * atd])?;
-            let add = Tensor::concat(&[te, &time_embeds], 1)?;
-            let aug = self.timestep_embedding_mlp(exec, "add_embedding", &add, pcid, false)?;
-            ops::add_assign(&mut emb, &aug)?;
+                b.timestep_embedding(ti.data(), atd, c.flip_sin_to_cos, c.freq_shift)?;
+            let time_embeds = b.reshape(time_embeds, &[n, ti.shape()[1] * atd])?;
+            let add = b.cat_channels(te, &time_embeds)?;
+            let aug = self.timestep_embedding_mlp(b, src, "add_embedding", &add, pcid, false)?;
+            emb = b.add(&emb, &aug)?;
         } else if added.is_some() {
             return Err(Error::InvalidArgument(
                 "added conditioning given, but this UNet has no addition_embed_type".into(),
             ));
         }
         if c.time_embedding_act_fn.is_some() {
-            emb = ops::silu(&emb);
+            emb = b.activation(Activation::Silu, &emb)?;
         }
         Ok(emb)
     }
 
-    fn run_resnet(
+    fn run_resnet<B: Backend, S: WeightSource<B>>(
         &self,
-        exec: &Executor,
+        b: &B,
+        src: &S,
         prefix: &str,
         r: &ResnetBlock2D,
-        x: &Tensor,
-        emb: &Tensor,
-    ) -> Result<Tensor> {
-        let w = exec.group(&self.component, prefix)?;
-        r.forward(&w, "", x, Some(emb))
+        x: &B::Tensor,
+        emb: &B::Tensor,
+    ) -> Result<B::Tensor> {
+        let w = src.group(&self.component, prefix)?;
+        r.forward_on(b, &w, "", x, Some(emb))
+    }
+
+    /// `resnet`, then `attention` if any, of one block layer.
+    #[allow(clippy::too_many_arguments)]
+    fn run_layer<B: Backend, S: WeightSource<B>>(
+        &self,
+        b: &B,
+        src: &S,
+        (p, j): (&str, usize),
+        r: &ResnetBlock2D,
+        a: Option<&Transformer2DConfig>,
+        x: &B::Tensor,
+        (emb, ehs): (&B::Tensor, &B::Tensor),
+    ) -> Result<B::Tensor> {
+        let x = self.run_resnet(b, src, &format!("{p}.resnets.{j}"), r, x, emb)?;
+        // The caller keeps the result at its own mark: no keep here, which would copy twice.
+        match a {
+            Some(a) => {
+                let comp = self.component.as_str();
+                a.forward_on(b, src, comp, &format!("{p}.attentions.{j}"), &x, ehs)
+            }
+            None => Ok(x),
+        }
     }
 
     /// Predicts the noise (or v) for `sample [b, in_channels, h, w]` at `timesteps` (one value
@@ -891,142 +902,167 @@ impl UNet2DConditionModel {
         encoder_hidden_states: &Tensor,
         added: Option<AddedCond<'_>>,
     ) -> Result<Tensor> {
+        let added = added.map(|a| (a.text_embeds, a.time_ids));
+        let b = CpuBackend::new();
+        self.forward_on(&b, exec, sample, timesteps, encoder_hidden_states, added)
+    }
+
+    /// [`UNet2DConditionModel::forward`] on backend `b` with weights from `src`. `added` is
+    /// SDXL's `(text_embeds [b, p] on the backend, time_ids [b, k] on the host)`: the time ids
+    /// are embedded on the host like the timesteps. Activations are released layer by layer;
+    /// only the skip connections and the time embedding live across layers, and only the
+    /// output survives the call.
+    pub fn forward_on<B: Backend, S: WeightSource<B>>(
+        &self,
+        b: &B,
+        src: &S,
+        sample: &B::Tensor,
+        timesteps: &[f32],
+        encoder_hidden_states: &B::Tensor,
+        added: Option<(&B::Tensor, &Tensor)>,
+    ) -> Result<B::Tensor> {
         let c = &self.config;
         let comp = self.component.as_str();
-        let s = sample.shape();
+        let s = b.shape(sample);
         if s.len() != 4 || s[1] != c.in_channels {
             return Err(Error::InvalidArgument(format!(
                 "UNet sample: expected [b, {}, h, w], found {s:?}",
                 c.in_channels
             )));
         }
-        let (b, h, w) = (s[0], s[2], s[3]);
+        let (n, h, w) = (s[0], s[2], s[3]);
         if h == 0 || w == 0 {
             return Err(Error::InvalidArgument(format!(
                 "UNet sample: expected a positive height and width, found {h}×{w}"
             )));
         }
         let ehs = encoder_hidden_states;
-        if ehs.rank() != 3 || ehs.shape()[0] != b {
+        let es = b.shape(ehs);
+        if es.len() != 3 || es[0] != n {
             return Err(Error::InvalidArgument(format!(
-                "encoder_hidden_states: expected [{b}, tokens, cross_attention_dim], found {:?}",
-                ehs.shape()
+                "encoder_hidden_states: expected [{n}, tokens, cross_attention_dim], found {es:?}"
             )));
         }
         let ts: Vec<f32> = match timesteps.len() {
-            1 => vec![timesteps[0]; b],
-            n if n == b => timesteps.to_vec(),
-            n => {
+            1 => vec![timesteps[0]; n],
+            k if k == n => timesteps.to_vec(),
+            k => {
                 return Err(Error::InvalidArgument(format!(
-                    "timesteps: expected 1 or {b} (the batch size) values, found {n}"
+                    "timesteps: expected 1 or {n} (the batch size) values, found {k}"
                 )))
             }
         };
-        let emb = self.time_embedding(exec, &ts, added)?;
+        let start = b.mark();
+        let emb = self.time_embedding(b, src, &ts, added)?;
+        let emb = b.keep(start, emb)?;
+        let c0 = c.block_out_channels[0];
 
+        // Each skip is kept at the mark it was allocated at, so the up path can free it (and
+        // everything above it) once the concatenation has consumed it.
+        let m = b.mark();
         let mut x = {
-            let wg = exec.group(comp, "conv_in")?;
+            let wg = src.group(comp, "conv_in")?;
             let k = c.conv_in_kernel;
-            let c0 = c.block_out_channels[0];
+            let centered;
             let input = if c.center_input_sample {
-                let mut t = sample.clone();
-                t.data_mut().iter_mut().for_each(|v| *v = 2.0 * *v - 1.0);
-                t
+                // 2 * sample - 1, as two exact steps: * 2, then + (-1) per channel.
+                let minus_one = Tensor::new([c.in_channels], vec![-1.0; c.in_channels])?;
+                let two = b.scale(sample, 2.0)?;
+                centered = b.add_channel_bias(&two, &b.upload(&minus_one)?)?;
+                &centered
             } else {
-                sample.clone()
+                sample
             };
-            ops::conv2d(
-                &input,
+            let y = b.conv2d(
+                input,
                 wg.get_shaped("weight", &[c0, c.in_channels, k, k])?,
                 Some(wg.get_shaped("bias", &[c0])?),
                 Conv2dParams::new(1, k / 2),
-            )?
+            )?;
+            b.keep(m, y)?
         };
-
-        let mut skips = vec![x.clone()];
+        let mut skips = vec![(m, x.clone())];
+        let ctx = (&emb, ehs);
         for (i, blk) in self.down.iter().enumerate() {
             let p = format!("down_blocks.{i}");
             for (j, r) in blk.resnets.iter().enumerate() {
-                x = self.run_resnet(exec, &format!("{p}.resnets.{j}"), r, &x, &emb)?;
-                if let Some(a) = blk.attentions.get(j) {
-                    x = a.forward(exec, comp, &format!("{p}.attentions.{j}"), &x, ehs)?;
-                }
-                skips.push(x.clone());
+                let m = b.mark();
+                let y = self.run_layer(b, src, (&p, j), r, blk.attentions.get(j), &x, ctx)?;
+                x = b.keep(m, y)?;
+                skips.push((m, x.clone()));
             }
             if let Some(d) = &blk.sampler {
-                let wg = exec.group(comp, &format!("{p}.downsamplers.0"))?;
-                x = d.forward(&wg, "", &x)?;
-                skips.push(x.clone());
+                let m = b.mark();
+                let wg = src.group(comp, &format!("{p}.downsamplers.0"))?;
+                let y = d.forward_on(b, &wg, "", &x)?;
+                x = b.keep(m, y)?;
+                skips.push((m, x.clone()));
             }
         }
 
         if let Some(mid) = &self.mid {
-            x = self.run_resnet(exec, "mid_block.resnets.0", &mid.resnets[0], &x, &emb)?;
+            let m = b.mark();
+            let mut y =
+                self.run_resnet(b, src, "mid_block.resnets.0", &mid.resnets[0], &x, &emb)?;
             for (j, (a, r)) in mid.attentions.iter().zip(&mid.resnets[1..]).enumerate() {
-                x = a.forward(exec, comp, &format!("mid_block.attentions.{j}"), &x, ehs)?;
+                let p = format!("mid_block.attentions.{j}");
+                let t = a.forward_on(b, src, comp, &p, &y, ehs)?;
                 let p = format!("mid_block.resnets.{}", j + 1);
-                x = self.run_resnet(exec, &p, r, &x, &emb)?;
+                y = self.run_resnet(b, src, &p, r, &t, &emb)?;
             }
+            x = b.keep(m, y)?;
         }
 
         for (i, blk) in self.up.iter().enumerate() {
             let p = format!("up_blocks.{i}");
+            let no_skip = || Error::InvalidArgument(format!("{p}: no skip connection left"));
+            // Where the current `x` was kept: the upsampler's output replaces it there.
+            let mut x_mark = None;
             for (j, r) in blk.resnets.iter().enumerate() {
-                let skip = skips.pop().ok_or_else(|| {
-                    Error::InvalidArgument(format!("{p}: no skip connection left"))
-                })?;
-                x = ops::cat_channels(&[&x, &skip])?;
-                x = self.run_resnet(exec, &format!("{p}.resnets.{j}"), r, &x, &emb)?;
-                if let Some(a) = blk.attentions.get(j) {
-                    x = a.forward(exec, comp, &format!("{p}.attentions.{j}"), &x, ehs)?;
-                }
+                let (m, skip) = skips.pop().ok_or_else(no_skip)?;
+                let cat = b.cat_channels(&x, &skip)?;
+                let y = self.run_layer(b, src, (&p, j), r, blk.attentions.get(j), &cat, ctx)?;
+                // Frees the skip, the previous `x` and the concatenation (all above `m`).
+                x = b.keep(m, y)?;
+                x_mark = Some(m);
             }
             if let Some(u) = &blk.sampler {
-                let wg = exec.group(comp, &format!("{p}.upsamplers.0"))?;
+                let wg = src.group(comp, &format!("{p}.upsamplers.0"))?;
                 // Upsample to the next skip's size (diffusers' `upsample_size`): 2× unless the
                 // sample size is not a multiple of 2^upsamplers.
                 let target = skips
                     .last()
-                    .map(|t| (t.shape()[2], t.shape()[3]))
-                    .ok_or_else(|| {
-                        Error::InvalidArgument(format!("{p}: no skip connection left"))
-                    })?;
-                let (xh, xw) = (x.shape()[2], x.shape()[3]);
-                x = if target == (2 * xh, 2 * xw) {
-                    u.forward(&wg, "", &x)?
-                } else {
-                    let ch = u.channels;
-                    let up = upsample_nearest_to(&x, target)?;
-                    ops::conv2d(
-                        &up,
-                        wg.get_shaped("conv.weight", &[u.out_channels, ch, 3, 3])?,
-                        Some(wg.get_shaped("conv.bias", &[u.out_channels])?),
-                        Conv2dParams::new(1, 1),
-                    )?
-                };
+                    .map(|(_, t)| (b.shape(t)[2], b.shape(t)[3]))
+                    .ok_or_else(no_skip)?;
+                let xs = b.shape(&x);
+                let size = (target != (2 * xs[2], 2 * xs[3])).then_some(target);
+                let m = x_mark.unwrap_or_else(|| b.mark());
+                let y = u.forward_on(b, &wg, "", &x, size)?;
+                x = b.keep(m, y)?;
             }
         }
 
-        let c0 = c.block_out_channels[0];
-        x = {
-            let wg = exec.group(comp, "conv_norm_out")?;
-            ops::group_norm(
-                &x,
-                self.groups,
-                Some(wg.get_shaped("weight", &[c0])?),
-                Some(wg.get_shaped("bias", &[c0])?),
-                c.norm_eps,
-                true,
-            )?
-        };
-        let wg = exec.group(comp, "conv_out")?;
-        let k = c.conv_out_kernel;
-        let out = ops::conv2d(
+        let wg = src.group(comp, "conv_norm_out")?;
+        let y = b.group_norm(
             &x,
+            self.groups,
+            Some(wg.get_shaped("weight", &[c0])?),
+            Some(wg.get_shaped("bias", &[c0])?),
+            c.norm_eps,
+            true,
+        )?;
+        drop(wg);
+        let wg = src.group(comp, "conv_out")?;
+        let k = c.conv_out_kernel;
+        let out = b.conv2d(
+            &y,
             wg.get_shaped("weight", &[c.out_channels, c0, k, k])?,
             Some(wg.get_shaped("bias", &[c.out_channels])?),
             Conv2dParams::new(1, k / 2),
         )?;
-        Ok(out)
+        drop(wg);
+        // Only the output survives: the time embedding, the last activation and every
+        // temporary since the start are freed.
+        b.keep(start, out)
     }
 }

@@ -9,11 +9,13 @@
 //! [`Vae::check_weights`] to reject unknown keys up front.
 
 use super::attention::{AttentionConfig, GroupNormSpec};
-use super::resnet::{norm, Downsample2D, ResnetBlock2D, Upsample2D, WeightShape};
+use super::resnet::{norm_on, Downsample2D, ResnetBlock2D, Upsample2D, WeightShape};
+use crate::backend::{Backend, CpuBackend};
 use crate::error::{Error, Result};
-use crate::exec::{ComponentGroups, Executor, Weights};
-use crate::ops::{self, Conv2dParams};
+use crate::exec::{ComponentGroups, Executor};
+use crate::ops::Conv2dParams;
 use crate::tensor::Tensor;
+use crate::weights::{WeightGroup, WeightSource};
 use serde::Deserialize;
 use std::path::Path;
 
@@ -434,43 +436,19 @@ impl Vae {
     /// Encodes `image [n, in_channels, h, w]` (values in [-1, 1]) to the posterior's
     /// `(mean, std)`, each `[n, latent_channels, h / f, w / f]` (not scaled).
     pub fn encode(&self, exec: &Executor, image: &Tensor) -> Result<(Tensor, Tensor)> {
-        let c = &self.config;
-        check_input("encode", image, c.in_channels)?;
-        let boc = &c.block_out_channels;
-        let (first, top) = (boc[0], boc[boc.len() - 1]);
-        let lat = c.latent_channels;
-        let comp = self.component.as_str();
-        let mut x = {
-            let w = exec.group(comp, "encoder.conv_in")?;
-            conv(&w, "", image, (c.in_channels, first, 3))?
-        };
-        for (i, l) in self.enc_levels.iter().enumerate() {
-            for (j, r) in l.resnets.iter().enumerate() {
-                let w = exec.group(comp, &format!("encoder.down_blocks.{i}.resnets.{j}"))?;
-                x = r.forward(&w, "", &x, None)?;
-            }
-            if let Some(d) = &l.down {
-                let w = exec.group(comp, &format!("encoder.down_blocks.{i}.downsamplers.0"))?;
-                x = d.forward(&w, "", &x)?;
-            }
-        }
-        x = self.mid(exec, "encoder", &self.enc_mid, x)?;
-        x = {
-            let w = exec.group(comp, "encoder")?;
-            let h = norm(
-                &w,
-                "",
-                "conv_norm_out",
-                &x,
-                (top, c.norm_num_groups, VAE_EPS),
-                true,
-            )?;
-            conv(&w, "conv_out.", &h, (top, 2 * lat, 3))?
-        };
-        if c.use_quant_conv {
-            let w = exec.group(comp, "quant_conv")?;
-            x = conv(&w, "", &x, (2 * lat, 2 * lat, 1))?;
-        }
+        self.encode_on(&CpuBackend::new(), exec, image)
+    }
+
+    /// [`Vae::encode`] on backend `b` with weights from `src`: the encoder runs on the backend,
+    /// the posterior (split, clamp, exp) on the host from the downloaded moments.
+    pub fn encode_on<B: Backend, S: WeightSource<B>>(
+        &self,
+        b: &B,
+        src: &S,
+        image: &B::Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let moments = self.encode_moments_on(b, src, image)?;
+        let x = b.download(&moments)?;
         // DiagonalGaussianDistribution: mean, logvar = chunk(2, dim=1); logvar clamped.
         let mut parts = x.chunk(2, 1)?.into_iter();
         let (Some(mean), Some(mut std)) = (parts.next(), parts.next()) else {
@@ -484,38 +462,105 @@ impl Vae {
         Ok((mean, std))
     }
 
+    /// The encoder (and `quant_conv`) on backend `b`: the posterior's moments
+    /// `[n, 2 * latent_channels, h / f, w / f]` (mean, then log-variance), left on the backend.
+    pub fn encode_moments_on<B: Backend, S: WeightSource<B>>(
+        &self,
+        b: &B,
+        src: &S,
+        image: &B::Tensor,
+    ) -> Result<B::Tensor> {
+        let c = &self.config;
+        check_input("encode", b.shape(image), c.in_channels)?;
+        let boc = &c.block_out_channels;
+        let (first, top) = (boc[0], boc[boc.len() - 1]);
+        let lat = c.latent_channels;
+        let comp = self.component.as_str();
+        let m = b.mark();
+        let mut x = {
+            let w = src.group(comp, "encoder.conv_in")?;
+            conv_on(b, &w, "", image, (c.in_channels, first, 3))?
+        };
+        for (i, l) in self.enc_levels.iter().enumerate() {
+            for (j, r) in l.resnets.iter().enumerate() {
+                let w = src.group(comp, &format!("encoder.down_blocks.{i}.resnets.{j}"))?;
+                x = b.keep(m, r.forward_on(b, &w, "", &x, None)?)?;
+            }
+            if let Some(d) = &l.down {
+                let w = src.group(comp, &format!("encoder.down_blocks.{i}.downsamplers.0"))?;
+                x = b.keep(m, d.forward_on(b, &w, "", &x)?)?;
+            }
+        }
+        x = self.mid_on(b, src, "encoder", &self.enc_mid, &x)?;
+        x = b.keep(m, x)?;
+        x = {
+            let w = src.group(comp, "encoder")?;
+            let h = norm_on(
+                b,
+                &w,
+                "",
+                "conv_norm_out",
+                &x,
+                (top, c.norm_num_groups, VAE_EPS),
+                true,
+            )?;
+            conv_on(b, &w, "conv_out.", &h, (top, 2 * lat, 3))?
+        };
+        x = b.keep(m, x)?;
+        if c.use_quant_conv {
+            let w = src.group(comp, "quant_conv")?;
+            x = conv_on(b, &w, "", &x, (2 * lat, 2 * lat, 1))?;
+        }
+        b.keep(m, x)
+    }
+
     /// Decodes latents that were already divided by the scaling factor (and shifted back),
     /// `[n, latent_channels, h, w]`, to the raw image `[n, out_channels, h * f, w * f]` in about
     /// [-1, 1] (see [`postprocess`]).
     pub fn decode(&self, exec: &Executor, latents: &Tensor) -> Result<Tensor> {
+        self.decode_on(&CpuBackend::new(), exec, latents)
+    }
+
+    /// [`Vae::decode`] on backend `b` with weights from `src`; only the image survives the
+    /// decoder's temporaries.
+    pub fn decode_on<B: Backend, S: WeightSource<B>>(
+        &self,
+        b: &B,
+        src: &S,
+        latents: &B::Tensor,
+    ) -> Result<B::Tensor> {
         let c = &self.config;
         let lat = c.latent_channels;
-        check_input("decode", latents, lat)?;
+        check_input("decode", b.shape(latents), lat)?;
         let boc = &c.block_out_channels;
         let (first, top) = (boc[0], boc[boc.len() - 1]);
         let comp = self.component.as_str();
+        let m = b.mark();
         let mut z = latents.clone();
         if c.use_post_quant_conv {
-            let w = exec.group(comp, "post_quant_conv")?;
-            z = conv(&w, "", &z, (lat, lat, 1))?;
+            let w = src.group(comp, "post_quant_conv")?;
+            z = conv_on(b, &w, "", &z, (lat, lat, 1))?;
         }
         let mut x = {
-            let w = exec.group(comp, "decoder.conv_in")?;
-            conv(&w, "", &z, (lat, top, 3))?
+            let w = src.group(comp, "decoder.conv_in")?;
+            conv_on(b, &w, "", &z, (lat, top, 3))?
         };
-        x = self.mid(exec, "decoder", &self.dec_mid, x)?;
+        x = b.keep(m, x)?;
+        x = self.mid_on(b, src, "decoder", &self.dec_mid, &x)?;
+        x = b.keep(m, x)?;
         for (i, l) in self.dec_levels.iter().enumerate() {
             for (j, r) in l.resnets.iter().enumerate() {
-                let w = exec.group(comp, &format!("decoder.up_blocks.{i}.resnets.{j}"))?;
-                x = r.forward(&w, "", &x, None)?;
+                let w = src.group(comp, &format!("decoder.up_blocks.{i}.resnets.{j}"))?;
+                x = b.keep(m, r.forward_on(b, &w, "", &x, None)?)?;
             }
             if let Some(u) = &l.up {
-                let w = exec.group(comp, &format!("decoder.up_blocks.{i}.upsamplers.0"))?;
-                x = u.forward(&w, "", &x)?;
+                let w = src.group(comp, &format!("decoder.up_blocks.{i}.upsamplers.0"))?;
+                x = b.keep(m, u.forward_on(b, &w, "", &x, None)?)?;
             }
         }
-        let w = exec.group(comp, "decoder")?;
-        let h = norm(
+        let w = src.group(comp, "decoder")?;
+        let h = norm_on(
+            b,
             &w,
             "",
             "conv_norm_out",
@@ -523,7 +568,9 @@ impl Vae {
             (first, c.norm_num_groups, VAE_EPS),
             true,
         )?;
-        conv(&w, "conv_out.", &h, (first, c.out_channels, 3))
+        let out = conv_on(b, &w, "conv_out.", &h, (first, c.out_channels, 3))?;
+        drop(w);
+        b.keep(m, out)
     }
 
     /// Latents for the UNet from a posterior sample or mean: `(z - shift) * scaling_factor`.
@@ -553,18 +600,28 @@ impl Vae {
         out
     }
 
-    fn mid(&self, exec: &Executor, part: &str, m: &MidBlock, x: Tensor) -> Result<Tensor> {
+    fn mid_on<B: Backend, S: WeightSource<B>>(
+        &self,
+        b: &B,
+        src: &S,
+        part: &str,
+        m: &MidBlock,
+        x: &B::Tensor,
+    ) -> Result<B::Tensor> {
         let comp = self.component.as_str();
+        let mark = b.mark();
         let mut x = {
-            let w = exec.group(comp, &format!("{part}.mid_block.resnets.0"))?;
-            m.resnets[0].forward(&w, "", &x, None)?
+            let w = src.group(comp, &format!("{part}.mid_block.resnets.0"))?;
+            m.resnets[0].forward_on(b, &w, "", x, None)?
         };
         if let Some(a) = &m.attention {
-            let w = exec.group(comp, &format!("{part}.mid_block.attentions.0"))?;
-            x = a.forward(&w, "", &x, None)?;
+            let w = src.group(comp, &format!("{part}.mid_block.attentions.0"))?;
+            x = b.keep(mark, a.forward_on(b, &w, "", &x, None)?)?;
         }
-        let w = exec.group(comp, &format!("{part}.mid_block.resnets.1"))?;
-        m.resnets[1].forward(&w, "", &x, None)
+        let w = src.group(comp, &format!("{part}.mid_block.resnets.1"))?;
+        let out = m.resnets[1].forward_on(b, &w, "", &x, None)?;
+        drop(w);
+        b.keep(mark, out)
     }
 }
 
@@ -594,32 +651,27 @@ fn mid_shapes(v: &mut Vec<WeightShape>, part: &str, m: &MidBlock) {
     }
 }
 
-fn check_input(op: &str, x: &Tensor, channels: usize) -> Result<()> {
-    if x.rank() == 4 && x.shape()[1] == channels && x.shape()[2] > 0 && x.shape()[3] > 0 {
+fn check_input(op: &str, shape: &[usize], channels: usize) -> Result<()> {
+    if shape.len() == 4 && shape[1] == channels && shape[2] > 0 && shape[3] > 0 {
         Ok(())
     } else {
         Err(Error::InvalidArgument(format!(
-            "VAE {op}: expected input [n, {channels}, h, w], found {:?}",
-            x.shape()
+            "VAE {op}: expected input [n, {channels}, h, w], found {shape:?}"
         )))
     }
 }
 
 /// k×k convolution ("same" padding) `{prefix}weight [out, in, k, k]` + `{prefix}bias` from `w`.
-fn conv(
-    w: &Weights,
+fn conv_on<B: Backend, W: WeightGroup<B>>(
+    b: &B,
+    w: &W,
     prefix: &str,
-    x: &Tensor,
+    x: &B::Tensor,
     (cin, cout, k): (usize, usize, usize),
-) -> Result<Tensor> {
+) -> Result<B::Tensor> {
     let weight = w.get_shaped(&format!("{prefix}weight"), &[cout, cin, k, k])?;
     let bias = w.get_shaped(&format!("{prefix}bias"), &[cout])?;
-    Ok(ops::conv2d(
-        x,
-        weight,
-        Some(bias),
-        Conv2dParams::new(1, k / 2),
-    )?)
+    b.conv2d(x, weight, Some(bias), Conv2dParams::new(1, k / 2))
 }
 
 /// The pipelines' image from a decoder output: `(x / 2 + 0.5).clamp(0, 1)`.
