@@ -45,9 +45,9 @@ pub struct Args {
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
-    /// Compute precision.
-    #[arg(long, value_enum, default_value_t = Precision::F32)]
-    pub dtype: Precision,
+    /// Compute precision (default: f16 on CUDA; the CPU path computes in f32).
+    #[arg(long, value_enum)]
+    pub dtype: Option<Precision>,
     /// Offload mode (default: none when the model fits the budget, auto otherwise).
     #[arg(long, value_enum)]
     pub offload: Option<Offload>,

@@ -56,21 +56,21 @@ pub struct ComponentGroups {
     pub groups: Vec<String>,
 }
 
-struct GroupInfo {
+pub(crate) struct GroupInfo {
     /// Component the group belongs to.
-    component: String,
+    pub(crate) component: String,
     /// Modelled compute time of one use.
-    compute: Duration,
+    pub(crate) compute: Duration,
     /// Full group name (`component.prefix`).
-    name: String,
+    pub(crate) name: String,
     /// Keys relative to the group prefix, with their host tensors, in group order.
-    tensors: Vec<(String, HostTensor)>,
+    pub(crate) tensors: Vec<(String, HostTensor)>,
 }
 
-type Built = (Vec<GroupInfo>, Vec<GroupDesc>, HashMap<String, GroupId>);
+pub(crate) type Built = (Vec<GroupInfo>, Vec<GroupDesc>, HashMap<String, GroupId>);
 
 /// Assigns every weight of the listed components to its group (longest matching prefix).
-fn build_groups(
+pub(crate) fn build_groups(
     store: &HostStore,
     components: &[ComponentGroups],
     compute_ns_per_byte: f64,
@@ -162,7 +162,7 @@ impl std::fmt::Debug for Executor {
     }
 }
 
-fn tensor_dtype(d: DType, name: &str) -> Result<TensorDType> {
+pub(crate) fn tensor_dtype(d: DType, name: &str) -> Result<TensorDType> {
     match d {
         DType::F32 => Ok(TensorDType::F32),
         DType::F16 => Ok(TensorDType::F16),

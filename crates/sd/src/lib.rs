@@ -6,6 +6,7 @@ pub mod cli;
 pub mod cuda;
 pub mod error;
 pub mod exec;
+pub mod gpu_exec;
 pub mod image;
 pub mod loader;
 pub mod models;

@@ -2,22 +2,28 @@
 //! prompt encoding, classifier-free guidance in one batched UNet pass per step, the scheduler loop,
 //! and VAE decoding — with every layer's weights paged through Ferry.
 
+use crate::backend::{Backend, CpuBackend};
 use crate::error::{Error, Result};
 use crate::exec::{ComponentGroups, ExecConfig, Executor};
+use crate::gpu_exec::{
+    plan_reserve, EncoderRun, GpuExecutor, GpuGroups, ReservePlan, ReserveRequest,
+};
 use crate::loader::{ModelFamily, ModelSource};
 use crate::models::clip::{ClipOptions, ClipTextModel};
-use crate::models::unet::{AddedCond, UNet2DConditionModel};
+use crate::models::unet::UNet2DConditionModel;
 use crate::models::vae::{Vae, VaeConfig};
 use crate::rng::TorchGenerator;
 use crate::schedulers;
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor};
 use crate::tokenizer::{ClipTokenizer, SpecialTokens};
+use crate::weights::WeightSource;
+use ferry_pager::device::cuda::CudaDevice;
 use ferry_pager::device::sim::{SimConfig, SimDevice};
 use ferry_pager::host::HostStore;
 use ferry_pager::Device;
-use ferry_sched::Mode;
+use ferry_sched::{Mode, PlanSummary, RunMetrics, Scheduler};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// One text encoder with its tokenizer.
 struct TextEncoder {
@@ -37,8 +43,39 @@ pub struct Pipeline {
     force_zeros_for_empty_prompt: bool,
     store: HostStore,
     groups: Vec<ComponentGroups>,
-    exec: Executor,
-    device: Arc<SimDevice>,
+    engine: Engine,
+}
+
+/// Where the layers run.
+enum Engine {
+    /// CPU reference ops, weights paged through the simulated device.
+    Sim {
+        exec: Executor,
+        device: Arc<SimDevice>,
+    },
+    /// A CUDA GPU (behind a lock: a generation may grow the activation reserve).
+    Cuda(Mutex<CudaEngine>),
+}
+
+/// The GPU executor and the precisions it runs in.
+struct CudaEngine {
+    exec: GpuExecutor,
+    /// Text encoders and UNet.
+    dtype: DType,
+    /// The VAE (f32 where diffusers' `force_upcast` applies to f16).
+    vae_dtype: DType,
+    cfg: LoadConfig,
+    mode: Mode,
+}
+
+/// Where a pipeline computes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DeviceChoice {
+    /// The f32 CPU reference ops, weights paged through the simulated device.
+    #[default]
+    Cpu,
+    /// CUDA GPU number `n`.
+    Cuda(usize),
 }
 
 /// How to load and page a model.
@@ -52,6 +89,11 @@ pub struct LoadConfig {
     pub reserve: u64,
     /// Record metrics for `--stats` / `--trace`.
     pub metrics: bool,
+    /// Where to compute.
+    pub device: DeviceChoice,
+    /// Compute dtype on CUDA (f16, bf16 or f32; weights are converted to it at load, the VAE
+    /// to f32 instead of f16 when its config asks for `force_upcast`). The CPU computes in f32.
+    pub dtype: DType,
 }
 
 impl Default for LoadConfig {
@@ -61,6 +103,8 @@ impl Default for LoadConfig {
             budget: None,
             reserve: 64 << 20,
             metrics: false,
+            device: DeviceChoice::Cpu,
+            dtype: DType::F16,
         }
     }
 }
@@ -180,6 +224,94 @@ pub fn token_ids(model: &Path, prompt: &str, negative: Option<&str>) -> Result<V
         .collect()
 }
 
+/// The weight dtype the loader converts to.
+fn pager_dtype(d: DType) -> ferry_pager::weights::DType {
+    match d {
+        DType::F32 => ferry_pager::weights::DType::F32,
+        DType::F16 => ferry_pager::weights::DType::F16,
+        DType::BF16 => ferry_pager::weights::DType::BF16,
+    }
+}
+
+/// The VAE's compute dtype for a pipeline computing in `dtype`: f32 instead of f16 when the
+/// config asks for `force_upcast` (SDXL's VAE overflows in f16), as diffusers does.
+pub fn vae_dtype(vae: &Vae, dtype: DType) -> DType {
+    if dtype == DType::F16 && vae.force_upcast() {
+        DType::F32
+    } else {
+        dtype
+    }
+}
+
+/// The compute dtype of every component: the VAE's own, `dtype` for the rest.
+fn component_dtypes(
+    groups: &[ComponentGroups],
+    dtype: DType,
+    vae_dtype: DType,
+) -> Vec<(String, DType)> {
+    groups
+        .iter()
+        .map(|g| {
+            let d = if g.component == "vae" {
+                vae_dtype
+            } else {
+                dtype
+            };
+            (g.component.clone(), d)
+        })
+        .collect()
+}
+
+/// The padded prompt length (the same for every tokenizer of a model).
+fn token_len(encoders: &[TextEncoder]) -> usize {
+    encoders
+        .first()
+        .map_or(77, |e| e.tokenizer.encode("").ids.len())
+}
+
+/// The hidden states the pipeline asks a text encoder for.
+fn clip_options(family: ModelFamily) -> ClipOptions {
+    if family == ModelFamily::Sdxl {
+        ClipOptions {
+            hidden_states: vec![-2],
+            normed_hidden_states: false,
+        }
+    } else {
+        ClipOptions::default()
+    }
+}
+
+/// [`plan_reserve`] for a pipeline's models.
+fn plan_with(
+    family: ModelFamily,
+    encoders: &[TextEncoder],
+    unet: &UNet2DConditionModel,
+    vae: &Vae,
+    groups: &GpuGroups,
+    req: &ReserveRequest,
+) -> Result<ReservePlan> {
+    let opts = clip_options(family);
+    let runs: Vec<EncoderRun<'_>> = encoders
+        .iter()
+        .map(|e| EncoderRun {
+            model: &e.model,
+            options: &opts,
+        })
+        .collect();
+    plan_reserve(groups, &runs, unet, vae, req)
+}
+
+/// The GPU executor's configuration.
+fn gpu_exec_config(cfg: &LoadConfig, mode: Mode, reserve: u64) -> ExecConfig {
+    ExecConfig {
+        mode,
+        budget: cfg.budget,
+        reserve,
+        metrics: cfg.metrics,
+        ..ExecConfig::default()
+    }
+}
+
 impl Pipeline {
     /// Loads a diffusers folder or single-file checkpoint and plans paging it.
     pub fn load(model: &Path, cfg: LoadConfig) -> Result<Pipeline> {
@@ -196,12 +328,27 @@ impl Pipeline {
             .as_bool()
             .unwrap_or(family == ModelFamily::Sdxl);
 
-        let capacity = cfg.budget.unwrap_or(u64::MAX / 4).max(1 << 20);
-        let device = SimDevice::new(SimConfig {
-            capacity,
-            ..SimConfig::default()
-        });
-        let store = HostStore::new(device.clone() as Arc<dyn Device>);
+        // On CUDA weights are converted to the compute dtype at load (the kernels read them as
+        // stored); the CPU ops read any float dtype.
+        let (store, sim, cuda) = match cfg.device {
+            DeviceChoice::Cpu => {
+                let capacity = cfg.budget.unwrap_or(u64::MAX / 4).max(1 << 20);
+                let device = SimDevice::new(SimConfig {
+                    capacity,
+                    ..SimConfig::default()
+                });
+                let store = HostStore::new(device.clone() as Arc<dyn Device>);
+                (store, Some(device), None)
+            }
+            DeviceChoice::Cuda(n) => {
+                let dev = CudaDevice::new(n).map_err(|e| {
+                    Error::InvalidArgument(format!("CUDA device {n} is not usable: {e}"))
+                })?;
+                let store = HostStore::new(dev.clone() as Arc<dyn Device>);
+                (store, None, Some(dev))
+            }
+        };
+        let convert = cuda.as_ref().map(|_| pager_dtype(cfg.dtype));
         let mut groups = Vec::new();
         let mut encoders = Vec::new();
         let enc_names: &[&str] = match family {
@@ -211,7 +358,7 @@ impl Pipeline {
         for (&enc, &tok) in enc_names.iter().zip(tokenizer_names(family)) {
             let c = component(enc)?;
             let model = ClipTextModel::from_config_json(&c.config_json, enc)?;
-            c.register_into(&store, &format!("{enc}."), None)
+            c.register_into(&store, &format!("{enc}."), convert)
                 .map_err(|e| Error::Config(format!("{enc}: {e}")))?;
             groups.push(model.groups());
             encoders.push(TextEncoder {
@@ -240,7 +387,7 @@ impl Pipeline {
                 .iter()
                 .map(|t| (t.name.as_str(), t.shape.as_slice())),
         )?;
-        c.register_into(&store, "unet.", None)
+        c.register_into(&store, "unet.", convert)
             .map_err(|e| Error::Config(format!("unet: {e}")))?;
         groups.push(unet.groups());
         let c = component("vae")?;
@@ -250,7 +397,9 @@ impl Pipeline {
                 .iter()
                 .map(|t| (t.name.as_str(), t.shape.as_slice())),
         )?;
-        c.register_into(&store, "vae.", None)
+        let vae_dtype = vae_dtype(&vae, cfg.dtype);
+        let vae_convert = cuda.as_ref().map(|_| pager_dtype(vae_dtype));
+        c.register_into(&store, "vae.", vae_convert)
             .map_err(|e| Error::Config(format!("vae: {e}")))?;
         groups.push(vae.groups());
         let scheduler_config = component("scheduler")?.config_json;
@@ -263,19 +412,64 @@ impl Pipeline {
                 _ => Mode::None,
             },
         };
-        let exec = Executor::with_pass(
-            device.clone(),
-            &store,
-            &groups,
-            &["unet"],
-            ExecConfig {
-                mode,
-                budget: cfg.budget,
-                reserve: cfg.reserve,
-                metrics: cfg.metrics,
-                ..ExecConfig::default()
-            },
-        )?;
+        let engine = match (sim, cuda) {
+            (Some(device), _) => {
+                let exec = Executor::with_pass(
+                    device.clone(),
+                    &store,
+                    &groups,
+                    &["unet"],
+                    ExecConfig {
+                        mode,
+                        budget: cfg.budget,
+                        reserve: cfg.reserve,
+                        metrics: cfg.metrics,
+                        ..ExecConfig::default()
+                    },
+                )?;
+                Engine::Sim { exec, device }
+            }
+            (None, Some(dev)) => {
+                let dtypes = component_dtypes(&groups, cfg.dtype, vae_dtype);
+                let dt: Vec<(&str, DType)> = dtypes.iter().map(|(c, d)| (c.as_str(), *d)).collect();
+                // Plan the activation reserve for the default image (one, with CFG); a larger
+                // request grows it when it comes.
+                let planning = GpuGroups::new(&store, &groups, &dt, 0.0)?;
+                let req = ReserveRequest {
+                    images: 1,
+                    cfg: true,
+                    latent: sample_size,
+                    tokens: token_len(&encoders),
+                };
+                let planned = plan_with(family, &encoders, &unet, &vae, &planning, &req)?;
+                let reserve = cfg.reserve.max(planned.reserve());
+                let mode = match (cfg.mode, cfg.budget) {
+                    (Some(m), _) => m,
+                    (None, Some(b)) if b < all + reserve => Mode::Auto,
+                    (None, _) => Mode::None,
+                };
+                let exec = GpuExecutor::with_pass(
+                    dev,
+                    &store,
+                    &groups,
+                    &dt,
+                    &["unet"],
+                    gpu_exec_config(&cfg, mode, reserve),
+                )?;
+                Engine::Cuda(Mutex::new(CudaEngine {
+                    exec,
+                    dtype: cfg.dtype,
+                    vae_dtype,
+                    cfg,
+                    mode,
+                }))
+            }
+            (None, None) => {
+                return Err(Error::InvalidArgument(
+                    "no device was opened for the pipeline".into(),
+                ))
+            }
+        };
         Ok(Pipeline {
             family,
             encoders,
@@ -286,8 +480,7 @@ impl Pipeline {
             force_zeros_for_empty_prompt,
             store,
             groups,
-            exec,
-            device,
+            engine,
         })
     }
 
@@ -301,9 +494,101 @@ impl Pipeline {
         self.family
     }
 
-    /// The executor (plan, metrics, trace).
-    pub fn executor(&self) -> &Executor {
-        &self.exec
+    /// The CPU path's executor (`None` on CUDA).
+    pub fn executor(&self) -> Option<&Executor> {
+        match &self.engine {
+            Engine::Sim { exec, .. } => Some(exec),
+            Engine::Cuda(_) => None,
+        }
+    }
+
+    /// Where the pipeline computes.
+    pub fn device(&self) -> DeviceChoice {
+        match &self.engine {
+            Engine::Sim { .. } => DeviceChoice::Cpu,
+            Engine::Cuda(e) => DeviceChoice::Cuda(lock(e).exec.device().ordinal()),
+        }
+    }
+
+    /// The compute dtypes `(text encoders and UNet, VAE)`: f32 on the CPU.
+    pub fn dtypes(&self) -> (DType, DType) {
+        match &self.engine {
+            Engine::Sim { .. } => (DType::F32, DType::F32),
+            Engine::Cuda(e) => {
+                let e = lock(e);
+                (e.dtype, e.vae_dtype)
+            }
+        }
+    }
+
+    /// The paging plan being run.
+    pub fn plan(&self) -> PlanSummary {
+        match &self.engine {
+            Engine::Sim { exec, .. } => exec.plan(),
+            Engine::Cuda(e) => lock(e).exec.plan(),
+        }
+    }
+
+    /// Paging metrics so far (empty unless loaded with `metrics`).
+    pub fn metrics(&self) -> Result<RunMetrics> {
+        match &self.engine {
+            Engine::Sim { exec, .. } => exec.metrics(),
+            Engine::Cuda(e) => lock(e).exec.metrics(),
+        }
+    }
+
+    /// Bytes of the budget kept for activations (on the CPU path, what was configured; on CUDA,
+    /// the planned reserve, grown by generations that need more).
+    pub fn reserve(&self) -> u64 {
+        match &self.engine {
+            Engine::Sim { exec, .. } => exec.scheduler().workspace().len,
+            Engine::Cuda(e) => lock(e).exec.workspace().len,
+        }
+    }
+
+    /// The activation arena peaks a generation with `p` would reach on CUDA computing in
+    /// `dtype` (the VAE as [`vae_dtype`] says), measured by running the models in recording
+    /// mode: needs no GPU, works on a CPU pipeline too.
+    pub fn reserve_plan(&self, dtype: DType, p: &GenerateParams) -> Result<ReservePlan> {
+        let dtypes = component_dtypes(&self.groups, dtype, vae_dtype(&self.vae, dtype));
+        let dt: Vec<(&str, DType)> = dtypes.iter().map(|(c, d)| (c.as_str(), *d)).collect();
+        let groups = GpuGroups::for_planning(&self.store, &self.groups, &dt)?;
+        plan_with(
+            self.family,
+            &self.encoders,
+            &self.unet,
+            &self.vae,
+            &groups,
+            &self.reserve_request(p)?,
+        )
+    }
+
+    /// The shape of a generation, for reserve planning.
+    fn reserve_request(&self, p: &GenerateParams) -> Result<ReserveRequest> {
+        let (w, h) = self.image_size(p)?;
+        let f = self.vae.scale_factor();
+        Ok(ReserveRequest {
+            images: p.batch.max(1),
+            cfg: p.guidance > 1.0,
+            latent: (h / f, w / f),
+            tokens: token_len(&self.encoders),
+        })
+    }
+
+    /// The image size `p` asks for, checked.
+    fn image_size(&self, p: &GenerateParams) -> Result<(usize, usize)> {
+        let (dw, dh) = self.default_size();
+        let (w, h) = (p.width.unwrap_or(dw), p.height.unwrap_or(dh));
+        let f = self.vae.scale_factor();
+        for (name, v) in [("width", w), ("height", h)] {
+            if v == 0 || !v.is_multiple_of(8) || !v.is_multiple_of(f) {
+                return Err(Error::InvalidArgument(format!(
+                    "--{name} must be a positive multiple of {}, got {v}",
+                    f.max(8)
+                )));
+            }
+        }
+        Ok((w, h))
     }
 
     /// Pinned host bytes holding the weights.
@@ -313,7 +598,10 @@ impl Pipeline {
 
     /// Race reports of the simulated device (empty when paging is correct).
     pub fn races(&self) -> Vec<String> {
-        self.device.races()
+        match &self.engine {
+            Engine::Sim { device, .. } => device.races(),
+            Engine::Cuda(_) => Vec::new(),
+        }
     }
 
     /// The default image size: the UNet's sample size times the VAE's scale factor.
@@ -322,15 +610,18 @@ impl Pipeline {
         (self.sample_size.1 * f, self.sample_size.0 * f)
     }
 
-    /// Encodes one batch of texts with every text encoder: (prompt embeds `[n, 77, C]`, pooled
-    /// `[n, P]` for SDXL).
-    fn encode(
+    /// Encodes one batch of texts with every text encoder on `b`: (prompt embeds `[n, 77, C]`,
+    /// pooled `[n, P]` for SDXL), on the host.
+    fn encode_on<B: Backend, S: WeightSource<B>>(
         &self,
+        b: &B,
+        src: &S,
         texts: &[&str],
         warnings: &mut Vec<String>,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let mut states = Vec::new();
         let mut pooled = None;
+        let opts = clip_options(self.family);
         for e in &self.encoders {
             let mut ids = Vec::with_capacity(texts.len());
             for t in texts {
@@ -347,23 +638,20 @@ impl Pipeline {
                 }
                 ids.push(enc.ids);
             }
+            let m = b.mark();
+            let out = e.model.forward_on(b, src, &ids, &opts)?;
             if self.family == ModelFamily::Sdxl {
-                let out = e.model.forward(
-                    &self.exec,
-                    &ids,
-                    &ClipOptions {
-                        hidden_states: vec![-2],
-                        normed_hidden_states: false,
-                    },
-                )?;
-                if let Some(p) = out.text_embeds {
-                    pooled = Some(p);
+                if let Some(p) = &out.text_embeds {
+                    pooled = Some(b.download(p)?);
                 }
-                states.extend(out.hidden_states);
+                for h in &out.hidden_states {
+                    states.push(b.download(h)?);
+                }
             } else {
-                let out = e.model.forward(&self.exec, &ids, &ClipOptions::default())?;
-                states.push(out.last_hidden_state);
+                states.push(b.download(&out.last_hidden_state)?);
             }
+            drop(out);
+            b.release(m)?;
         }
         let refs: Vec<&Tensor> = states.iter().collect();
         let embeds = if refs.len() == 1 {
@@ -378,19 +666,75 @@ impl Pipeline {
     pub fn generate(
         &self,
         p: &GenerateParams,
-        mut progress: impl FnMut(usize, usize),
+        progress: impl FnMut(usize, usize),
     ) -> Result<Generated> {
-        let (dw, dh) = self.default_size();
-        let (w, h) = (p.width.unwrap_or(dw), p.height.unwrap_or(dh));
-        let f = self.vae.scale_factor();
-        for (name, v) in [("width", w), ("height", h)] {
-            if v == 0 || !v.is_multiple_of(8) || !v.is_multiple_of(f) {
-                return Err(Error::InvalidArgument(format!(
-                    "--{name} must be a positive multiple of {}, got {v}",
-                    f.max(8)
-                )));
+        match &self.engine {
+            Engine::Sim { exec, .. } => {
+                let b = CpuBackend::new();
+                let on = Stages {
+                    text: &b,
+                    unet: &b,
+                    vae: &b,
+                    src: exec,
+                    sched: exec.scheduler(),
+                };
+                self.run(on, p, progress)
+            }
+            Engine::Cuda(engine) => {
+                let mut guard = lock(engine);
+                self.fit_reserve(&mut guard, p)?;
+                let e = &*guard;
+                let text = e.exec.backend(e.dtype)?;
+                let unet = e.exec.backend(e.dtype)?;
+                let vae = e.exec.backend(e.vae_dtype)?;
+                let on = Stages {
+                    text: &text,
+                    unet: &unet,
+                    vae: &vae,
+                    src: &e.exec,
+                    sched: e.exec.scheduler(),
+                };
+                self.run(on, p, progress)
             }
         }
+    }
+
+    /// Makes the GPU executor's activation reserve large enough for `p`: re-planned inside the
+    /// budget when one was given (an error if it no longer fits), else the executor is rebuilt
+    /// with a budget of the weights plus the larger reserve.
+    fn fit_reserve(&self, e: &mut CudaEngine, p: &GenerateParams) -> Result<()> {
+        let need = self.reserve_plan(e.dtype, p)?.reserve();
+        if need <= e.exec.workspace().len {
+            return Ok(());
+        }
+        if e.cfg.budget.is_some() {
+            e.exec.set_reserve(need)?;
+            return Ok(());
+        }
+        let dtypes = component_dtypes(&self.groups, e.dtype, e.vae_dtype);
+        let dt: Vec<(&str, DType)> = dtypes.iter().map(|(c, d)| (c.as_str(), *d)).collect();
+        let dev = e.exec.device().clone();
+        let cfg = gpu_exec_config(&e.cfg, e.mode, need);
+        // The old arena goes first, so both never hold device memory at once.
+        let old = std::mem::replace(
+            &mut e.exec,
+            GpuExecutor::with_pass(dev, &self.store, &self.groups, &dt, &["unet"], cfg)?,
+        );
+        drop(old);
+        Ok(())
+    }
+
+    /// The pipeline on the given backends: prompts encoded on `text`, the denoising loop on
+    /// `unet` (latents uploaded, the noise prediction downloaded; guidance and the scheduler
+    /// step on the host, where the latents are small), decoding on `vae`.
+    fn run<B: Backend, S: WeightSource<B>>(
+        &self,
+        on: Stages<'_, B, S>,
+        p: &GenerateParams,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<Generated> {
+        let (w, h) = self.image_size(p)?;
+        let f = self.vae.scale_factor();
         if p.batch == 0 || p.steps == 0 {
             return Err(Error::InvalidArgument(
                 "--batch and --steps must be at least 1".into(),
@@ -407,7 +751,7 @@ impl Pipeline {
 
         // Prompt embeddings: [negative; positive], each repeated per image.
         let mut warnings = Vec::new();
-        let (pos, pos_pooled) = self.encode(&[&p.prompt], &mut warnings)?;
+        let (pos, pos_pooled) = self.encode_on(on.text, on.src, &[&p.prompt], &mut warnings)?;
         let zero_negative = p.negative_prompt.is_none()
             && self.family == ModelFamily::Sdxl
             && self.force_zeros_for_empty_prompt;
@@ -421,8 +765,8 @@ impl Pipeline {
             };
             (Some(z), zp)
         } else {
-            let (e, pl) =
-                self.encode(&[p.negative_prompt.as_deref().unwrap_or("")], &mut warnings)?;
+            let neg = [p.negative_prompt.as_deref().unwrap_or("")];
+            let (e, pl) = self.encode_on(on.text, on.src, &neg, &mut warnings)?;
             (Some(e), pl)
         };
         let repeat = |t: &Tensor| -> Result<Tensor> {
@@ -473,6 +817,14 @@ impl Pipeline {
         let sigma = scheduler.init_noise_sigma();
         latents.data_mut().iter_mut().for_each(|x| *x *= sigma);
 
+        // The text context stays on the backend for the whole loop, below each step's mark.
+        let ub = on.unet;
+        let loop_mark = ub.mark();
+        let context_on = ub.upload(&context)?;
+        let added_on = match &added {
+            Some((pooled, time_ids)) => Some((ub.upload(pooled)?, time_ids)),
+            None => None,
+        };
         let timesteps = scheduler.timesteps().to_vec();
         for (i, &t) in timesteps.iter().enumerate() {
             let mut input = if cfg {
@@ -483,15 +835,16 @@ impl Pipeline {
             scheduler
                 .scale_model_input(input.data_mut(), i)
                 .map_err(|e| Error::InvalidArgument(e.to_string()))?;
-            let cond = added.as_ref().map(|(p, t)| AddedCond {
-                text_embeds: p,
-                time_ids: t,
-            });
-            self.exec.scheduler().begin_pass()?;
+            let step_mark = ub.mark();
+            let x = ub.upload(&input)?;
+            let cond = added_on.as_ref().map(|(p, t)| (p, *t));
+            on.sched.begin_pass()?;
             let out = self
                 .unet
-                .forward(&self.exec, &input, &[t], &context, cond)?;
-            self.exec.scheduler().end_pass()?;
+                .forward_on(ub, on.src, &x, &[t], &context_on, cond)?;
+            on.sched.end_pass()?;
+            let out = ub.download(&out)?;
+            ub.release(step_mark)?;
             let guided = if cfg {
                 let half = out.numel() / 2;
                 let (u, c) = out.data().split_at(half);
@@ -508,10 +861,17 @@ impl Pipeline {
             latents = Tensor::new(lat_shape.clone(), next)?;
             progress(i + 1, timesteps.len());
         }
+        drop(added_on);
+        drop(context_on);
+        ub.release(loop_mark)?;
 
-        let images = self
-            .vae
-            .decode(&self.exec, &self.vae.unscale_latents(&latents))?;
+        let vb = on.vae;
+        let m = vb.mark();
+        let z = vb.upload(&self.vae.unscale_latents(&latents))?;
+        let decoded = self.vae.decode_on(vb, on.src, &z)?;
+        let images = vb.download(&decoded)?;
+        drop(decoded);
+        vb.release(m)?;
         Ok(Generated {
             latents,
             images,
@@ -519,4 +879,19 @@ impl Pipeline {
             warnings,
         })
     }
+}
+
+/// The backends each stage runs on, the weights' source and its scheduler.
+struct Stages<'x, B, S> {
+    text: &'x B,
+    unet: &'x B,
+    vae: &'x B,
+    src: &'x S,
+    sched: &'x Scheduler,
+}
+
+/// Locks the CUDA engine (a panic while it was held leaves nothing half-updated that matters:
+/// the executor is replaced whole).
+fn lock(e: &Mutex<CudaEngine>) -> MutexGuard<'_, CudaEngine> {
+    e.lock().unwrap_or_else(|p| p.into_inner())
 }

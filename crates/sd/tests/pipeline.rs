@@ -141,6 +141,7 @@ fn offload_modes_and_budgets_give_bit_identical_latents() {
                 budget: Some(budget),
                 reserve,
                 metrics: false,
+                ..LoadConfig::default()
             };
             let pipe = Pipeline::load(&model_dir("sd15"), cfg)
                 .unwrap_or_else(|e| panic!("{mode} at {budget}: {e}"));
@@ -156,6 +157,7 @@ fn offload_modes_and_budgets_give_bit_identical_latents() {
             budget: Some(min - 1),
             reserve,
             metrics: false,
+            ..LoadConfig::default()
         };
         let e = Pipeline::load(&model_dir("sd15"), below)
             .err()

@@ -62,6 +62,8 @@ fn init_latents_in_saved_latents_out_match_diffusers() {
         init.to_str().unwrap(),
         "--save-latents",
         saved.to_str().unwrap(),
+        "--device",
+        "cpu",
         "--offload",
         "sequential",
         "--vram-budget",

@@ -6,7 +6,8 @@ use ferry_sd::cli::{check_dim, Args, Precision};
 use ferry_sd::error::{Error, Result};
 use ferry_sd::image::{to_rgb8, write_png};
 use ferry_sd::npy;
-use ferry_sd::pipeline::{token_ids, GenerateParams, LoadConfig, Pipeline};
+use ferry_sd::pipeline::{token_ids, DeviceChoice, GenerateParams, LoadConfig, Pipeline};
+use ferry_sd::tensor::DType;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -22,14 +23,10 @@ fn main() -> ExitCode {
     }
 }
 
-/// Where the compute runs.
-enum Target {
-    Cpu,
-}
-
-fn choose_device(spec: &str) -> Result<Target> {
+/// Where the compute runs: the pipeline's device choice.
+fn choose_device(spec: &str) -> Result<DeviceChoice> {
     let cuda_ordinal = match spec {
-        "cpu" => return Ok(Target::Cpu),
+        "cpu" => return Ok(DeviceChoice::Cpu),
         "auto" => None,
         "cuda" => Some(0),
         s => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
@@ -42,15 +39,16 @@ fn choose_device(spec: &str) -> Result<Target> {
         },
     };
     match cuda_ordinal {
-        None => Ok(Target::Cpu),
+        // auto: the first GPU when one is usable, else the CPU.
+        None => Ok(match CudaDevice::new(0) {
+            Ok(_) => DeviceChoice::Cuda(0),
+            Err(_) => DeviceChoice::Cpu,
+        }),
         Some(n) => match CudaDevice::new(n) {
             Err(e) => Err(Error::InvalidArgument(format!(
                 "--device {spec} asked for a GPU, but none is usable: {e}"
             ))),
-            Ok(_) => Err(Error::InvalidArgument(format!(
-                "--device {spec}: the CUDA model executor is not part of this build yet \
-                 (kernels and paging exist; whole-model GPU execution does not); use --device cpu"
-            ))),
+            Ok(_) => Ok(DeviceChoice::Cuda(n)),
         },
     }
 }
@@ -82,15 +80,23 @@ fn run(args: &Args) -> Result<()> {
     if args.print_tokens {
         return print_tokens(args);
     }
-    let Target::Cpu = choose_device(&args.device)?;
+    let device = choose_device(&args.device)?;
     for (name, v) in [("width", args.width), ("height", args.height)] {
         if let Some(v) = v {
             check_dim(name, v)?;
         }
     }
-    if args.dtype != Precision::F32 {
-        eprintln!("txt2img: note: the CPU path computes in f32 (weights keep their stored dtype)");
-    }
+    let dtype = match (device, args.dtype) {
+        (DeviceChoice::Cpu, Some(p)) if p != Precision::F32 => {
+            eprintln!(
+                "txt2img: note: the CPU path computes in f32 (weights keep their stored dtype)"
+            );
+            DType::F32
+        }
+        (DeviceChoice::Cpu, _) | (_, Some(Precision::F32)) => DType::F32,
+        (DeviceChoice::Cuda(_), None | Some(Precision::F16)) => DType::F16,
+        (DeviceChoice::Cuda(_), Some(Precision::Bf16)) => DType::BF16,
+    };
     let init_latents = match &args.init_latents {
         Some(p) => Some(npy::read_f32(p)?),
         None => None,
@@ -101,9 +107,12 @@ fn run(args: &Args) -> Result<()> {
         LoadConfig {
             mode: args.offload.map(|o| o.mode()),
             budget: args.vram_budget,
-            // On the CPU path activations live in host memory: the simulated budget holds weights.
+            // On the CPU path activations live in host memory: the simulated budget holds
+            // weights. On CUDA the engine plans the reserve from the models (0 = no minimum).
             reserve: 0,
             metrics,
+            device,
+            dtype,
         },
     )?;
     let params = GenerateParams {
@@ -162,15 +171,23 @@ fn run(args: &Args) -> Result<()> {
         eprintln!("txt2img: wrote {}", path.display());
     }
     if metrics {
-        let m = pipe.executor().metrics()?;
+        let m = pipe.metrics()?;
         if args.stats {
-            println!("{}", pipe.executor().plan());
+            println!("{}", pipe.plan());
             println!(
                 "pinned host memory {:.1} MiB, device arena {:.1} MiB (the budget; never exceeded)",
                 pipe.pinned_host_bytes() as f64 / (1 << 20) as f64,
                 m.peak_device_bytes as f64 / (1 << 20) as f64
             );
-            println!("simulated device timings (CPU path):\n{}", m.table());
+            if device == DeviceChoice::Cpu {
+                println!("simulated device timings (CPU path):\n{}", m.table());
+            } else {
+                println!(
+                    "activation reserve {:.1} MiB (planned)\nGPU timings:\n{}",
+                    pipe.reserve() as f64 / (1 << 20) as f64,
+                    m.table()
+                );
+            }
         }
         if let Some(t) = &args.trace {
             std::fs::write(t, m.chrome_trace())
