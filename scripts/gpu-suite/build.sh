@@ -51,6 +51,8 @@ build() {
 
 build cuda_backend pager-cuda_backend test --no-run -p ferry-pager --test cuda_backend
 build cuda_kernels sd-cuda_kernels test --no-run -p ferry-sd --test cuda_kernels
+build backend sd-backend test --no-run -p ferry-sd --test backend
+build gpu_pipeline sd-gpu_pipeline test --no-run -p ferry-sd --test gpu_pipeline
 build ferry-gpu-bench ferry-gpu-bench build -p ferry-sd --bin ferry-gpu-bench
 cp scripts/gpu-suite/run.sh "$SUITE/run.sh"
 chmod +x "$SUITE/run.sh"

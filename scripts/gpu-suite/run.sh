@@ -12,7 +12,7 @@
 # step, gpu-bench-<device>.{json,md}, summary.md — at most 8 files, as the device tool returns.
 #
 # Environment: OUT, FERRY_GPU_SUITE_SIM=1, FERRY_GPU_SUITE_BIN (folder of the binaries),
-# T_PAGER / T_KERNELS / T_BENCH (timeouts in seconds), BENCH_ARGS (extra ferry-gpu-bench args).
+# T_PAGER / T_KERNELS / T_BACKEND / T_PIPE / T_BENCH (timeouts in seconds), BENCH_ARGS (extra ferry-gpu-bench args).
 set -u
 SIM=${FERRY_GPU_SUITE_SIM:-0}
 for a in "$@"; do
@@ -34,13 +34,18 @@ if [ ! -f "$BIN/MANIFEST" ]; then
   exit 2
 fi
 # A copy may lose the executable bits.
-chmod +x "$BIN"/pager-cuda_backend "$BIN"/sd-cuda_kernels "$BIN"/ferry-gpu-bench 2>/dev/null
+chmod +x "$BIN"/pager-cuda_backend "$BIN"/sd-cuda_kernels "$BIN"/sd-backend "$BIN"/sd-gpu_pipeline \
+  "$BIN"/ferry-gpu-bench 2>/dev/null
 OUT=${OUT:-$(mktemp -d -t ferry-gpu-suite.XXXXXX)}
 mkdir -p "$OUT"
 export RUST_BACKTRACE=1
-T_PAGER=${T_PAGER:-90}
-T_KERNELS=${T_KERNELS:-210}
-T_BENCH=${T_BENCH:-180}
+T_PAGER=${T_PAGER:-60}
+T_KERNELS=${T_KERNELS:-150}
+T_BACKEND=${T_BACKEND:-60}
+T_PIPE=${T_PIPE:-60}
+T_BENCH=${T_BENCH:-150}
+# The test binaries read the committed fixtures from this copy of the tree.
+export FERRY_FIXTURES=${FERRY_FIXTURES:-$PWD/tests/fixtures/models}
 START=$(date +%s)
 declare -a SUMMARY=()
 FAILED=0
@@ -103,6 +108,8 @@ else
 fi
 step pager-cuda_backend "$T_PAGER" "$BIN/pager-cuda_backend" "${TEST_ARGS[@]}"
 step sd-cuda_kernels "$T_KERNELS" "$BIN/sd-cuda_kernels" "${TEST_ARGS[@]}"
+step sd-backend "$T_BACKEND" "$BIN/sd-backend" "${TEST_ARGS[@]}"
+step sd-gpu_pipeline "$T_PIPE" "$BIN/sd-gpu_pipeline" "${TEST_ARGS[@]}"
 # shellcheck disable=SC2086 # BENCH_ARGS is a list of words
 step ferry-gpu-bench "$T_BENCH" "$BIN/ferry-gpu-bench" --device "$DEVICE" --out "$OUT" ${BENCH_ARGS:-}
 

@@ -13,11 +13,15 @@ use std::sync::Arc;
 /// The brief's tolerance: max |ours - reference| <= TOL * max |reference|.
 pub const TOL: f32 = 1e-4;
 
-/// A path under `tests/fixtures/models`.
+/// A path under `tests/fixtures/models`; `FERRY_FIXTURES` overrides the folder (the GPU suite
+/// runs prebuilt test binaries in a copy of the tree at another path).
 pub fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/models")
-        .join(rel)
+    match std::env::var_os("FERRY_FIXTURES") {
+        Some(dir) => PathBuf::from(dir).join(rel),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/models")
+            .join(rel),
+    }
 }
 
 fn with_golden<T>(
