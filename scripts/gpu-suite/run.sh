@@ -40,10 +40,10 @@ OUT=${OUT:-$(mktemp -d -t ferry-gpu-suite.XXXXXX)}
 mkdir -p "$OUT"
 export RUST_BACKTRACE=1
 T_PAGER=${T_PAGER:-60}
-T_KERNELS=${T_KERNELS:-150}
+T_KERNELS=${T_KERNELS:-120}
 T_BACKEND=${T_BACKEND:-60}
 T_PIPE=${T_PIPE:-60}
-T_BENCH=${T_BENCH:-150}
+T_BENCH=${T_BENCH:-180}
 # The test binaries read the committed fixtures from this copy of the tree.
 export FERRY_FIXTURES=${FERRY_FIXTURES:-$PWD/tests/fixtures/models}
 START=$(date +%s)

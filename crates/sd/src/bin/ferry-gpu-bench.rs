@@ -12,10 +12,15 @@
 //!    GB/s, stall, overlap, peak device bytes, and the planner's predicted step time. After the
 //!    timed steps every group is read back from the device and compared with the host bytes.
 //!
-//! Compute is **modelled**: each group's work is one `busy` kernel whose length is the group's
-//! FLOPs (batch 2, 64×64 latents, 77 context tokens) at an assumed throughput (`--tflops`). The
-//! CUDA executor for whole models is not built yet; the real kernels are tested by the suite's
-//! kernel tests, not here.
+//! 4. on CUDA only (`--device sim` reports it skipped): the real SD 1.5 UNet, random fp16
+//!    weights in a `HostStore`, run by `GpuExecutor` with the real kernels (`forward_on`, batch 2,
+//!    4×64×64, 77×768 context) resident and in `sequential`, `group` and `auto` at the
+//!    `--real-budgets`: step time from events, streaming and stall from the scheduler, memory from
+//!    `cuMemGetInfo`, and the output checked finite and bit-identical across runs.
+//!
+//! In 3, compute is **modelled**: each group's work is one `busy` kernel whose length is the
+//! group's FLOPs (batch 2, 64×64 latents, 77 context tokens) at an assumed throughput
+//! (`--tflops`), so it measures paging alone; 4 measures the real kernels.
 //!
 //! `cargo run --release -p ferry-sd --bin ferry-gpu-bench -- --device sim --out DIR` writes
 //! `DIR/gpu-bench-<device>.json` and `DIR/gpu-bench-<device>.md`.
@@ -23,12 +28,19 @@
 use clap::{Parser, ValueEnum};
 use ferry_pager::device::cuda::CudaDevice;
 use ferry_pager::device::sim::{SimConfig, SimDevice};
-use ferry_pager::{Device, DeviceKind, HostMemKind, HostPtr};
+use ferry_pager::host::{HostStore, RawTensor};
+use ferry_pager::weights::DType as StoredDType;
+use ferry_pager::{Device, DeviceKind, DevicePtr, DeviceRange, HostMemKind, HostPtr};
 use ferry_sched::plan::align;
 use ferry_sched::transfer::{size_label, TransferRig};
 use ferry_sched::{CostModel, GroupDesc, GroupId, Mode, Scheduler, SchedulerConfig, TensorSource};
+use ferry_sd::backend::{Backend, CudaBackend, ARENA_ALIGN};
+use ferry_sd::exec::{ComponentGroups, ExecConfig, Executor};
+use ferry_sd::gpu_exec::{GpuExecutor, GpuGroups};
 use ferry_sd::models::unet::{UNet2DConditionModel, UNetConfig};
+use ferry_sd::tensor::{DType, Tensor};
 use serde_json::{json, Value};
+use std::cell::RefCell;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -113,6 +125,16 @@ struct Args {
     /// Skip reading every group back after each run.
     #[arg(long)]
     no_verify: bool,
+    /// Timed steps per run of the real UNet on CUDA (after one warm-up step).
+    #[arg(long, default_value_t = 3)]
+    real_steps: usize,
+    /// Budgets in GB of the real UNet's paged runs, weights plus the planned activation
+    /// reserve; a resident run is always added.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![1.0, 0.6])]
+    real_budgets: Vec<f64>,
+    /// Seconds the real-UNet part may take; runs that would go past it are skipped.
+    #[arg(long, default_value_t = 75.0)]
+    real_max_s: f64,
 }
 
 fn ms(ns: f64) -> f64 {
@@ -796,9 +818,496 @@ fn unet_runs(
 }
 
 // ---------------------------------------------------------------------------------------------
+// 4: the real SD 1.5 UNet on CUDA
 
-/// The opened device, its description, and the cost model to plan with (`None`: measure it).
-fn open(which: DeviceArg) -> BoxResult<(Arc<dyn Device>, Value, Option<CostModel>)> {
+/// Timestep of the real UNet steps (any value; the same in every run).
+const REAL_TIMESTEP: f32 = 500.0;
+/// Seed of the real UNet's weights and inputs.
+const REAL_SEED: u64 = 0x5D15_0000_0E4A;
+
+/// A uniform value in `[-1, 1)` from the hash of `(seed, index)`.
+fn unit(seed: u64, index: u64) -> f32 {
+    (word(seed, index) >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+}
+
+/// The random values of weight `name` as `(centre, half-width)`: uniform in ±1/√fan_in for
+/// matrices and convolutions (each product shrinks the activations' variance), 1 ± 0.01 for
+/// norm scales, ±0.02 for biases and norm shifts; activations stay small and finite.
+fn real_weight_range(name: &str, shape: &[usize]) -> (f32, f32) {
+    if shape.len() >= 2 {
+        let fan_in = shape[1..].iter().product::<usize>().max(1) as f32;
+        (0.0, 1.0 / fan_in.sqrt())
+    } else if name.ends_with(".weight") && name.contains("norm") {
+        (1.0, 0.01)
+    } else {
+        (0.0, 0.02)
+    }
+}
+
+/// The weights' fp16 bytes in one buffer, and each tensor's `(offset, bytes)` in it.
+type WeightBytes = (Vec<u8>, Vec<(u64, u64)>);
+
+/// The UNet's weights as fp16 bytes, generated on all cores.
+fn real_weights(shapes: &[(String, Vec<usize>)]) -> BoxResult<WeightBytes> {
+    let mut ranges = Vec::with_capacity(shapes.len());
+    let mut total = 0u64;
+    for (_, s) in shapes {
+        let bytes = 2 * s.iter().product::<usize>() as u64;
+        ranges.push((total, bytes));
+        total += bytes;
+    }
+    let mut data = vec![0u8; usize::try_from(total)?];
+    // One work item per tensor (the largest is 59 MB: the load stays balanced on 16 cores).
+    let mut work: Vec<(usize, &mut [u8])> = Vec::with_capacity(shapes.len());
+    let mut rest = data.as_mut_slice();
+    for (i, &(_, bytes)) in ranges.iter().enumerate() {
+        let (head, tail) = rest.split_at_mut(bytes as usize);
+        work.push((i, head));
+        rest = tail;
+    }
+    let queue = std::sync::Mutex::new(work);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| loop {
+                let item = queue.lock().ok().and_then(|mut q| q.pop());
+                let Some((i, buf)) = item else { break };
+                let (name, shape) = &shapes[i];
+                let (centre, width) = real_weight_range(name, shape);
+                let seed = REAL_SEED ^ (i as u64).wrapping_mul(0xA24B_AED4_963E_E407);
+                for (k, c) in buf.chunks_exact_mut(2).enumerate() {
+                    let v = centre + width * unit(seed, k as u64);
+                    c.copy_from_slice(&half::f16::from_f32(v).to_le_bytes());
+                }
+            });
+        }
+    });
+    Ok((data, ranges))
+}
+
+/// Registers random fp16 weights for every weight of `unet` (as `component.name`) in `store`;
+/// returns the number of tensors and the seconds spent generating them.
+fn register_real_weights(
+    store: &HostStore,
+    unet: &UNet2DConditionModel,
+) -> BoxResult<(usize, f64)> {
+    let t0 = Instant::now();
+    let shapes: Vec<(String, Vec<usize>)> = unet
+        .weight_shapes()
+        .into_iter()
+        .map(|(n, s)| (format!("{}.{n}", unet.component()), s))
+        .collect();
+    let (data, ranges) = real_weights(&shapes)?;
+    let gen_s = t0.elapsed().as_secs_f64();
+    let raws: Vec<RawTensor<'_>> = shapes
+        .iter()
+        .zip(&ranges)
+        .map(|((name, shape), &(off, bytes))| RawTensor {
+            name,
+            dtype: StoredDType::F16,
+            shape,
+            data: &data[off as usize..(off + bytes) as usize],
+        })
+        .collect();
+    store.register_batch(&raws)?;
+    Ok((shapes.len(), gen_s))
+}
+
+/// A host tensor of uniform values in `[-1, 1)`.
+fn real_input(shape: &[usize], seed: u64) -> BoxResult<Tensor> {
+    let n = shape.iter().product::<usize>() as u64;
+    Ok(Tensor::new(
+        shape.to_vec(),
+        (0..n).map(|k| unit(seed, k)).collect(),
+    )?)
+}
+
+/// The UNet's activation peak for one step on `sample`/`context` (inputs included), from a
+/// recording-mode run with fake weight views (no GPU).
+fn real_activation_peak(
+    unet: &UNet2DConditionModel,
+    groups: &GpuGroups,
+    sample: &[usize],
+    context: &[usize],
+) -> BoxResult<u64> {
+    let (views, _) = groups.fake_views(1 << 44)?;
+    let log = RefCell::new(Vec::new());
+    let ws = DeviceRange::new(DevicePtr(1 << 40), 1 << 42);
+    let be = CudaBackend::recording(&log, ws, DType::F16)?;
+    let x = be.upload(&Tensor::zeros(sample.to_vec())?)?;
+    let ctx = be.upload(&Tensor::zeros(context.to_vec())?)?;
+    let out = unet.forward_on(&be, &views, &x, &[REAL_TIMESTEP], &ctx, None)?;
+    drop(out);
+    Ok(be.arena().peak())
+}
+
+/// One real-UNet run's results.
+struct RealRun {
+    label: String,
+    mode: Mode,
+    budget: u64,
+    min_budget: u64,
+    steps_ns: Vec<f64>,
+    step_ns: f64,
+    sched_step_ns: f64,
+    stall_ns: f64,
+    bytes: u64,
+    gbps: f64,
+    overlap: f64,
+    arena: u64,
+    workspace: u64,
+    activation_peak: u64,
+    driver_delta: u64,
+    setup_s: f64,
+    finite: bool,
+    steps_identical: bool,
+    out: Vec<f32>,
+}
+
+/// The fixed parts of every real-UNet run.
+struct RealSetup<'a> {
+    cuda: &'a Arc<CudaDevice>,
+    store: &'a HostStore,
+    components: &'a [ComponentGroups],
+    unet: &'a UNet2DConditionModel,
+    sample: &'a Tensor,
+    context: &'a Tensor,
+    reserve: u64,
+    steps: usize,
+}
+
+/// Runs one warm-up and `steps` timed UNet steps with a fresh executor in `mode` within
+/// `budget` (`None`: everything resident plus the reserve).
+fn run_real(
+    s: &RealSetup<'_>,
+    label: &str,
+    mode: Mode,
+    budget: Option<u64>,
+    min_budget: u64,
+) -> BoxResult<RealRun> {
+    let dev: &dyn Device = s.cuda.as_ref();
+    let t0 = Instant::now();
+    let free_before = dev.mem_info()?.free;
+    let exec = GpuExecutor::with_pass(
+        s.cuda.clone(),
+        s.store,
+        s.components,
+        &[("unet", DType::F16)],
+        &["unet"],
+        ExecConfig {
+            mode,
+            budget,
+            reserve: s.reserve,
+            metrics: true,
+            ..ExecConfig::default()
+        },
+    )?;
+    let setup_s = t0.elapsed().as_secs_f64();
+    let mut min_free = free_before.min(dev.mem_info()?.free);
+    let be = exec.backend(DType::F16)?;
+    let stream = exec.compute_stream();
+    let (start, end) = (dev.create_event()?, dev.create_event()?);
+    let base = be.mark();
+    let x = be.upload(s.sample)?;
+    let ctx = be.upload(s.context)?;
+    let mut steps_ns = Vec::new();
+    let mut outs: Vec<Tensor> = Vec::new();
+    for step in 0..=s.steps {
+        let mark = be.mark();
+        dev.record_event(start, stream)?;
+        exec.scheduler().begin_pass()?;
+        let y = s
+            .unet
+            .forward_on(&be, &exec, &x, &[REAL_TIMESTEP], &ctx, None)?;
+        exec.scheduler().end_pass()?;
+        dev.record_event(end, stream)?;
+        let out = be.download(&y)?;
+        be.release(mark)?;
+        dev.sync_event(end)?;
+        min_free = min_free.min(dev.mem_info()?.free);
+        if step > 0 {
+            steps_ns.push(dev.event_elapsed(start, end)?.as_nanos() as f64);
+        }
+        outs.push(out);
+    }
+    let activation_peak = be.arena().peak();
+    drop((x, ctx));
+    be.release(base)?;
+    exec.scheduler().synchronize()?;
+    let metrics = exec.metrics()?;
+    let workspace = exec.workspace().len;
+    let median = median_f(steps_ns.clone());
+    let mid = steps_ns
+        .iter()
+        .enumerate()
+        .min_by(|a, b| (a.1 - median).abs().total_cmp(&(b.1 - median).abs()))
+        .map_or(0, |(i, _)| i);
+    let pass = metrics
+        .passes
+        .get(mid + 1)
+        .ok_or("the scheduler recorded fewer passes than steps")?;
+    let last = outs.pop().ok_or("no step ran")?;
+    let bits = |t: &Tensor| t.data().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    let steps_identical = outs.iter().all(|o| bits(o) == bits(&last));
+    Ok(RealRun {
+        label: label.into(),
+        mode,
+        budget: budget.unwrap_or(metrics.peak_device_bytes),
+        min_budget,
+        step_ns: steps_ns[mid],
+        steps_ns,
+        sched_step_ns: pass.time_ns,
+        stall_ns: pass.stall_ns,
+        bytes: pass.bytes,
+        gbps: pass.gbps,
+        overlap: pass.overlap,
+        arena: metrics.peak_device_bytes,
+        workspace,
+        activation_peak,
+        driver_delta: free_before.saturating_sub(min_free),
+        setup_s,
+        finite: last.data().iter().all(|v| v.is_finite()),
+        steps_identical,
+        out: last.into_data(),
+    })
+}
+
+/// The real SD 1.5 UNet (random fp16 weights) on CUDA through `GpuExecutor`, in each mode at
+/// each budget: step time, streaming, stall, memory, and whether every run gives the same bits.
+fn real_unet(cuda: &Arc<CudaDevice>, args: &Args) -> BoxResult<(Value, String, Vec<String>)> {
+    let started = Instant::now();
+    let unet = UNet2DConditionModel::new(UNetConfig::from_json(SD15_UNET_CONFIG)?)?;
+    let store = HostStore::new(cuda.clone() as Arc<dyn Device>);
+    let (tensors, gen_s) = register_real_weights(&store, &unet)?;
+    let load_s = started.elapsed().as_secs_f64() - gen_s;
+    let components = vec![unet.groups()];
+    let groups = GpuGroups::new(&store, &components, &[("unet", DType::F16)], 0.0)?;
+    let sample_shape = [2, 4, LATENT, LATENT];
+    let context_shape = [2, CONTEXT as usize, 768];
+    let peak = real_activation_peak(&unet, &groups, &sample_shape, &context_shape)?;
+    let reserve = peak + ARENA_ALIGN;
+    let weights = groups.device_bytes();
+    drop(groups);
+    let everything = align(reserve) + weights;
+    let sample = real_input(&sample_shape, REAL_SEED ^ 1)?;
+    let context = real_input(&context_shape, REAL_SEED ^ 2)?;
+    let setup = RealSetup {
+        cuda,
+        store: &store,
+        components: &components,
+        unet: &unet,
+        sample: &sample,
+        context: &context,
+        reserve,
+        steps: args.real_steps.max(1),
+    };
+
+    let mut plan: Vec<(String, Option<u64>, Vec<Mode>)> = vec![(
+        format!("all fits ({:.3} GB)", everything as f64 / GB),
+        None,
+        vec![Mode::None],
+    )];
+    for &b in &args.real_budgets {
+        plan.push((
+            format!("{b} GB"),
+            Some((b * GB) as u64),
+            vec![
+                Mode::Sequential,
+                Mode::Group { depth: args.depth },
+                Mode::Auto,
+            ],
+        ));
+    }
+    let mut runs: Vec<RealRun> = Vec::new();
+    let mut notes = Vec::new();
+    let mut failures = Vec::new();
+    let deadline = Duration::from_secs_f64(args.real_max_s);
+    for (label, budget, modes) in &plan {
+        for &mode in modes {
+            let min = Executor::minimum_budget(&store, &components, mode, reserve)?;
+            let what = format!("{label} {}", mode_label(mode));
+            if budget.is_some_and(|b| b < min) {
+                notes.push(format!(
+                    "{what}: skipped, the budget is below this mode's minimum of {:.3} GB",
+                    min as f64 / GB
+                ));
+                continue;
+            }
+            // The next run costs about its setup and steps like the last one; skip it rather
+            // than run past the time this part may take.
+            let guess = runs.last().map_or(Duration::ZERO, |r| {
+                Duration::from_secs_f64(r.setup_s + (r.steps_ns.len() + 1) as f64 * r.step_ns / 1e9)
+            });
+            if started.elapsed() + guess > deadline {
+                notes.push(format!(
+                    "{what}: skipped, it would run past --real-max-s {} s",
+                    args.real_max_s
+                ));
+                continue;
+            }
+            eprintln!("  real unet: {what} ...");
+            match run_real(&setup, label, mode, *budget, min) {
+                Ok(r) => {
+                    if !r.finite {
+                        failures.push(format!("real unet {what}: the output is not finite"));
+                    }
+                    if !r.steps_identical {
+                        failures.push(format!(
+                            "real unet {what}: repeated steps on the same input differ"
+                        ));
+                    }
+                    runs.push(r);
+                }
+                Err(e) => failures.push(format!("real unet {what}: {e}")),
+            }
+        }
+    }
+    // Every run must give the same bits as the first (paging moves weights, never values).
+    let same: Vec<Option<bool>> = runs
+        .iter()
+        .map(|r| {
+            runs.first().map(|f| {
+                f.out.len() == r.out.len()
+                    && f.out
+                        .iter()
+                        .zip(&r.out)
+                        .all(|(a, b)| a.to_bits() == b.to_bits())
+            })
+        })
+        .collect();
+    for (r, s) in runs.iter().zip(&same) {
+        if *s == Some(false) {
+            failures.push(format!(
+                "real unet {} {}: output differs from the first run's",
+                r.label,
+                mode_label(r.mode)
+            ));
+        }
+    }
+    let base = runs
+        .iter()
+        .find(|r| r.mode == Mode::None)
+        .map(|r| r.step_ns);
+    let out_abs_max = runs
+        .first()
+        .map_or(f32::NAN, |r| r.out.iter().fold(0f32, |m, v| m.max(v.abs())));
+
+    let mut md = String::new();
+    writeln!(
+        md,
+        "model: SD 1.5 UNet, {} tensors, {:.3} GB fp16 on the device, random weights (generated \
+         in {gen_s:.1} s, pinned in {load_s:.1} s); batch 2, 4×{LATENT}×{LATENT} latents, \
+         77×768 context, fp16; activation reserve {:.1} MiB (recorded peak {:.1} MiB); \
+         {} timed steps after one warm-up, the median shown; output |max| {out_abs_max:.3}\n",
+        tensors,
+        weights as f64 / GB,
+        reserve as f64 / MIB as f64,
+        peak as f64 / MIB as f64,
+        setup.steps,
+    )?;
+    writeln!(
+        md,
+        "| budget | mode | min GB | step ms | × none | sched ms | stall ms | streamed GB/step | GB/s | overlap | arena GB | act. peak MiB | driver Δ GB | finite | same bits |"
+    )?;
+    writeln!(
+        md,
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    )?;
+    let mut rows = Vec::new();
+    for (r, s) in runs.iter().zip(&same) {
+        let vs = base.map_or(f64::NAN, |b| r.step_ns / b);
+        let same_label = match s {
+            Some(true) if r.steps_identical => "yes",
+            Some(true) => "across runs; steps differ",
+            _ => "**NO**",
+        };
+        writeln!(
+            md,
+            "| {} | {} | {:.3} | {:.2} | {vs:.2} | {:.2} | {:.2} | {:.3} | {:.2} | {:.1} % | {:.3} | {:.1} | {:.3} | {} | {same_label} |",
+            r.label,
+            mode_label(r.mode),
+            r.min_budget as f64 / GB,
+            ms(r.step_ns),
+            ms(r.sched_step_ns),
+            ms(r.stall_ns),
+            r.bytes as f64 / GB,
+            r.gbps,
+            r.overlap * 100.0,
+            r.arena as f64 / GB,
+            r.activation_peak as f64 / MIB as f64,
+            r.driver_delta as f64 / GB,
+            if r.finite { "yes" } else { "**NO**" },
+        )?;
+        rows.push(json!({
+            "budget_label": r.label,
+            "budget_bytes": r.budget,
+            "min_budget_bytes": r.min_budget,
+            "mode": r.mode.to_string(),
+            "step_ns": r.step_ns,
+            "steps_ns": r.steps_ns,
+            "vs_none": vs,
+            "scheduler_pass_ns": r.sched_step_ns,
+            "stall_ns": r.stall_ns,
+            "streamed_bytes_per_step": r.bytes,
+            "gbps_while_copying": r.gbps,
+            "overlap": r.overlap,
+            "arena_bytes": r.arena,
+            "workspace_bytes": r.workspace,
+            "activation_peak_bytes": r.activation_peak,
+            "driver_free_delta_bytes": r.driver_delta,
+            "setup_s": r.setup_s,
+            "output_finite": r.finite,
+            "steps_identical": r.steps_identical,
+            "identical_to_first_run": s,
+        }));
+    }
+    for n in &notes {
+        writeln!(md, "\n{n}")?;
+    }
+    writeln!(
+        md,
+        "\nstep = compute-stream time of one `forward_on` (CUDA events around the pass, output \
+         download excluded); sched = the scheduler's own pass time; stall, streamed, GB/s and \
+         overlap from the scheduler's metrics for that pass; min = the mode's minimum budget \
+         with the reserve; arena = the scheduler's one device allocation; act. peak = activation \
+         arena peak (inputs included); driver Δ = free memory (cuMemGetInfo) before the executor \
+         minus the lowest seen during the run; same bits = the final output equals the first \
+         run's bit for bit, and every step's output equals the last."
+    )?;
+    let json = json!({
+        "model": "SD 1.5 UNet (runwayml/stable-diffusion-v1-5 config), random fp16 weights, real kernels",
+        "tensors": tensors,
+        "weight_device_bytes": weights,
+        "reserve_bytes": reserve,
+        "recorded_activation_peak_bytes": peak,
+        "sample_shape": sample_shape,
+        "context_shape": context_shape,
+        "timestep": REAL_TIMESTEP,
+        "timed_steps": setup.steps,
+        "weights_generate_s": gen_s,
+        "weights_pin_s": load_s,
+        "output_abs_max": out_abs_max,
+        "runs": rows,
+        "notes": notes,
+        "failures": failures,
+        "wall_s": started.elapsed().as_secs_f64(),
+    });
+    Ok((json, md, failures))
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// The opened device (and it as a CUDA device, on CUDA).
+type Opened = (
+    Arc<dyn Device>,
+    Value,
+    Option<CostModel>,
+    Option<Arc<CudaDevice>>,
+);
+
+/// The opened device, its description, the cost model to plan with (`None`: measure it), and
+/// the CUDA device (on CUDA).
+fn open(which: DeviceArg) -> BoxResult<Opened> {
     match which {
         DeviceArg::Sim => {
             let cfg = SimConfig::default();
@@ -814,7 +1323,7 @@ fn open(which: DeviceArg) -> BoxResult<(Arc<dyn Device>, Value, Option<CostModel
                 "launch_latency_ns": cfg.launch_latency.as_nanos() as u64,
                 "memory_total_bytes": cfg.capacity,
             });
-            Ok((sim, info, Some(cost)))
+            Ok((sim, info, Some(cost), None))
         }
         DeviceArg::Cuda => {
             let cuda = CudaDevice::new(0)?;
@@ -831,7 +1340,7 @@ fn open(which: DeviceArg) -> BoxResult<(Arc<dyn Device>, Value, Option<CostModel
                 "memory_free_bytes": mem.free,
                 "read_only_host_register": cuda.supports_read_only_register(),
             });
-            Ok((cuda, info, None))
+            Ok((cuda.clone(), info, None, Some(cuda)))
         }
     }
 }
@@ -862,7 +1371,7 @@ fn main() {
 /// Runs everything; returns the failed parts (the report is written either way).
 fn run(args: &Args) -> BoxResult<Vec<String>> {
     let started = Instant::now();
-    let (dev, info, sim_cost) = open(args.device)?;
+    let (dev, info, sim_cost, cuda) = open(args.device)?;
     let tag = match args.device {
         DeviceArg::Sim => "sim",
         DeviceArg::Cuda => "cuda",
@@ -884,18 +1393,17 @@ fn run(args: &Args) -> BoxResult<Vec<String>> {
     }
     writeln!(
         md,
-        "Compute is modelled (`busy` kernels sized from FLOPs); the CUDA executor for whole models \
-         is not built yet, so this measures paging, not the real UNet kernels (those are covered \
-         by the suite's kernel tests).\n"
+        "Sections 1–3 model compute (`busy` kernels sized from FLOPs) and so measure paging \
+         alone; section 4 runs the real SD 1.5 UNet kernels through the GPU executor (CUDA only).\n"
     )?;
     writeln!(md, "device: `{info}`\n")?;
     let mut failures = Vec::new();
 
-    eprintln!("[1/3] bandwidth ...");
+    eprintln!("[1/4] bandwidth ...");
     let rig = TransferRig::new(dev.clone(), args.max_copy_mib.max(1) * MIB)?;
     let bw = bandwidth(&rig)?;
     writeln!(md, "## H2D bandwidth, pinned vs pageable\n\n{}", bw.md)?;
-    eprintln!("[2/3] overlap ...");
+    eprintln!("[2/4] overlap ...");
     let (ov_json, ov_md) = overlap(&rig)?;
     writeln!(md, "\n## Copy/compute overlap\n\n{ov_md}")?;
     drop(rig);
@@ -914,7 +1422,7 @@ fn run(args: &Args) -> BoxResult<Vec<String>> {
         copy_latency: bw.fixed,
         launch_latency: CUDA_LAUNCH_LATENCY,
     });
-    eprintln!("[3/3] SD 1.5 UNet paging ...");
+    eprintln!("[3/4] SD 1.5 UNet paging ...");
     let unet_json = match unet(&dev, cost, args) {
         Ok((j, m, f)) => {
             writeln!(md, "\n## SD 1.5 UNet paging (modelled compute)\n\n{m}")?;
@@ -927,16 +1435,50 @@ fn run(args: &Args) -> BoxResult<Vec<String>> {
             json!({"error": e.to_string()})
         }
     };
+    // Again, in case the real UNet does not finish.
+    let partial = json!({
+        "tool": "ferry-gpu-bench",
+        "partial": "the real UNet part did not finish",
+        "device": info,
+        "h2d": bw.json,
+        "overlap": ov_json,
+        "unet": unet_json,
+    });
+    save(args, tag, &md, &partial)?;
+    eprintln!("[4/4] real SD 1.5 UNet on CUDA ...");
+    writeln!(
+        md,
+        "\n## Real SD 1.5 UNet on CUDA (GpuExecutor, fp16 kernels)\n"
+    )?;
+    let real_json = match &cuda {
+        None => {
+            writeln!(md, "skipped: needs CUDA")?;
+            json!({"skipped": "needs CUDA"})
+        }
+        Some(cuda) => match real_unet(cuda, args) {
+            Ok((j, m, f)) => {
+                writeln!(md, "{m}")?;
+                failures.extend(f);
+                j
+            }
+            Err(e) => {
+                writeln!(md, "FAILED: {e}")?;
+                failures.push(format!("real unet: {e}"));
+                json!({"error": e.to_string()})
+            }
+        },
+    };
     let report = json!({
         "tool": "ferry-gpu-bench",
         "version": env!("CARGO_PKG_VERSION"),
         "unix_time": unix_time(),
         "device": info,
-        "note": "compute is modelled by busy kernels sized from FLOPs at an assumed throughput; \
-                 the CUDA executor for whole models is not built, so this measures paging only",
+        "note": "unet: compute is modelled by busy kernels sized from FLOPs at an assumed \
+                 throughput (paging only); real_unet: the real kernels through GpuExecutor (CUDA)",
         "h2d": bw.json,
         "overlap": ov_json,
         "unet": unet_json,
+        "real_unet": real_json,
         "wall_s": started.elapsed().as_secs_f64(),
         "failures": failures,
     });
@@ -1006,6 +1548,60 @@ mod tests {
         let q = weight_flops("t.attn1.to_q.weight", &[320, 320], 4096.0);
         let proj = 2.0 * 320.0 * 320.0 * 4096.0 * 2.0;
         assert_eq!(q - proj, 4.0 * 2.0 * 4096.0 * 4096.0 * 320.0);
+    }
+
+    #[test]
+    fn real_weights_are_deterministic_and_bounded() {
+        let shapes = vec![
+            ("u.conv.weight".to_string(), vec![8, 4, 3, 3]),
+            ("u.norm1.weight".to_string(), vec![8]),
+            ("u.conv.bias".to_string(), vec![8]),
+        ];
+        let (data, ranges) = real_weights(&shapes).unwrap();
+        assert_eq!(ranges, [(0, 576), (576, 16), (592, 16)]);
+        assert_eq!(data, real_weights(&shapes).unwrap().0);
+        let vals: Vec<f32> = data
+            .chunks(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect();
+        let (conv, rest) = vals.split_at(288);
+        let (norm, bias) = rest.split_at(8);
+        let bound = 1.0 / 36f32.sqrt() + 1e-3;
+        assert!(conv.iter().all(|v| v.abs() <= bound));
+        assert!(conv.iter().any(|v| v.abs() > bound / 2.0));
+        assert!(norm.iter().all(|v| (v - 1.0).abs() <= 0.011));
+        assert!(bias.iter().all(|v| v.abs() <= 0.021));
+        assert!(bias.windows(2).any(|w| w[0] != w[1]));
+    }
+
+    /// The SD 1.5 UNet's depth and attention at a narrow width: the random weights keep its
+    /// output finite and non-trivial (checked on the CPU), and the reserve recording runs.
+    #[test]
+    fn real_weights_keep_a_narrow_sd15_unet_finite() {
+        use ferry_pager::device::sim::SimDevice;
+        let mut cfg: Value = serde_json::from_str(SD15_UNET_CONFIG).unwrap();
+        cfg["block_out_channels"] = json!([32, 64, 64, 64]);
+        let unet =
+            UNet2DConditionModel::new(UNetConfig::from_json(&cfg.to_string()).unwrap()).unwrap();
+        let sim = SimDevice::new(SimConfig::default());
+        let store = HostStore::new(sim.clone() as Arc<dyn Device>);
+        let (n, _) = register_real_weights(&store, &unet).unwrap();
+        assert_eq!(n, unet.weight_shapes().len());
+        let components = vec![unet.groups()];
+        let groups = GpuGroups::new(&store, &components, &[("unet", DType::F16)], 0.0).unwrap();
+        let (sample, context) = ([2, 4, 16, 16], [2, 77, 768]);
+        let peak = real_activation_peak(&unet, &groups, &sample, &context).unwrap();
+        assert!(peak > 2 * (2 * 4 * 16 * 16 + 2 * 77 * 768), "{peak}");
+        let exec = Executor::new(sim, &store, &components, ExecConfig::default()).unwrap();
+        let x = real_input(&sample, 1).unwrap();
+        let ctx = real_input(&context, 2).unwrap();
+        let y = unet
+            .forward(&exec, &x, &[REAL_TIMESTEP], &ctx, None)
+            .unwrap();
+        assert_eq!(y.shape(), sample);
+        let max = y.data().iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(y.data().iter().all(|v| v.is_finite()), "not finite");
+        assert!(max > 1e-3 && max < 1e3, "output |max| {max}");
     }
 
     #[test]
