@@ -2,6 +2,7 @@
 
 use clap::Parser;
 use ferry_pager::device::cuda::CudaDevice;
+use ferry_pager::Device;
 use ferry_sd::cli::{check_dim, Args, Precision};
 use ferry_sd::error::{Error, Result};
 use ferry_sd::image::{to_rgb8, write_png};
@@ -102,6 +103,14 @@ fn run(args: &Args) -> Result<()> {
         None => None,
     };
     let metrics = args.stats || args.trace.is_some();
+    // The driver's view of device memory, sampled around the run: everything Ferry allocates
+    // (the arena = the budget) is allocated at load, so "used" at the end is the peak.
+    let driver_probe = match device {
+        DeviceChoice::Cuda(n) if args.stats => CudaDevice::new(n)
+            .ok()
+            .and_then(|d| d.mem_info().ok().map(|m| (d, m.free))),
+        _ => None,
+    };
     let pipe = Pipeline::load(
         &args.model,
         LoadConfig {
@@ -187,6 +196,14 @@ fn run(args: &Args) -> Result<()> {
                     pipe.reserve() as f64 / (1 << 20) as f64,
                     m.table()
                 );
+                if let Some((d, free_before)) = &driver_probe {
+                    if let Ok(now) = d.mem_info() {
+                        println!(
+                            "device memory in use by this run (driver, cuMemGetInfo): {:.1} MiB",
+                            free_before.saturating_sub(now.free) as f64 / (1 << 20) as f64
+                        );
+                    }
+                }
             }
         }
         if let Some(t) = &args.trace {
