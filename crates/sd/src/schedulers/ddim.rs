@@ -1,7 +1,6 @@
 //! `DDIMScheduler` (diffusers 0.42.1) with `eta = 0`.
 
 use super::config::{BetaConfig, RawConfig};
-use super::numerics::{np_arange_f64, np_linspace, np_round};
 use super::{check_len, Prediction, Result, Scheduler, SchedulerError, SchedulerKind, Spacing};
 use crate::rng::TorchGenerator;
 
@@ -66,27 +65,8 @@ impl Scheduler for Ddim {
                 "DDIM needs 1 to {train} inference steps (num_train_timesteps), got {n}"
             )));
         }
-        let ts: Vec<i64> = match self.spacing {
-            Spacing::Linspace => np_linspace(0.0, (train - 1) as f64, n)
-                .iter()
-                .rev()
-                .map(|&t| np_round(t) as i64)
-                .collect(),
-            Spacing::Leading => {
-                let ratio = train / n;
-                (0..n)
-                    .rev()
-                    .map(|i| (i * ratio + self.steps_offset) as i64)
-                    .collect()
-            }
-            Spacing::Trailing => {
-                let ratio = train as f64 / n as f64;
-                np_arange_f64(train as f64, 0.0, -ratio)
-                    .iter()
-                    .map(|&t| np_round(t) as i64 - 1)
-                    .collect()
-            }
-        };
+        let mut ts = self.spacing.discrete_timesteps(train, n, self.steps_offset);
+        ts.reverse();
         self.num_inference_steps = n;
         self.timesteps_f32 = ts.iter().map(|&t| t as f32).collect();
         self.timesteps = ts;

@@ -275,6 +275,36 @@ pub(crate) enum Spacing {
 }
 
 impl Spacing {
+    /// The integer training timesteps of `n` inference steps out of `train`, ascending, as
+    /// DDIM and PNDM compute them (`steps_offset` applies to "leading" only, as in diffusers).
+    pub(crate) fn discrete_timesteps(
+        self,
+        train: usize,
+        n: usize,
+        steps_offset: usize,
+    ) -> Vec<i64> {
+        match self {
+            Spacing::Linspace => numerics::np_linspace(0.0, (train - 1) as f64, n)
+                .iter()
+                .map(|&t| numerics::np_round(t) as i64)
+                .collect(),
+            Spacing::Leading => {
+                let ratio = train / n;
+                (0..n).map(|i| (i * ratio + steps_offset) as i64).collect()
+            }
+            Spacing::Trailing => {
+                let ratio = train as f64 / n as f64;
+                numerics::np_arange_f64(train as f64, 0.0, -ratio)
+                    .iter()
+                    .rev()
+                    .map(|&t| numerics::np_round(t) as i64 - 1)
+                    .collect()
+            }
+        }
+    }
+}
+
+impl Spacing {
     fn read(cfg: &RawConfig, default: &'static str) -> Result<Self> {
         Ok(
             match cfg.choice_or(

@@ -3,7 +3,6 @@
 
 use super::config::{BetaConfig, RawConfig};
 use super::ddim::alpha_at;
-use super::numerics::{np_arange_f64, np_linspace, np_round};
 use super::{check_len, Prediction, Result, Scheduler, SchedulerError, SchedulerKind, Spacing};
 use crate::rng::TorchGenerator;
 
@@ -199,26 +198,7 @@ impl Scheduler for Pndm {
             )));
         }
         // `_timesteps`, ascending.
-        let base: Vec<i64> = match self.spacing {
-            Spacing::Linspace => np_linspace(0.0, (train - 1) as f64, n)
-                .iter()
-                .map(|&t| np_round(t) as i64)
-                .collect(),
-            Spacing::Leading => {
-                let ratio = train / n;
-                (0..n)
-                    .map(|i| (i * ratio + self.steps_offset) as i64)
-                    .collect()
-            }
-            Spacing::Trailing => {
-                let ratio = train as f64 / n as f64;
-                np_arange_f64(train as f64, 0.0, -ratio)
-                    .iter()
-                    .rev()
-                    .map(|&t| np_round(t) as i64 - 1)
-                    .collect()
-            }
-        };
+        let base = self.spacing.discrete_timesteps(train, n, self.steps_offset);
         let len = base.len();
         let (prk, plms): (Vec<i64>, Vec<i64>) = if self.skip_prk_steps {
             // _timesteps[:-1], _timesteps[-2:-1], _timesteps[-1:], reversed.
