@@ -5,16 +5,14 @@
 
 mod common;
 
-use common::{fixture, golden_ids};
-use ferry_pager::device::cuda::{check_launch_args, KernelArg};
+use common::{buf_args, fake_views, fixture, golden_ids};
+use ferry_pager::device::cuda::check_launch_args;
 use ferry_pager::{DevicePtr, DeviceRange, WeightsFile};
 use ferry_sd::backend::{Backend, CudaBackend, ARENA_ALIGN};
-use ferry_sd::cuda::Launch;
 use ferry_sd::models::clip::{weight_name, ClipOptions, ClipTextConfig, ClipTextModel};
 use ferry_sd::tensor::DType;
 use ferry_sd::weights::ResidentViews;
 use std::cell::RefCell;
-use std::collections::BTreeMap;
 
 const WS: u64 = 0x7_0000_0000;
 const WEIGHTS: u64 = 0x10_0000_0000;
@@ -58,31 +56,12 @@ fn weight_list(cfg: &ClipTextConfig, projection: bool) -> Vec<(String, String, V
 /// Resident views for `model`'s weights at fake, non-overlapping, aligned device addresses
 /// from [`WEIGHTS`] on; returns the views and the range they span.
 fn views(be: &CudaBackend<'_>, model: &ClipTextModel) -> (ResidentViews, DeviceRange) {
-    let mut groups: BTreeMap<String, Vec<_>> = BTreeMap::new();
-    let mut at = WEIGHTS;
-    for (g, k, shape) in weight_list(model.config(), model.has_projection()) {
-        let bytes = shape.iter().product::<usize>() as u64 * be.dtype().size() as u64;
-        let t = be
-            .weight(DeviceRange::new(DevicePtr(at), bytes), shape)
-            .unwrap();
-        groups.entry(g).or_default().push((k, t));
-        at = (at + bytes).next_multiple_of(ARENA_ALIGN);
-    }
-    let mut v = ResidentViews::new();
-    for (g, tensors) in groups {
-        v.insert(model.component(), &g, tensors);
-    }
-    (v, DeviceRange::new(DevicePtr(WEIGHTS), at - WEIGHTS))
-}
-
-fn buf_args(l: &Launch) -> Vec<DeviceRange> {
-    l.args
-        .iter()
-        .filter_map(|a| match a {
-            KernelArg::Buf { ptr, bytes } => Some(DeviceRange::new(*ptr, *bytes)),
-            _ => None,
-        })
-        .collect()
+    let list = weight_list(model.config(), model.has_projection());
+    let mut prefixes: Vec<String> = list.iter().map(|(g, _, _)| g.clone()).collect();
+    prefixes.sort();
+    prefixes.dedup();
+    let weights = list.into_iter().map(|(g, k, s)| (format!("{g}.{k}"), s));
+    fake_views(model.component(), &prefixes, weights, be.dtype(), WEIGHTS)
 }
 
 /// What one recorded pass measured.

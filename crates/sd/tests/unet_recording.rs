@@ -7,11 +7,10 @@
 
 mod common;
 
-use common::fixture;
-use ferry_pager::device::cuda::{check_launch_args, KernelArg};
+use common::{buf_args, fake_views, fixture};
+use ferry_pager::device::cuda::check_launch_args;
 use ferry_pager::{DevicePtr, DeviceRange};
-use ferry_sd::backend::{Backend, CudaBackend, CudaTensor, ARENA_ALIGN};
-use ferry_sd::cuda::Launch;
+use ferry_sd::backend::{Backend, CudaBackend, ARENA_ALIGN};
 use ferry_sd::models::unet::{UNet2DConditionModel, UNetConfig};
 use ferry_sd::tensor::{DType, Tensor};
 use ferry_sd::weights::ResidentViews;
@@ -20,41 +19,15 @@ use std::cell::RefCell;
 const WS: u64 = 0x7_0000_0000;
 const WEIGHTS: u64 = 0x20_0000_0000; // above the 16 GiB workspace
 
-/// Resident views for every weight of `unet` in `dtype`, packed from [`WEIGHTS`] on: each
-/// weight goes to the group whose prefix is the longest one that starts its name. Returns the
-/// views and the weights' address range.
+/// Resident views for every weight of `unet` in `dtype`, packed from [`WEIGHTS`] on.
 fn views(unet: &UNet2DConditionModel, dtype: DType) -> (ResidentViews, DeviceRange) {
-    let prefixes = unet.group_prefixes();
-    let mut groups: Vec<Vec<(String, CudaTensor)>> = vec![Vec::new(); prefixes.len()];
-    let mut off = 0u64;
-    for (name, shape) in unet.weight_shapes() {
-        let (gi, prefix) = prefixes
-            .iter()
-            .enumerate()
-            .filter(|(_, p)| name.starts_with(&format!("{p}.")))
-            .max_by_key(|(_, p)| p.len())
-            .unwrap_or_else(|| panic!("weight {name} is in no group"));
-        let bytes = shape.iter().product::<usize>() as u64 * dtype.size() as u64;
-        let range = DeviceRange::new(DevicePtr(WEIGHTS + off), bytes);
-        off += bytes.div_ceil(ARENA_ALIGN) * ARENA_ALIGN;
-        let key = name[prefix.len() + 1..].to_string();
-        groups[gi].push((key, CudaTensor::weight(range, dtype, shape).unwrap()));
-    }
-    let mut v = ResidentViews::new();
-    for (p, g) in prefixes.iter().zip(groups) {
-        v.insert(unet.component(), p, g);
-    }
-    (v, DeviceRange::new(DevicePtr(WEIGHTS), off))
-}
-
-fn buf_args(l: &Launch) -> Vec<DeviceRange> {
-    l.args
-        .iter()
-        .filter_map(|a| match a {
-            KernelArg::Buf { ptr, bytes } => Some(DeviceRange::new(*ptr, *bytes)),
-            _ => None,
-        })
-        .collect()
+    fake_views(
+        unet.component(),
+        &unet.group_prefixes(),
+        unet.weight_shapes(),
+        dtype,
+        WEIGHTS,
+    )
 }
 
 /// Bytes a tensor of `shape` takes on the arena's stack.

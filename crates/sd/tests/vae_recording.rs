@@ -6,16 +6,14 @@
 
 mod common;
 
-use common::{fixture, golden};
-use ferry_pager::device::cuda::{check_launch_args, KernelArg};
+use common::{buf_args, fake_views, fixture, golden};
+use ferry_pager::device::cuda::check_launch_args;
 use ferry_pager::{DevicePtr, DeviceRange, WeightsFile};
 use ferry_sd::backend::{Backend, CudaBackend, ARENA_ALIGN};
-use ferry_sd::cuda::Launch;
 use ferry_sd::models::vae::{Vae, VaeConfig};
 use ferry_sd::tensor::{DType, Tensor};
 use ferry_sd::weights::ResidentViews;
 use std::cell::RefCell;
-use std::collections::BTreeMap;
 use std::io::Read;
 
 const WS: u64 = 0x7_0000_0000;
@@ -23,42 +21,15 @@ const WEIGHTS: u64 = 0x40_0000_0000;
 /// Address space only: a recording backend never touches it.
 const WS_BYTES: u64 = 16 << 30;
 
-/// Resident views for every weight of `vae` at fake, non-overlapping, aligned device addresses
-/// from [`WEIGHTS`] on, each in the group with the longest matching prefix (as the executor
-/// assigns them); returns the views and the range they span.
+/// Resident views for every weight of `vae` at fake device addresses from [`WEIGHTS`] on.
 fn views(be: &CudaBackend<'_>, vae: &Vae) -> (ResidentViews, DeviceRange) {
-    let groups = vae.groups().groups;
-    let mut by_group: BTreeMap<String, Vec<_>> = BTreeMap::new();
-    let mut at = WEIGHTS;
-    for (name, shape) in vae.weight_shapes() {
-        let g = groups
-            .iter()
-            .filter(|g| name.starts_with(&format!("{g}.")))
-            .max_by_key(|g| g.len())
-            .unwrap_or_else(|| panic!("{name}: in no group"));
-        let key = name[g.len() + 1..].to_string();
-        let bytes = shape.iter().product::<usize>() as u64 * be.dtype().size() as u64;
-        let t = be
-            .weight(DeviceRange::new(DevicePtr(at), bytes), shape)
-            .unwrap();
-        by_group.entry(g.clone()).or_default().push((key, t));
-        at = (at + bytes).next_multiple_of(ARENA_ALIGN);
-    }
-    let mut v = ResidentViews::new();
-    for (g, tensors) in by_group {
-        v.insert(vae.component(), &g, tensors);
-    }
-    (v, DeviceRange::new(DevicePtr(WEIGHTS), at - WEIGHTS))
-}
-
-fn buf_args(l: &Launch) -> Vec<DeviceRange> {
-    l.args
-        .iter()
-        .filter_map(|a| match a {
-            KernelArg::Buf { ptr, bytes } => Some(DeviceRange::new(*ptr, *bytes)),
-            _ => None,
-        })
-        .collect()
+    fake_views(
+        vae.component(),
+        &vae.groups().groups,
+        vae.weight_shapes(),
+        be.dtype(),
+        WEIGHTS,
+    )
 }
 
 /// Bytes one activation of `dims` takes on the arena.

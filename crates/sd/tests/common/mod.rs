@@ -128,3 +128,53 @@ pub fn to_np(images: &Tensor) -> Tensor {
     }
     Tensor::new(vec![n, h, w, c], out).unwrap()
 }
+
+/// Resident CUDA weight views at fake, 256-byte-aligned device addresses from `base` on, one per
+/// `(name, shape)`, each in the group with the longest prefix that starts its name (as the
+/// executor assigns them), for recording-mode runs. Returns the views and the range they span.
+pub fn fake_views(
+    component: &str,
+    prefixes: &[String],
+    weights: impl IntoIterator<Item = (String, Vec<usize>)>,
+    dtype: DType,
+    base: u64,
+) -> (ferry_sd::weights::ResidentViews, ferry_pager::DeviceRange) {
+    use ferry_pager::{DevicePtr, DeviceRange};
+    let mut groups: Vec<Vec<(String, ferry_sd::backend::CudaTensor)>> =
+        vec![Vec::new(); prefixes.len()];
+    let mut off = 0u64;
+    for (name, shape) in weights {
+        let (gi, prefix) = prefixes
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| name.starts_with(&format!("{p}.")))
+            .max_by_key(|(_, p)| p.len())
+            .unwrap_or_else(|| panic!("weight {name} is in no group"));
+        let bytes = shape.iter().product::<usize>() as u64 * dtype.size() as u64;
+        let range = DeviceRange::new(DevicePtr(base + off), bytes);
+        off += bytes.div_ceil(ferry_sd::backend::ARENA_ALIGN) * ferry_sd::backend::ARENA_ALIGN;
+        let key = name[prefix.len() + 1..].to_string();
+        groups[gi].push((
+            key,
+            ferry_sd::backend::CudaTensor::weight(range, dtype, shape).unwrap(),
+        ));
+    }
+    let mut v = ferry_sd::weights::ResidentViews::new();
+    for (p, g) in prefixes.iter().zip(groups) {
+        v.insert(component, p, g);
+    }
+    (v, DeviceRange::new(DevicePtr(base), off))
+}
+
+/// The device buffers a recorded launch passes.
+pub fn buf_args(l: &ferry_sd::cuda::Launch) -> Vec<ferry_pager::DeviceRange> {
+    l.args
+        .iter()
+        .filter_map(|a| match a {
+            ferry_pager::device::cuda::KernelArg::Buf { ptr, bytes } => {
+                Some(ferry_pager::DeviceRange::new(*ptr, *bytes))
+            }
+            _ => None,
+        })
+        .collect()
+}
