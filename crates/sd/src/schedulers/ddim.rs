@@ -1,7 +1,9 @@
 //! `DDIMScheduler` (diffusers 0.42.1) with `eta = 0`.
 
 use super::config::{BetaConfig, RawConfig};
-use super::{check_len, Prediction, Result, Scheduler, SchedulerError, SchedulerKind, Spacing};
+use super::{
+    check_len, check_step, Prediction, Result, Scheduler, SchedulerError, SchedulerKind, Spacing,
+};
 use crate::rng::TorchGenerator;
 
 /// DDIM, deterministic (`eta = 0`, the pipelines' default).
@@ -138,12 +140,7 @@ impl Scheduler for Ddim {
 
 impl Ddim {
     fn check_index(&self, step_index: usize) -> Result<()> {
-        if step_index >= self.timesteps.len() {
-            return Err(SchedulerError::Steps(format!(
-                "step index {step_index} out of range: {} timesteps set",
-                self.timesteps.len()
-            )));
-        }
+        check_step(step_index, self.timesteps.len())?;
         Ok(())
     }
 }

@@ -7,7 +7,8 @@ use super::numerics::{
     np_linspace, np_round, sigma_to_t,
 };
 use super::{
-    check_len, train_sigmas, Prediction, Result, Scheduler, SchedulerError, SchedulerKind, Spacing,
+    check_len, check_step, train_sigmas, Prediction, Result, Scheduler, SchedulerError,
+    SchedulerKind, Spacing,
 };
 use crate::rng::TorchGenerator;
 
@@ -310,12 +311,7 @@ impl Scheduler for DpmSolverMultistep {
     }
 
     fn scale_model_input(&self, _sample: &mut [f32], step_index: usize) -> Result<()> {
-        if step_index >= self.timesteps.len() {
-            return Err(SchedulerError::Steps(format!(
-                "step index {step_index} out of range: {} timesteps set",
-                self.timesteps.len()
-            )));
-        }
+        check_step(step_index, self.timesteps.len())?;
         Ok(())
     }
 

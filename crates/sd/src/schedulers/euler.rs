@@ -6,7 +6,8 @@ use super::numerics::{
     np_linspace, np_round, sigma_to_t, torch_linspace_f32,
 };
 use super::{
-    check_len, train_sigmas, Prediction, Result, Scheduler, SchedulerError, SchedulerKind, Spacing,
+    check_len, check_step, train_sigmas, Prediction, Result, Scheduler, SchedulerError,
+    SchedulerKind, Spacing,
 };
 use crate::rng::TorchGenerator;
 
@@ -123,12 +124,12 @@ impl Euler {
     }
 
     fn check_index(&self, step_index: usize) -> Result<()> {
-        if step_index >= self.timesteps.len() || step_index + 1 >= self.sigmas.len() {
-            return Err(SchedulerError::Steps(format!(
-                "step index {step_index} out of range: {} timesteps set",
-                self.timesteps.len()
-            )));
-        }
+        check_step(
+            step_index,
+            self.timesteps
+                .len()
+                .min(self.sigmas.len().saturating_sub(1)),
+        )?;
         Ok(())
     }
 }

@@ -329,6 +329,16 @@ pub(crate) fn train_sigmas(alphas_cumprod: &[f32]) -> Vec<f32> {
 }
 
 /// Model output and sample must have the same length.
+/// `step_index` must name one of the `count` timesteps set.
+pub(crate) fn check_step(step_index: usize, count: usize) -> Result<()> {
+    if step_index >= count {
+        return Err(SchedulerError::Steps(format!(
+            "step index {step_index} out of range: {count} timesteps set"
+        )));
+    }
+    Ok(())
+}
+
 pub(crate) fn check_len(model_output: &[f32], sample: &[f32]) -> Result<()> {
     if model_output.len() != sample.len() {
         return Err(SchedulerError::Steps(format!(

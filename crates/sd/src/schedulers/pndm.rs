@@ -3,7 +3,9 @@
 
 use super::config::{BetaConfig, RawConfig};
 use super::ddim::alpha_at;
-use super::{check_len, Prediction, Result, Scheduler, SchedulerError, SchedulerKind, Spacing};
+use super::{
+    check_len, check_step, Prediction, Result, Scheduler, SchedulerError, SchedulerKind, Spacing,
+};
 use crate::rng::TorchGenerator;
 
 /// PNDM. Stateful: steps must be taken in order after [`Scheduler::set_timesteps`].
@@ -258,12 +260,7 @@ impl Scheduler for Pndm {
     }
 
     fn scale_model_input(&self, _sample: &mut [f32], step_index: usize) -> Result<()> {
-        if step_index >= self.timesteps.len() {
-            return Err(SchedulerError::Steps(format!(
-                "step index {step_index} out of range: {} timesteps set",
-                self.timesteps.len()
-            )));
-        }
+        check_step(step_index, self.timesteps.len())?;
         Ok(())
     }
 
