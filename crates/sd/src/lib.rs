@@ -8,6 +8,7 @@ pub mod error;
 pub mod exec;
 pub mod gpu_exec;
 pub mod image;
+pub mod json;
 pub mod loader;
 pub mod models;
 pub mod npy;

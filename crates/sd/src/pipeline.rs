@@ -187,7 +187,7 @@ fn load_tokenizer(source: &ModelSource, name: &str) -> Result<ClipTokenizer> {
         None => {
             // A single-file checkpoint has no tokenizer: use the embedded CLIP vocabulary with the
             // pad token the loader derived for this family.
-            let cfg: serde_json::Value = serde_json::from_str(&c.config_json)
+            let cfg = crate::json::parse(&c.config_json)
                 .map_err(|e| Error::Config(format!("{name}: tokenizer config: {e}")))?;
             let pad = match &cfg["pad_token"] {
                 serde_json::Value::String(s) => s.clone(),
@@ -322,7 +322,7 @@ impl Pipeline {
                 .component(name)
                 .map_err(|e| Error::Config(format!("{name}: {e}")))
         };
-        let index: serde_json::Value = serde_json::from_str(source.model_index_json())
+        let index = crate::json::parse(source.model_index_json())
             .map_err(|e| Error::Config(format!("model_index.json: {e}")))?;
         let force_zeros_for_empty_prompt = index["force_zeros_for_empty_prompt"]
             .as_bool()

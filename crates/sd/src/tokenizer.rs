@@ -224,7 +224,7 @@ fn read_json_if_exists(path: &Path) -> Result<Option<serde_json::Value>> {
         return Ok(None);
     }
     let text = read_file(path)?;
-    serde_json::from_str(&text)
+    crate::json::parse(&text)
         .map(Some)
         .map_err(|e| TokenizerError::Format {
             path: path.to_path_buf(),
@@ -290,7 +290,7 @@ impl ClipTokenizer {
         let merges_path = dir.join("merges.txt");
         let vocab_text = read_file(&vocab_path)?;
         let encoder: HashMap<String, u32> =
-            serde_json::from_str(&vocab_text).map_err(|e| TokenizerError::Format {
+            crate::json::from_str(&vocab_text).map_err(|e| TokenizerError::Format {
                 path: vocab_path.clone(),
                 message: format!("expected a JSON object of token -> id: {e}"),
             })?;

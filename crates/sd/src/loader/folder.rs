@@ -105,7 +105,7 @@ pub(super) fn open(dir: &Path, variant: Option<&str>) -> Result<ModelSource> {
         // SD 2.x UNets use linear projections in their transformers; SD 1.x ones 1×1 convs.
         let linear = read_text(&dir.join("unet").join("config.json"))
             .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|t| crate::json::parse(&t).ok())
             .and_then(|v| v.get("use_linear_projection").and_then(|b| b.as_bool()))
             .unwrap_or(false);
         if linear {

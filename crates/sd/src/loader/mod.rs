@@ -213,7 +213,7 @@ const REGISTER_BATCH_BYTES: usize = 256 << 20;
 impl Component {
     /// The configuration parsed as JSON.
     pub fn config(&self) -> Result<serde_json::Value> {
-        serde_json::from_str(&self.config_json).map_err(|e| {
+        crate::json::parse(&self.config_json).map_err(|e| {
             err(
                 self.dir.as_deref().unwrap_or(Path::new(&self.name)),
                 format!("config of '{}' is not valid JSON: {e}", self.name),
@@ -411,25 +411,16 @@ pub(crate) fn parse_object(
     path: &Path,
     text: &str,
 ) -> Result<serde_json::Map<String, serde_json::Value>> {
-    let v: serde_json::Value =
-        serde_json::from_str(text).map_err(|e| err(path, format!("not valid JSON: {e}")))?;
+    let v = crate::json::parse(text).map_err(|e| err(path, format!("not valid JSON: {e}")))?;
     match v {
         serde_json::Value::Object(m) => Ok(m),
         other => Err(err(
             path,
-            format!("expected a JSON object, found {}", json_kind(&other)),
+            format!(
+                "expected a JSON object, found {}",
+                crate::json::kind(&other)
+            ),
         )),
-    }
-}
-
-pub(crate) fn json_kind(v: &serde_json::Value) -> &'static str {
-    match v {
-        serde_json::Value::Null => "null",
-        serde_json::Value::Bool(_) => "a boolean",
-        serde_json::Value::Number(_) => "a number",
-        serde_json::Value::String(_) => "a string",
-        serde_json::Value::Array(_) => "an array",
-        serde_json::Value::Object(_) => "an object",
     }
 }
 

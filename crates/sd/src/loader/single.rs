@@ -777,7 +777,8 @@ fn apply_config_folder(path: &Path, dir: &Path, comps: &mut [Component]) -> Resu
             continue;
         };
         let text = read_config(dir, &c.name, class)?;
-        let theirs: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        let theirs = crate::json::parse(&text)
+            .map_err(|e| err(&dir.join(&c.name), format!("config is not valid JSON: {e}")))?;
         let ours = c.config()?;
         let levels = ours
             .get("block_out_channels")

@@ -66,7 +66,7 @@ impl Default for ClipTextConfig {
 impl ClipTextConfig {
     /// Parses a `config.json` text and checks that its fields are usable.
     pub fn from_json(text: &str) -> Result<ClipTextConfig> {
-        let v: Value = serde_json::from_str(text)
+        let v = crate::json::parse(text)
             .map_err(|e| Error::Config(format!("CLIP text config is not valid JSON: {e}")))?;
         let Value::Object(m) = v else {
             return Err(Error::Config(
@@ -159,7 +159,13 @@ fn field<T: DeserializeOwned>(m: &Map<String, Value>, key: &str) -> Result<Optio
     match m.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(v) => T::deserialize(v).map(Some).map_err(|e| {
-            Error::Config(format!("CLIP text config: field '{key}': {e} (found {v})"))
+            let found = match crate::json::number(v) {
+                Some(x) if !x.is_finite() => crate::json::kind(v),
+                _ => v.to_string(),
+            };
+            Error::Config(format!(
+                "CLIP text config: field '{key}': {e} (found {found})"
+            ))
         }),
     }
 }

@@ -268,7 +268,7 @@ fn d_false_per_block() -> PerBlock<bool> {
 impl UNetConfig {
     /// Parses a `config.json` string.
     pub fn from_json(json: &str) -> Result<UNetConfig> {
-        serde_json::from_str(json)
+        crate::json::from_str(json)
             .map_err(|e| Error::Config(format!("UNet config.json does not parse: {e}")))
     }
 

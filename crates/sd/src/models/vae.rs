@@ -92,7 +92,7 @@ impl Default for VaeConfig {
 impl VaeConfig {
     /// Parses a `config.json` text.
     pub fn from_json(json: &str) -> Result<VaeConfig> {
-        serde_json::from_str(json)
+        crate::json::from_str(json)
             .map_err(|e| Error::Config(format!("VAE config.json does not parse: {e}")))
     }
 

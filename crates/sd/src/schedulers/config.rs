@@ -22,8 +22,8 @@ pub(crate) struct RawConfig {
 impl RawConfig {
     /// Parses `config_json`, dropping the keys listed in `_use_default_values`.
     pub(crate) fn parse(config_json: &str) -> Result<Self> {
-        let value: Value =
-            serde_json::from_str(config_json).map_err(|e| SchedulerError::Json(e.to_string()))?;
+        let value =
+            crate::json::parse(config_json).map_err(|e| SchedulerError::Json(e.to_string()))?;
         let Value::Object(mut map) = value else {
             return Err(SchedulerError::Json(format!(
                 "expected a JSON object, found {}",
@@ -65,7 +65,7 @@ impl RawConfig {
     pub(crate) fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
         match self.get(key) {
             None => Ok(default),
-            Some(v) => v.as_f64().ok_or_else(|| bad(key, "a number", v)),
+            Some(v) => crate::json::number(v).ok_or_else(|| bad(key, "a number", v)),
         }
     }
 
@@ -73,8 +73,7 @@ impl RawConfig {
     pub(crate) fn opt_f64(&self, key: &str) -> Result<Option<f64>> {
         match self.get(key) {
             None | Some(Value::Null) => Ok(None),
-            Some(v) => v
-                .as_f64()
+            Some(v) => crate::json::number(v)
                 .map(Some)
                 .ok_or_else(|| bad(key, "a number or null", v)),
         }
@@ -140,7 +139,7 @@ impl RawConfig {
             Some(Value::Array(items)) => items
                 .iter()
                 .map(|v| {
-                    v.as_f64()
+                    crate::json::number(v)
                         .ok_or_else(|| bad("trained_betas", "a list of numbers", v))
                 })
                 .collect::<Result<Vec<_>>>()
@@ -151,6 +150,9 @@ impl RawConfig {
 }
 
 fn kind_of(v: &Value) -> String {
+    if let Some(x) = crate::json::number(v).filter(|x| !x.is_finite()) {
+        return format!("{x}");
+    }
     match v {
         Value::Null => "null".into(),
         Value::Bool(b) => format!("{b}"),
