@@ -282,6 +282,21 @@ fn legacy_string_merges_give_the_same_ids() {
 }
 
 #[test]
+fn transformers4_pre_tokenizer_pattern_gives_the_same_ids() {
+    // transformers 4's converter wrote CLIP's pattern without the two specials; transformers 5
+    // tokenises such a file as one with today's pattern (checked by hub_layouts.py).
+    let g = hub_goldens();
+    assert_eq!(g["legacy_pattern_same_ids"], Value::Bool(true));
+    let mut json = hub_sd2_json();
+    let pattern = &mut json["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"];
+    assert!(pattern.as_str().unwrap().starts_with(r"<\|startoftext\|>|"));
+    *pattern = g["legacy_pattern"].clone();
+    let dir = folder_with(&json);
+    let tok = ClipTokenizer::from_folder(dir.path()).unwrap();
+    check_against(&tok, &g, "tokenizer/hub_sd2", 40);
+}
+
+#[test]
 fn vocab_json_is_preferred_over_tokenizer_json() {
     let dir = tempfile::tempdir().unwrap();
     for f in ["vocab.json", "merges.txt", "tokenizer_config.json"] {
