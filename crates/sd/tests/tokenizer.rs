@@ -310,6 +310,15 @@ fn vocab_json_is_preferred_over_tokenizer_json() {
     std::fs::write(dir.path().join("tokenizer.json"), "{not json").unwrap();
     let tok = ClipTokenizer::from_folder(dir.path()).unwrap();
     check_against(&tok, &hub_goldens(), "models/sd2/tokenizer", 40);
+    // Without merges.txt the pair is incomplete: tokenizer.json is read.
+    std::fs::remove_file(dir.path().join("merges.txt")).unwrap();
+    let err = ClipTokenizer::from_folder(dir.path())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("tokenizer.json") && err.contains("expected a tokenizers JSON object"),
+        "{err}"
+    );
 }
 
 /// A small tokenizer.json with hub_sd2's real pipeline: bytes and specials only, no merges.

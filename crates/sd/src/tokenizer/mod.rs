@@ -16,7 +16,7 @@
 //! 5. `bos ids eos`, truncated to `max_length` keeping eos, padded with the pad token.
 //!
 //! A folder holds either `vocab.json` + `merges.txt` (transformers 4 and the SD hub repos; used
-//! when present) or only `tokenizer.json` (what transformers 5 saves, read by [`hub_json`]), plus
+//! when present) or only `tokenizer.json` (what transformers 5 saves, read by the `hub_json` module), plus
 //! `tokenizer_config.json` from either version.
 
 mod hub_json;
@@ -301,17 +301,18 @@ impl ClipTokenizer {
     /// `tokenizer.json`; plus `tokenizer_config.json` and `special_tokens_map.json` where present.
     pub fn from_folder(dir: &Path) -> Result<Self> {
         let vocab_path = dir.join("vocab.json");
+        let merges_path = dir.join("merges.txt");
         let json_path = dir.join("tokenizer.json");
-        if !vocab_path.exists() && json_path.exists() {
+        let (has_vocab, has_merges) = (vocab_path.exists(), merges_path.exists());
+        if !(has_vocab && has_merges) && json_path.exists() {
             let specials = SpecialTokens::from_folder(dir)?;
             return hub_json::load(&json_path, &specials);
         }
-        if !vocab_path.exists() && !dir.join("merges.txt").exists() {
+        if !has_vocab && !has_merges {
             return Err(TokenizerError::Missing {
                 dir: dir.to_path_buf(),
             });
         }
-        let merges_path = dir.join("merges.txt");
         let vocab_text = read_file(&vocab_path)?;
         let encoder: HashMap<String, u32> =
             crate::json::from_str(&vocab_text).map_err(|e| TokenizerError::Format {
