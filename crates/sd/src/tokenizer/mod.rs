@@ -16,8 +16,8 @@
 //! 5. `bos ids eos`, truncated to `max_length` keeping eos, padded with the pad token.
 //!
 //! A folder holds either `vocab.json` + `merges.txt` (transformers 4 and the SD hub repos; used
-//! when present) or only `tokenizer.json` (what transformers 5 saves, read by the `hub_json` module), plus
-//! `tokenizer_config.json` from either version.
+//! when both are present) or only `tokenizer.json` (what transformers 5 saves; read by the
+//! `hub_json` module), plus `tokenizer_config.json` from either version.
 
 mod hub_json;
 
