@@ -14,6 +14,12 @@
 //! 4. Each piece is split by byte-pair merges (lowest rank first, leftmost on ties), with `</w>`
 //!    appended to its last symbol.
 //! 5. `bos ids eos`, truncated to `max_length` keeping eos, padded with the pad token.
+//!
+//! A folder holds either `vocab.json` + `merges.txt` (transformers 4 and the SD hub repos; used
+//! when both are present) or only `tokenizer.json` (what transformers 5 saves; read by the
+//! `hub_json` module), plus `tokenizer_config.json` from either version.
+
+mod hub_json;
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -24,7 +30,7 @@ use regex::Regex;
 use unicode_normalization::UnicodeNormalization;
 
 /// OpenAI's CLIP BPE file (MIT licence, see `assets/NOTICE`), for checkpoints without tokenizer files.
-static OPENAI_BPE_GZ: &[u8] = include_bytes!("../assets/bpe_simple_vocab_16e6.txt.gz");
+static OPENAI_BPE_GZ: &[u8] = include_bytes!("../../assets/bpe_simple_vocab_16e6.txt.gz");
 
 /// CLIP's pre-tokenisation pattern, as in transformers' `CLIPTokenizer`.
 const CLIP_PATTERN: &str =
@@ -58,6 +64,14 @@ pub enum TokenizerError {
         path: PathBuf,
         /// What was expected and what was found.
         message: String,
+    },
+    /// A tokenizer folder holds neither `vocab.json` + `merges.txt` nor `tokenizer.json`.
+    #[error(
+        "no tokenizer in {dir}: expected vocab.json and merges.txt, or tokenizer.json; found neither"
+    )]
+    Missing {
+        /// The folder.
+        dir: PathBuf,
     },
     /// The vocabulary, merges and special tokens do not fit together.
     #[error("invalid tokenizer: {0}")]
@@ -283,11 +297,22 @@ pub struct ClipTokenizer {
 }
 
 impl ClipTokenizer {
-    /// Loads `vocab.json` and `merges.txt` (plus `tokenizer_config.json` and
-    /// `special_tokens_map.json` where present) from a tokenizer folder.
+    /// Loads a tokenizer folder: `vocab.json` and `merges.txt` when present, else
+    /// `tokenizer.json`; plus `tokenizer_config.json` and `special_tokens_map.json` where present.
     pub fn from_folder(dir: &Path) -> Result<Self> {
         let vocab_path = dir.join("vocab.json");
         let merges_path = dir.join("merges.txt");
+        let json_path = dir.join("tokenizer.json");
+        let (has_vocab, has_merges) = (vocab_path.exists(), merges_path.exists());
+        if !(has_vocab && has_merges) && json_path.exists() {
+            let specials = SpecialTokens::from_folder(dir)?;
+            return hub_json::load(&json_path, &specials);
+        }
+        if !has_vocab && !has_merges {
+            return Err(TokenizerError::Missing {
+                dir: dir.to_path_buf(),
+            });
+        }
         let vocab_text = read_file(&vocab_path)?;
         let encoder: HashMap<String, u32> =
             crate::json::from_str(&vocab_text).map_err(|e| TokenizerError::Format {
@@ -378,15 +403,25 @@ impl ClipTokenizer {
         merges: &[(String, String)],
         specials: &SpecialTokens,
     ) -> Result<Self> {
+        let ids = special_ids(&encoder, specials)?;
+        let matched = config_matches(specials, ids);
+        Self::build(encoder, merges, specials, matched)
+    }
+
+    /// [`ClipTokenizer::new`] with the special tokens cut out of the text given as (text, id,
+    /// matched after normalisation).
+    fn build(
+        encoder: HashMap<String, u32>,
+        merges: &[(String, String)],
+        specials: &SpecialTokens,
+        matched: Vec<(String, u32, bool)>,
+    ) -> Result<Self> {
         let id_of = |what: &str, token: &str| -> Result<u32> {
             encoder.get(token).copied().ok_or_else(|| {
                 TokenizerError::Invalid(format!("{what} token {token:?} is not in the vocabulary"))
             })
         };
-        let bos_id = id_of("bos", &specials.bos.content)?;
-        let eos_id = id_of("eos", &specials.eos.content)?;
-        let unk_id = id_of("unk", &specials.unk.content)?;
-        let pad_id = id_of("pad", &specials.pad.content)?;
+        let [bos_id, eos_id, unk_id, pad_id] = special_ids(&encoder, specials)?;
         if specials.max_length < 2 {
             return Err(TokenizerError::Invalid(format!(
                 "max_length must leave room for bos and eos (at least 2), found {}",
@@ -403,22 +438,8 @@ impl ClipTokenizer {
                 .entry((left, right))
                 .or_insert((rank as u32, merged));
         }
-        // Which text is matched where: transformers 5 registers one AddedToken per text. Measured
-        // on real folder shapes: a text used as unk or pad token is matched after normalisation
-        // only if all its unk/pad definitions say so; otherwise its own definition decides.
-        let mut defs: Vec<(String, u32, bool)> = Vec::new();
-        for (token, id) in [(&specials.bos, bos_id), (&specials.eos, eos_id)] {
-            defs.push((token.content.clone(), id, token.normalized));
-        }
-        for (text, id) in &specials.added {
-            defs.push((text.clone(), *id, false));
-        }
-        for (token, id) in [(&specials.unk, unk_id), (&specials.pad, pad_id)] {
-            defs.retain(|d| d.0 != token.content);
-            defs.push((token.content.clone(), id, token.normalized));
-        }
         let mut special_list: Vec<(String, u32, bool)> = Vec::new();
-        for (text, id, normalized) in defs {
+        for (text, id, normalized) in matched {
             if text.is_empty() {
                 continue;
             }
@@ -607,6 +628,45 @@ impl ClipTokenizer {
             }
         }
     }
+}
+
+/// Ids of the bos, eos, unk and pad tokens.
+fn special_ids(encoder: &HashMap<String, u32>, specials: &SpecialTokens) -> Result<[u32; 4]> {
+    let id_of = |what: &str, token: &SpecialToken| -> Result<u32> {
+        encoder.get(&token.content).copied().ok_or_else(|| {
+            TokenizerError::Invalid(format!(
+                "{what} token {:?} is not in the vocabulary",
+                token.content
+            ))
+        })
+    };
+    Ok([
+        id_of("bos", &specials.bos)?,
+        id_of("eos", &specials.eos)?,
+        id_of("unk", &specials.unk)?,
+        id_of("pad", &specials.pad)?,
+    ])
+}
+
+/// The special tokens a `vocab.json` folder cuts out of the text: (text, id, matched after
+/// normalisation), from the configs' bos, eos, unk, pad (ids in that order) and added tokens.
+/// Measured on real folder shapes with transformers 5: a text used as unk or pad token is matched
+/// after normalisation only if all its unk/pad definitions say so; otherwise its own definition
+/// decides.
+fn config_matches(specials: &SpecialTokens, ids: [u32; 4]) -> Vec<(String, u32, bool)> {
+    let [bos_id, eos_id, unk_id, pad_id] = ids;
+    let mut defs: Vec<(String, u32, bool)> = Vec::new();
+    for (token, id) in [(&specials.bos, bos_id), (&specials.eos, eos_id)] {
+        defs.push((token.content.clone(), id, token.normalized));
+    }
+    for (text, id) in &specials.added {
+        defs.push((text.clone(), *id, false));
+    }
+    for (token, id) in [(&specials.unk, unk_id), (&specials.pad, pad_id)] {
+        defs.retain(|d| d.0 != token.content);
+        defs.push((token.content.clone(), id, token.normalized));
+    }
+    defs
 }
 
 /// NFC, whitespace runs to one space, per-character lower-casing (the `tokenizers` normaliser
