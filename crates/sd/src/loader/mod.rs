@@ -199,8 +199,8 @@ pub struct Component {
     /// scheduler, `tokenizer_config.json` for tokenizers (derived for single files). Text-encoder
     /// configs always carry `dtype` (copied from transformers 4's `torch_dtype` when needed).
     pub config_json: String,
-    /// The component's folder (tokenizers: holds `vocab.json` and `merges.txt`); `None` for
-    /// components of a single file, whose tokenizers use CLIP's built-in vocabulary.
+    /// The component's folder (tokenizers: `vocab.json` + `merges.txt`, or `tokenizer.json`);
+    /// `None` for components of a single file, whose tokenizers use CLIP's built-in vocabulary.
     pub dir: Option<PathBuf>,
     /// Tensors under diffusers names, in the order of their bytes in the files (empty for
     /// tokenizers and schedulers).
