@@ -184,82 +184,86 @@ impl ModelDims {
 
     /// The estimated peak memory of generating `req` with this model.
     pub fn estimate(&self, req: &Request) -> Footprint {
-        let elem: u64 = match req.target {
-            Target::Cpu => 4,
-            Target::Cuda { elem_bytes } => elem_bytes.max(1),
+        // Computed in f64 so that no input can overflow; `as u64` saturates.
+        let elem = match req.target {
+            Target::Cpu => 4.0,
+            Target::Cuda { elem_bytes } => elem_bytes.max(1) as f64,
         };
-        let (w, h) = (req.width as u64, req.height as u64);
-        let f = self.vae_scale.max(1) as u64;
-        let latent = (w / f).max(1) * (h / f).max(1);
-        let b = req.batch.max(1) as u64;
-        let unet_b = if req.cfg { 2 * b } else { b };
+        let (w, h) = (req.width as f64, req.height as f64);
+        let f = self.vae_scale.max(1) as f64;
+        let latent = (w / f).floor().max(1.0) * (h / f).floor().max(1.0);
+        let b = req.batch.max(1) as f64;
+        let unet_b = if req.cfg { 2.0 * b } else { b };
 
         // UNet: skips kept for the up path, and the largest level's working set.
-        let layers = self.unet_layers as u64;
+        let layers = self.unet_layers as f64;
         let levels = self.unet_channels.len();
-        let mut skips = self.unet_channels.first().copied().unwrap_or(0) as u64 * latent;
-        let mut working = 0u64;
+        let mut skips = self.unet_channels.first().copied().unwrap_or(0) as f64 * latent;
+        let mut working = 0f64;
+        let mut n = latent;
         for (i, &c) in self.unet_channels.iter().enumerate() {
-            let c = c as u64;
-            let n = latent >> (2 * i.min(31));
+            let c = c as f64;
             skips += layers * c * n;
             if i + 1 < levels {
-                skips += c * (n / 4);
+                skips += c * (n / 4.0);
             }
             let attn = self.unet_attention.get(i).copied().unwrap_or(true);
             // Attention levels: the residual stream, norm, q/k/v, attention output, GEGLU's 8C
             // projection and its 4C product; the up path's concatenation is twice the channels.
-            let per_pixel = if attn { 20 } else { 8 };
+            let per_pixel = if attn { 20.0 } else { 8.0 };
             working = working.max(per_pixel * c * n);
+            n /= 4.0;
         }
         let unet = unet_b * (skips + working) * elem;
 
         // VAE decoder at full resolution: the last level's upsampled input and the upsampler's
         // convolution, the resnet's norm and convolutions, and its shortcut.
         let pixels = w * h;
-        let c0 = self.vae_channels.first().copied().unwrap_or(128) as u64;
-        let c1 = self.vae_channels.get(1).copied().unwrap_or(c0 as usize) as u64;
+        let c0 = self.vae_channels.first().copied().unwrap_or(128) as f64;
+        let c1 = self.vae_channels.get(1).map_or(c0, |&c| c as f64);
         // The CPU VAE computes in f32; on CUDA, in the compute dtype.
-        let vae = b * pixels * (4 * c1 + 3 * c0) * elem;
+        let vae = b * pixels * (4.0 * c1 + 3.0 * c0) * elem;
         // Images out: f32 [batch, 3, H, W] and one RGB8 image at a time.
-        let images = b * pixels * 3 * 4 + pixels * 3;
-        let latents = b * self.latent_channels as u64 * latent * 4 * 4;
+        let images = b * pixels * 3.0 * 4.0 + pixels * 3.0;
+        let latents = b * self.latent_channels as f64 * latent * 4.0 * 4.0;
+        let base = BASE_BYTES as f64;
+        let weights = self.weight_bytes as f64;
+        let bytes = |x: f64| x as u64;
 
         match req.target {
             Target::Cpu => {
                 // Banded buffers: at least one output row (im2col) or one query row (scores),
                 // at most the whole image.
-                let ckk = 9 * c1;
-                let im2col = IM2COL_BAND_ELEMS.max(ckk * w).min(ckk * pixels) * 4;
-                let scores = SCORE_BAND_ELEMS.max(latent).min(latent * latent) * 4;
+                let ckk = 9.0 * c1;
+                let im2col = (IM2COL_BAND_ELEMS as f64).max(ckk * w).min(ckk * pixels) * 4.0;
+                let scores = (SCORE_BAND_ELEMS as f64).max(latent).min(latent * latent) * 4.0;
                 let activations = unet.max(vae + im2col) + scores + images + latents;
                 let device_copy = match req.budget {
-                    Some(budget) => budget.min(self.weight_bytes),
-                    None => self.weight_bytes,
+                    Some(budget) => (budget as f64).min(weights),
+                    None => weights,
                 };
-                let host_weights = self.weight_bytes + device_copy;
+                let host_weights = weights + device_copy;
                 Footprint {
-                    host: BASE_BYTES + host_weights + activations,
+                    host: bytes(base + host_weights + activations),
                     device: 0,
-                    host_weights,
-                    activations,
+                    host_weights: bytes(host_weights),
+                    activations: bytes(activations),
                 }
             }
             Target::Cuda { .. } => {
                 let activations = unet.max(vae);
-                let weights_on_device = self.weight_elements * elem;
+                let weights_on_device = self.weight_elements as f64 * elem;
                 let device = match req.budget {
-                    Some(budget) => budget.max(activations),
+                    Some(budget) => (budget as f64).max(activations),
                     None => weights_on_device + activations,
                 };
                 // Host: the weights in pinned memory (converted to the compute dtype), the
                 // decoded images and latents.
-                let host_weights = weights_on_device;
                 Footprint {
-                    host: BASE_BYTES + host_weights + images + latents,
-                    device,
-                    host_weights,
-                    activations,
+                    host: bytes(base + weights_on_device + images + latents),
+                    device: bytes(device),
+                    host_weights: bytes(weights_on_device),
+                    activations: bytes(activations),
                 }
             }
         }
@@ -404,6 +408,15 @@ mod tests {
         };
         let msg = check(&fp, &r, None, Some(4 << 30)).unwrap();
         assert!(msg.contains("of device memory") && msg.contains("4.0 GiB available"));
+    }
+
+    #[test]
+    fn absurd_inputs_saturate_instead_of_overflowing() {
+        let mut d = dims();
+        d.vae_channels = vec![usize::MAX; 2];
+        let fp = d.estimate(&req(usize::MAX, usize::MAX, usize::MAX));
+        assert_eq!(fp.host, u64::MAX);
+        assert!(check(&fp, &req(1, 1, 1), Some(u64::MAX - 1), None).is_some());
     }
 
     #[test]

@@ -60,7 +60,16 @@ fn clap_exit(e: clap::Error) -> ExitCode {
                 .take_while(|l| !l.trim().is_empty())
                 .map(str::trim)
                 .collect();
-            let msg = msg.join(" ");
+            let mut msg = msg.join(" ");
+            // Keep clap's suggestion ("tip: a similar argument exists: '--steps'").
+            for tip in text
+                .lines()
+                .map(str::trim)
+                .filter(|l| l.starts_with("tip:"))
+            {
+                msg.push_str("; ");
+                msg.push_str(tip);
+            }
             let msg = msg.strip_prefix("error: ").unwrap_or(&msg);
             eprintln!("txt2img: error: {msg} (see --help)");
             ExitCode::from(2)
