@@ -18,14 +18,14 @@ pub struct Args {
     /// The negative prompt (omitted: diffusers' negative_prompt=None).
     #[arg(long)]
     pub negative_prompt: Option<String>,
-    /// Denoising steps.
-    #[arg(long, default_value_t = 30)]
+    /// Denoising steps (1 to 1000).
+    #[arg(long, default_value_t = 30, value_parser = parse_steps)]
     pub steps: usize,
-    /// Classifier-free guidance scale.
-    #[arg(long, default_value_t = 7.5)]
+    /// Classifier-free guidance scale (a finite number; 1 or less turns guidance off).
+    #[arg(long, default_value_t = 7.5, value_parser = parse_guidance, allow_negative_numbers = true)]
     pub guidance: f32,
     /// Scheduler: ddim, pndm, euler, euler-a, dpmpp-2m (default: the model's own).
-    #[arg(long)]
+    #[arg(long, value_parser = parse_scheduler)]
     pub scheduler: Option<String>,
     /// Karras sigmas (euler, dpmpp-2m).
     #[arg(long)]
@@ -33,17 +33,17 @@ pub struct Args {
     /// Seed for the initial latents (torch.manual_seed semantics on a CPU generator).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Image width in pixels (multiple of 8; default: the model's sample size).
-    #[arg(long)]
+    /// Image width in pixels (a multiple of 8 up to 16384; default: the model's sample size).
+    #[arg(long, value_parser = parse_dim)]
     pub width: Option<usize>,
-    /// Image height in pixels (multiple of 8; default: the model's sample size).
-    #[arg(long)]
+    /// Image height in pixels (a multiple of 8 up to 16384; default: the model's sample size).
+    #[arg(long, value_parser = parse_dim)]
     pub height: Option<usize>,
-    /// Images per prompt.
-    #[arg(long, default_value_t = 1)]
+    /// Images per prompt (1 to 64).
+    #[arg(long, default_value_t = 1, value_parser = parse_batch)]
     pub batch: usize,
     /// auto, cpu, cuda or cuda:N.
-    #[arg(long, default_value = "auto")]
+    #[arg(long, default_value = "auto", value_parser = parse_device)]
     pub device: String,
     /// Compute precision (default: f16 on CUDA; the CPU path computes in f32).
     #[arg(long, value_enum)]
@@ -69,6 +69,9 @@ pub struct Args {
     /// Print the padded token ids as JSON and exit.
     #[arg(long)]
     pub print_tokens: bool,
+    /// On error, print each cause on its own line (by default: one line).
+    #[arg(short, long)]
+    pub verbose: bool,
     /// Output PNG (with --batch N > 1: OUT-0.png ... OUT-(N-1).png).
     #[arg(short = 'o', long = "output", default_value = "out.png")]
     pub output: PathBuf,
@@ -147,14 +150,110 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok(bytes.round() as u64)
 }
 
-/// Checks an image dimension: a positive multiple of 8.
-pub fn check_dim(name: &str, v: usize) -> Result<()> {
-    if v == 0 || !v.is_multiple_of(8) {
-        return Err(Error::InvalidArgument(format!(
-            "--{name} must be a positive multiple of 8, got {v}"
-        )));
+/// The largest `--width` / `--height` accepted.
+pub const MAX_DIM: usize = 16384;
+/// The largest `--batch` accepted.
+pub const MAX_BATCH: usize = 64;
+/// The largest `--steps` accepted (the schedulers' training timesteps).
+pub const MAX_STEPS: usize = 1000;
+
+fn parse_count(s: &str, max: usize) -> Result<usize, String> {
+    let v: usize = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a whole number"))?;
+    if v == 0 || v > max {
+        return Err(format!("must be between 1 and {max}, got {v}"));
+    }
+    Ok(v)
+}
+
+/// Parses `--steps`: a whole number from 1 to [`MAX_STEPS`].
+pub fn parse_steps(s: &str) -> Result<usize, String> {
+    parse_count(s, MAX_STEPS)
+}
+
+/// Parses `--batch`: a whole number from 1 to [`MAX_BATCH`].
+pub fn parse_batch(s: &str) -> Result<usize, String> {
+    parse_count(s, MAX_BATCH)
+}
+
+/// Parses `--width` / `--height`: a positive multiple of 8 up to [`MAX_DIM`].
+pub fn parse_dim(s: &str) -> Result<usize, String> {
+    let v: usize = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a whole number of pixels"))?;
+    check_dim_value(v)?;
+    Ok(v)
+}
+
+fn check_dim_value(v: usize) -> Result<(), String> {
+    if v == 0 || !v.is_multiple_of(8) || v > MAX_DIM {
+        return Err(format!(
+            "must be a positive multiple of 8 up to {MAX_DIM}, got {v}"
+        ));
     }
     Ok(())
+}
+
+/// Parses `--guidance`: a finite number (NaN and infinities are rejected).
+pub fn parse_guidance(s: &str) -> Result<f32, String> {
+    let v: f32 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number"))?;
+    if !v.is_finite() {
+        return Err(format!("must be a finite number, got {s}"));
+    }
+    Ok(v)
+}
+
+/// Parses `--scheduler`: one of the names (or aliases) the schedulers accept; returns the
+/// canonical name (e.g. `DPMSolverMultistepScheduler` becomes `dpmpp-2m`).
+pub fn parse_scheduler(s: &str) -> Result<String, String> {
+    crate::schedulers::SchedulerKind::from_name(s)
+        .map(|k| k.cli_name().to_string())
+        .map_err(|e| e.to_string())
+}
+
+/// A parsed `--device`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceSpec {
+    /// The first GPU when one is usable, else the CPU.
+    Auto,
+    /// The CPU path.
+    Cpu,
+    /// CUDA device N.
+    Cuda(usize),
+}
+
+impl DeviceSpec {
+    /// Parses `auto`, `cpu`, `cuda` (device 0) or `cuda:N`.
+    pub fn parse(s: &str) -> Result<DeviceSpec, String> {
+        let bad = || format!("'{s}' is not a device: expected auto, cpu, cuda or cuda:N");
+        Ok(match s.trim() {
+            "auto" => DeviceSpec::Auto,
+            "cpu" => DeviceSpec::Cpu,
+            "cuda" => DeviceSpec::Cuda(0),
+            t => match t.strip_prefix("cuda:") {
+                Some(n) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => {
+                    DeviceSpec::Cuda(n.parse().map_err(|_| bad())?)
+                }
+                _ => return Err(bad()),
+            },
+        })
+    }
+}
+
+/// Validates `--device` (see [`DeviceSpec::parse`]), keeping the text.
+pub fn parse_device(s: &str) -> Result<String, String> {
+    DeviceSpec::parse(s).map(|_| s.trim().to_string())
+}
+
+/// Checks an image dimension: a positive multiple of 8 up to [`MAX_DIM`].
+pub fn check_dim(name: &str, v: usize) -> Result<()> {
+    check_dim_value(v).map_err(|e| Error::InvalidArgument(format!("--{name} {e}")))
 }
 
 #[cfg(test)]
@@ -204,5 +303,60 @@ mod tests {
             Args::try_parse_from(["txt2img", "--model", "m", "--vram-budget", "lots"]).is_err()
         );
         assert!(check_dim("width", 100).is_err() && check_dim("width", 512).is_ok());
+    }
+
+    fn parse(extra: &[&str]) -> Result<Args, clap::Error> {
+        let mut v = vec!["txt2img", "--model", "m"];
+        v.extend_from_slice(extra);
+        Args::try_parse_from(v)
+    }
+
+    #[test]
+    fn out_of_range_values_are_rejected_by_the_parser() {
+        for bad in [
+            &["--guidance", "nan"][..],
+            &["--guidance", "inf"],
+            &["--guidance=-inf"],
+            &["--guidance", "NaN"],
+            &["--steps", "0"],
+            &["--steps", "1001"],
+            &["--steps=-1"],
+            &["--batch", "0"],
+            &["--batch", "100000"],
+            &["--width", "65536"],
+            &["--height", "100"],
+            &["--width", "0"],
+            &["--scheduler", "nosuch"],
+            &["--device", "cuda:x"],
+            &["--device", "cuda:"],
+            &["--device", "gpu"],
+        ] {
+            let e = parse(bad).expect_err(&format!("{bad:?} accepted"));
+            let msg = e.to_string();
+            let flag = bad[0].split('=').next().unwrap_or_default();
+            assert!(msg.contains(flag), "{bad:?}: {msg}");
+        }
+        let a = parse(&[
+            "--guidance",
+            "-1.5",
+            "--steps",
+            "1000",
+            "--batch",
+            "64",
+            "--width",
+            "16384",
+            "--scheduler",
+            "DPMSolverMultistepScheduler",
+            "--device",
+            "cuda:1",
+        ])
+        .unwrap();
+        assert_eq!(a.guidance, -1.5);
+        assert_eq!((a.steps, a.batch, a.width), (1000, 64, Some(16384)));
+        assert_eq!(a.scheduler.as_deref(), Some("dpmpp-2m"));
+        assert_eq!(DeviceSpec::parse(&a.device), Ok(DeviceSpec::Cuda(1)));
+        assert_eq!(DeviceSpec::parse("auto"), Ok(DeviceSpec::Auto));
+        assert_eq!(DeviceSpec::parse("cuda"), Ok(DeviceSpec::Cuda(0)));
+        assert!(parse(&["--scheduler", "euler_a"]).is_ok());
     }
 }

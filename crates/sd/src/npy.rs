@@ -1,6 +1,7 @@
 //! Latents files: float32 `.npy` arrays, as numpy writes and reads them.
 
 use crate::error::{Error, Result};
+use crate::output::{self, WriteError};
 use crate::tensor::Tensor;
 use npyz::WriterBuilder;
 use std::path::Path;
@@ -30,24 +31,18 @@ pub fn read_f32(path: &Path) -> Result<Tensor> {
     Ok(Tensor::new(shape, data)?)
 }
 
-/// Writes a tensor as a float32 `.npy` file.
-pub fn write_f32(path: &Path, t: &Tensor) -> Result<()> {
+/// Writes a tensor as a float32 `.npy` file, atomically (see [`crate::output::write_atomic`]).
+pub fn write_f32(path: &Path, t: &Tensor) -> Result<(), WriteError> {
     let shape: Vec<u64> = t.shape().iter().map(|&d| d as u64).collect();
-    let mut out = Vec::new();
-    {
+    output::write_atomic(path, |out| {
         let mut w = npyz::WriteOptions::<f32>::new()
             .default_dtype()
             .shape(&shape)
-            .writer(&mut out)
-            .begin_nd()
-            .map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))?;
-        w.extend(t.data().iter().copied())
-            .map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))?;
+            .writer(out)
+            .begin_nd()?;
+        w.extend(t.data().iter().copied())?;
         w.finish()
-            .map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))?;
-    }
-    std::fs::write(path, out)
-        .map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))
+    })
 }
 
 #[cfg(test)]

@@ -1,43 +1,118 @@
 //! `txt2img`: generate images from text with SD 1.x, SD 2.x or SDXL, weights paged by Ferry.
 
+use clap::error::ErrorKind;
 use clap::Parser;
 use ferry_pager::device::cuda::CudaDevice;
 use ferry_pager::Device;
-use ferry_sd::cli::{check_dim, Args, Precision};
-use ferry_sd::error::{Error, Result};
+use ferry_sd::cli::{Args, DeviceSpec, Precision};
+use ferry_sd::error::Error;
+use ferry_sd::footprint::{self, ModelDims, Request, Target};
 use ferry_sd::image::{to_rgb8, write_png};
+use ferry_sd::loader::ModelSource;
 use ferry_sd::npy;
+use ferry_sd::output;
 use ferry_sd::pipeline::{token_ids, DeviceChoice, GenerateParams, LoadConfig, Pipeline};
 use ferry_sd::tensor::DType;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+/// Any error the command reports; its `source()` chain is printed.
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) => return clap_exit(e),
+    };
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("txt2img: error: {e}");
+            let causes = causes(e.as_ref());
+            if args.verbose {
+                let mut lines = causes.iter();
+                if let Some(top) = lines.next() {
+                    eprintln!("txt2img: error: {top}");
+                }
+                for c in lines {
+                    eprintln!("  caused by: {c}");
+                }
+            } else {
+                eprintln!("txt2img: error: {}", one_line(&causes));
+            }
             ExitCode::FAILURE
         }
     }
 }
 
-/// Where the compute runs: the pipeline's device choice.
-fn choose_device(spec: &str) -> Result<DeviceChoice> {
-    let cuda_ordinal = match spec {
-        "cpu" => return Ok(DeviceChoice::Cpu),
-        "auto" => None,
-        "cuda" => Some(0),
-        s => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(n)) => Some(n),
-            _ => {
-                return Err(Error::InvalidArgument(format!(
-                    "--device must be auto, cpu, cuda or cuda:N, got '{spec}'"
-                )))
+/// Help and version go to stdout as clap prints them; a usage error becomes one line.
+fn clap_exit(e: clap::Error) -> ExitCode {
+    match e.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+            let _ = e.print();
+            ExitCode::SUCCESS
+        }
+        _ => {
+            let text = e.to_string();
+            // The message is everything before the first blank line (the usage hint follows).
+            let msg: Vec<&str> = text
+                .lines()
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            let mut msg = msg.join(" ");
+            // Keep clap's suggestion ("tip: a similar argument exists: '--steps'").
+            for tip in text
+                .lines()
+                .map(str::trim)
+                .filter(|l| l.starts_with("tip:"))
+            {
+                msg.push_str("; ");
+                msg.push_str(tip);
             }
-        },
+            let msg = msg.strip_prefix("error: ").unwrap_or(&msg);
+            eprintln!("txt2img: error: {msg} (see --help)");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// The messages of `e` and its `source()` chain, outermost first, without exact repeats.
+fn causes(e: &(dyn std::error::Error + 'static)) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        let msg = err.to_string();
+        if !msg.is_empty() && out.last() != Some(&msg) {
+            out.push(msg);
+        }
+        cur = err.source();
+    }
+    out
+}
+
+/// The chain joined with ": ", leaving out a cause whose text its outer message already carries
+/// (errors that format their source inline).
+fn one_line(causes: &[String]) -> String {
+    let mut line = String::new();
+    for c in causes {
+        if line.contains(c.as_str()) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(c);
+    }
+    line
+}
+
+/// Where the compute runs: the pipeline's device choice.
+fn choose_device(spec: &str) -> Result<DeviceChoice, BoxError> {
+    let cuda_ordinal = match DeviceSpec::parse(spec)? {
+        DeviceSpec::Cpu => return Ok(DeviceChoice::Cpu),
+        DeviceSpec::Auto => None,
+        DeviceSpec::Cuda(n) => Some(n),
     };
     match cuda_ordinal {
         // auto: the first GPU when one is usable, else the CPU.
@@ -46,9 +121,9 @@ fn choose_device(spec: &str) -> Result<DeviceChoice> {
             Err(_) => DeviceChoice::Cpu,
         }),
         Some(n) => match CudaDevice::new(n) {
-            Err(e) => Err(Error::InvalidArgument(format!(
-                "--device {spec} asked for a GPU, but none is usable: {e}"
-            ))),
+            Err(e) => {
+                Err(format!("--device {spec} asked for a GPU, but none is usable: {e}").into())
+            }
             Ok(_) => Ok(DeviceChoice::Cuda(n)),
         },
     }
@@ -64,7 +139,7 @@ fn output_path(out: &Path, index: usize, batch: usize) -> PathBuf {
     out.with_file_name(format!("{stem}-{index}.{ext}"))
 }
 
-fn print_tokens(args: &Args) -> Result<()> {
+fn print_tokens(args: &Args) -> Result<(), BoxError> {
     let ids = token_ids(&args.model, &args.prompt, args.negative_prompt.as_deref())?;
     let mut obj = serde_json::Map::new();
     for t in ids {
@@ -77,16 +152,28 @@ fn print_tokens(args: &Args) -> Result<()> {
     Ok(())
 }
 
-fn run(args: &Args) -> Result<()> {
-    if args.print_tokens {
-        return print_tokens(args);
+/// Everything `run` checks before any weight is read: output paths, the device, the initial
+/// latents, and whether the machine has the memory the request needs.
+struct Checked {
+    device: DeviceChoice,
+    dtype: DType,
+    init_latents: Option<ferry_sd::tensor::Tensor>,
+    estimate: footprint::Footprint,
+}
+
+fn preflight(args: &Args) -> Result<Checked, BoxError> {
+    // Every file this run will write: its directory exists and takes new files.
+    for i in 0..args.batch {
+        output::check_writable(&output_path(&args.output, i, args.batch))?;
     }
+    for p in [&args.save_latents, &args.trace].into_iter().flatten() {
+        output::check_writable(p)?;
+    }
+    let init_latents = match &args.init_latents {
+        Some(p) => Some(npy::read_f32(p)?),
+        None => None,
+    };
     let device = choose_device(&args.device)?;
-    for (name, v) in [("width", args.width), ("height", args.height)] {
-        if let Some(v) = v {
-            check_dim(name, v)?;
-        }
-    }
     let dtype = match (device, args.dtype) {
         (DeviceChoice::Cpu, Some(p)) if p != Precision::F32 => {
             eprintln!(
@@ -98,10 +185,68 @@ fn run(args: &Args) -> Result<()> {
         (DeviceChoice::Cuda(_), None | Some(Precision::F16)) => DType::F16,
         (DeviceChoice::Cuda(_), Some(Precision::Bf16)) => DType::BF16,
     };
-    let init_latents = match &args.init_latents {
-        Some(p) => Some(npy::read_f32(p)?),
-        None => None,
+
+    // The model's configs and safetensors headers only: no weight bytes are read.
+    let source = ModelSource::open(&args.model)?;
+    let dims = ModelDims::of(&source)?;
+    let (width, height) = (
+        args.width.unwrap_or(dims.default_size.0),
+        args.height.unwrap_or(dims.default_size.1),
+    );
+    if let Some(t) = &init_latents {
+        let f = dims.vae_scale.max(1);
+        let want = [args.batch, dims.latent_channels, height / f, width / f];
+        if t.shape() != want {
+            return Err(format!(
+                "--init-latents: expected shape {want:?} for {width}×{height} (batch {}), found {:?}",
+                args.batch,
+                t.shape()
+            )
+            .into());
+        }
+    }
+    let req = Request {
+        width,
+        height,
+        batch: args.batch,
+        cfg: args.guidance > 1.0,
+        target: match device {
+            DeviceChoice::Cpu => Target::Cpu,
+            DeviceChoice::Cuda(_) => Target::Cuda {
+                elem_bytes: dtype.size() as u64,
+            },
+        },
+        budget: args.vram_budget,
     };
+    let estimate = dims.estimate(&req);
+    let device_free = match device {
+        DeviceChoice::Cuda(n) => CudaDevice::new(n)
+            .ok()
+            .and_then(|d| d.mem_info().ok())
+            .map(|m| m.free),
+        DeviceChoice::Cpu => None,
+    };
+    if let Some(msg) = footprint::check(&estimate, &req, footprint::host_available(), device_free) {
+        return Err(msg.into());
+    }
+    Ok(Checked {
+        device,
+        dtype,
+        init_latents,
+        estimate,
+    })
+}
+
+fn run(args: &Args) -> Result<(), BoxError> {
+    if args.print_tokens {
+        return print_tokens(args);
+    }
+    let Checked {
+        device,
+        dtype,
+        init_latents,
+        estimate,
+    } = preflight(args)?;
     let metrics = args.stats || args.trace.is_some();
     // The driver's view of device memory, sampled around the run: everything Ferry allocates
     // (the arena = the budget) is allocated at load, so "used" at the end is the peak.
@@ -205,10 +350,21 @@ fn run(args: &Args) -> Result<()> {
                     }
                 }
             }
+            let mib = |b: u64| b as f64 / (1 << 20) as f64;
+            match footprint::peak_rss() {
+                Some(peak) => println!(
+                    "host memory: estimated {:.1} MiB, peak resident set {:.1} MiB (VmHWM)",
+                    mib(estimate.host),
+                    mib(peak)
+                ),
+                None => println!("host memory: estimated {:.1} MiB", mib(estimate.host)),
+            }
+            if estimate.device > 0 {
+                println!("device memory: estimated {:.1} MiB", mib(estimate.device));
+            }
         }
         if let Some(t) = &args.trace {
-            std::fs::write(t, m.chrome_trace())
-                .map_err(|e| Error::InvalidArgument(format!("{}: {e}", t.display())))?;
+            output::write_bytes(t, m.chrome_trace().as_bytes())?;
         }
     }
     let races = pipe.races();
@@ -217,7 +373,8 @@ fn run(args: &Args) -> Result<()> {
             "the simulated device reported {} data race(s); first: {}",
             races.len(),
             races[0]
-        )));
+        ))
+        .into());
     }
     Ok(())
 }
