@@ -826,6 +826,12 @@ impl Pipeline {
         };
         let sigma = scheduler.init_noise_sigma();
         latents.data_mut().iter_mut().for_each(|x| *x *= sigma);
+        check_finite(
+            "scaling the initial latents by init_noise_sigma",
+            None,
+            0,
+            latents.data(),
+        )?;
 
         // The text context stays on the backend for the whole loop, below each step's mark.
         let ub = on.unet;
@@ -844,6 +850,7 @@ impl Pipeline {
                 latents.clone()
             };
             scheduler.scale_model_input(input.data_mut(), i)?;
+            check_finite("scaling the latents", Some(i + 1), steps, input.data())?;
             let step_mark = ub.mark();
             let x = ub.upload(&input)?;
             let cond = added_on.as_ref().map(|(p, t)| (p, *t));

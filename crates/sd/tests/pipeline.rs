@@ -395,3 +395,74 @@ fn an_over_long_prompt_is_truncated_with_a_warning() {
         .warnings
         .is_empty());
 }
+
+/// `generate` on sd15 with every initial latent set to `value`.
+fn generate_from(scheduler: &str, value: f32) -> Result<ferry_sd::pipeline::Generated, Error> {
+    let g = Goldens::load("sd15");
+    let pipe = Pipeline::load(&model_dir("sd15"), LoadConfig::default()).unwrap();
+    let mut p = g.params(scheduler);
+    let shape = g.tensor("pipe.latents_init").shape().to_vec();
+    p.init_latents = Some(Tensor::full(shape, value).unwrap());
+    pipe.generate(&p, |_, _| {})
+}
+
+#[test]
+fn non_finite_initial_latents_are_refused() {
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let e = generate_from("ddim", bad).unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument(_)), "{e:?}");
+        let line = e.to_string();
+        assert!(
+            line.contains("--init-latents") && line.contains("finite"),
+            "{line}"
+        );
+    }
+}
+
+#[test]
+fn nan_or_inf_in_the_loop_is_an_error_naming_the_stage_and_step() {
+    // Values this large overflow somewhere; each case is where the CPU path overflows first.
+    let unet = generate_from("ddim", f32::MAX).unwrap_err();
+    assert_eq!(
+        unet.to_string(),
+        "the UNet produced NaN at step 1 of 4 (256 of 256 values are not finite)"
+    );
+    let step = generate_from("ddim", -1e38).unwrap_err();
+    assert!(
+        matches!(
+            step,
+            Error::NonFinite {
+                stage: "the scheduler step",
+                step: Some(1),
+                steps: 4,
+                value: f32::NEG_INFINITY,
+                ..
+            }
+        ),
+        "{step:?}"
+    );
+    // Euler's init_noise_sigma (14.6) overflows 1e38 before the UNet runs.
+    let init = generate_from("euler", 1e38).unwrap_err();
+    assert!(
+        matches!(&init, Error::NonFinite { step: None, .. })
+            && init.to_string().contains("init_noise_sigma"),
+        "{init:?}"
+    );
+}
+
+#[test]
+fn nan_in_the_decoded_image_is_an_error_not_a_black_image() {
+    let e = generate_from("pndm", 3e37).unwrap_err();
+    match &e {
+        Error::NonFinite {
+            stage, step, value, ..
+        } => {
+            assert_eq!((*stage, *step), ("the VAE decoder", None));
+            assert!(value.is_nan());
+        }
+        other => panic!("{other:?}"),
+    }
+    // The same pipeline still generates from finite latents.
+    let ok = generate_from("pndm", 0.5).unwrap();
+    assert!(ok.images.first_non_finite().is_none());
+}
