@@ -193,8 +193,13 @@ fn bad_requests_are_clear_errors() {
         steps: 1,
         ..GenerateParams::default()
     };
-    let e = pipe.generate(&p, |_, _| {}).unwrap_err().to_string();
-    assert!(e.contains("width") && e.contains("60"), "{e}");
+    let e = pipe.generate(&p, |_, _| {}).unwrap_err();
+    assert!(matches!(e, Error::InvalidArgument(_)), "{e:?}");
+    let e = e.to_string();
+    assert!(
+        e.contains("width") && e.contains("60") && e.contains("multiple of 8"),
+        "{e}"
+    );
     let p = GenerateParams {
         scheduler: Some("heun".into()),
         steps: 1,
