@@ -148,3 +148,90 @@ impl Error {
         e
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error as _;
+    use std::io;
+
+    /// Every level of `e`'s chain, outermost first.
+    fn chain(e: &(dyn std::error::Error + 'static)) -> Vec<String> {
+        std::iter::successors(Some(e), |&e| e.source())
+            .map(|e| e.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn errors_are_send_sync_and_static() {
+        fn check<T: Send + Sync + 'static>() {}
+        check::<Error>();
+    }
+
+    #[test]
+    fn io_errors_keep_the_path_and_the_os_error() {
+        let e = Error::Io {
+            path: PathBuf::from("models/x/unet/config.json"),
+            source: io::Error::new(io::ErrorKind::PermissionDenied, "permission denied"),
+        };
+        assert_eq!(
+            e.to_string(),
+            "models/x/unet/config.json: permission denied"
+        );
+        let src = e.source().and_then(|s| s.downcast_ref::<io::Error>());
+        assert_eq!(
+            src.map(io::Error::kind),
+            Some(io::ErrorKind::PermissionDenied)
+        );
+    }
+
+    #[test]
+    fn component_context_keeps_the_chain_down_to_the_io_error() {
+        let load = LoadError::Io {
+            path: PathBuf::from("m/vae/config.json"),
+            what: "cannot read",
+            source: io::Error::new(io::ErrorKind::NotFound, "not found"),
+        };
+        let e = Error::in_component("vae", load);
+        assert_eq!(
+            e.to_string(),
+            "vae: m/vae/config.json: cannot read: not found"
+        );
+        assert_eq!(
+            chain(&e),
+            [
+                "vae: m/vae/config.json: cannot read: not found",
+                "m/vae/config.json: cannot read: not found",
+                "not found"
+            ]
+        );
+        let root = e
+            .root_cause()
+            .downcast_ref::<io::Error>()
+            .map(io::Error::kind);
+        assert_eq!(root, Some(io::ErrorKind::NotFound));
+        assert!(matches!(
+            e,
+            Error::Component { ref name, ref source }
+                if name == "vae" && matches!(**source, Error::Load(LoadError::Io { .. }))
+        ));
+    }
+
+    #[test]
+    fn a_cuda_device_error_has_the_driver_error_as_source() {
+        let e = Error::Device {
+            ordinal: 1,
+            source: ferry_pager::Error::NoDriver,
+        };
+        let line = e.to_string();
+        assert!(
+            line.starts_with("CUDA device 1 is not usable: no CUDA driver"),
+            "{line}"
+        );
+        assert!(!line.contains('\n'), "{line}");
+        let src = e
+            .source()
+            .and_then(|s| s.downcast_ref::<ferry_pager::Error>());
+        assert!(matches!(src, Some(ferry_pager::Error::NoDriver)));
+    }
+}

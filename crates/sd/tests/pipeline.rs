@@ -471,3 +471,30 @@ fn nan_in_the_decoded_image_is_an_error_not_a_black_image() {
     let ok = generate_from("pndm", 0.5).unwrap();
     assert!(ok.images.first_non_finite().is_none());
 }
+
+#[test]
+fn malformed_json_keeps_its_parse_error_as_source() {
+    let (_tmp, dir) = copy_model("sd15");
+    let config = dir.join("vae/config.json");
+    std::fs::write(&config, "{\n  \"in_channels\": 3,\n  oops\n}").unwrap();
+    let e = Pipeline::load(&dir, LoadConfig::default()).err().unwrap();
+    match &e {
+        Error::Load(LoadError::Json { path, source }) => {
+            assert_eq!(path, &config);
+            assert_eq!(source.line, 3, "{source}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let line = e.to_string();
+    assert!(
+        line.contains("not valid JSON") && line.contains("line 3"),
+        "{line}"
+    );
+    assert!(
+        std::error::Error::source(&e)
+            .and_then(|s| s.downcast_ref::<ferry_sd::json::JsonError>())
+            .is_some(),
+        "{:?}",
+        chain(&e)
+    );
+}

@@ -47,6 +47,15 @@ pub enum LoadError {
         #[source]
         source: std::io::Error,
     },
+    /// A JSON file of the model (`model_index.json`, a config) does not parse.
+    #[error("{}: not valid JSON: {source}", path.display())]
+    Json {
+        /// The file.
+        path: PathBuf,
+        /// Where (line, column) and why.
+        #[source]
+        source: crate::json::JsonError,
+    },
 }
 
 /// Result with [`LoadError`].
@@ -419,7 +428,10 @@ pub(crate) fn parse_object(
     path: &Path,
     text: &str,
 ) -> Result<serde_json::Map<String, serde_json::Value>> {
-    let v = crate::json::parse(text).map_err(|e| err(path, format!("not valid JSON: {e}")))?;
+    let v = crate::json::parse(text).map_err(|source| LoadError::Json {
+        path: path.to_path_buf(),
+        source,
+    })?;
     match v {
         serde_json::Value::Object(m) => Ok(m),
         other => Err(err(
