@@ -268,6 +268,11 @@ impl Executor {
         Ok(self.sched.metrics()?)
     }
 
+    /// The simulated device the weights are paged to.
+    pub fn device(&self) -> &Arc<SimDevice> {
+        &self.dev
+    }
+
     /// Race reports from the simulated device (empty when paging is correct).
     pub fn races(&self) -> Vec<String> {
         self.dev.races()

@@ -179,16 +179,16 @@ pub struct TokenIds {
 }
 
 fn load_tokenizer(source: &ModelSource, name: &str) -> Result<ClipTokenizer> {
-    let c = source
-        .component(name)
-        .map_err(|e| Error::Config(format!("{name}: {e}")))?;
+    let c = source.component(name)?;
     let tok = match &c.dir {
         Some(dir) => ClipTokenizer::from_folder(dir),
         None => {
             // A single-file checkpoint has no tokenizer: use the embedded CLIP vocabulary with the
             // pad token the loader derived for this family.
-            let cfg = crate::json::parse(&c.config_json)
-                .map_err(|e| Error::Config(format!("{name}: tokenizer config: {e}")))?;
+            let cfg = crate::json::parse(&c.config_json).map_err(|source| Error::Json {
+                what: format!("{name} tokenizer config"),
+                source,
+            })?;
             let pad = match &cfg["pad_token"] {
                 serde_json::Value::String(s) => s.clone(),
                 v => v["content"].as_str().unwrap_or("<|endoftext|>").to_string(),
@@ -196,7 +196,7 @@ fn load_tokenizer(source: &ModelSource, name: &str) -> Result<ClipTokenizer> {
             ClipTokenizer::embedded(&SpecialTokens::with_pad(&pad))
         }
     };
-    tok.map_err(|e| Error::Config(format!("{name}: {e}")))
+    tok.map_err(|e| Error::in_component(name, e))
 }
 
 /// The tokenizer components of a model, in pipeline order.
@@ -210,7 +210,7 @@ fn tokenizer_names(family: ModelFamily) -> &'static [&'static str] {
 /// Padded token ids for `prompt` / `negative` with every tokenizer of the model; reads only
 /// `model_index.json` and the tokenizer folders.
 pub fn token_ids(model: &Path, prompt: &str, negative: Option<&str>) -> Result<Vec<TokenIds>> {
-    let source = ModelSource::open(model).map_err(|e| Error::Config(e.to_string()))?;
+    let source = ModelSource::open(model)?;
     tokenizer_names(source.family())
         .iter()
         .map(|&name| {
@@ -315,15 +315,14 @@ fn gpu_exec_config(cfg: &LoadConfig, mode: Mode, reserve: u64) -> ExecConfig {
 impl Pipeline {
     /// Loads a diffusers folder or single-file checkpoint and plans paging it.
     pub fn load(model: &Path, cfg: LoadConfig) -> Result<Pipeline> {
-        let source = ModelSource::open(model).map_err(|e| Error::Config(e.to_string()))?;
+        let source = ModelSource::open(model)?;
         let family = source.family();
-        let component = |name: &str| {
-            source
-                .component(name)
-                .map_err(|e| Error::Config(format!("{name}: {e}")))
-        };
-        let index = crate::json::parse(source.model_index_json())
-            .map_err(|e| Error::Config(format!("model_index.json: {e}")))?;
+        let component = |name: &str| source.component(name);
+        let index =
+            crate::json::parse(source.model_index_json()).map_err(|source| Error::Json {
+                what: "model_index.json".into(),
+                source,
+            })?;
         let force_zeros_for_empty_prompt = index["force_zeros_for_empty_prompt"]
             .as_bool()
             .unwrap_or(family == ModelFamily::Sdxl);
@@ -341,9 +340,8 @@ impl Pipeline {
                 (store, Some(device), None)
             }
             DeviceChoice::Cuda(n) => {
-                let dev = CudaDevice::new(n).map_err(|e| {
-                    Error::InvalidArgument(format!("CUDA device {n} is not usable: {e}"))
-                })?;
+                let dev =
+                    CudaDevice::new(n).map_err(|source| Error::Device { ordinal: n, source })?;
                 let store = HostStore::new(dev.clone() as Arc<dyn Device>);
                 (store, None, Some(dev))
             }
@@ -359,7 +357,7 @@ impl Pipeline {
             let c = component(enc)?;
             let model = ClipTextModel::from_config_json(&c.config_json, enc)?;
             c.register_into(&store, &format!("{enc}."), convert)
-                .map_err(|e| Error::Config(format!("{enc}: {e}")))?;
+                .map_err(|e| Error::in_component(enc, e))?;
             groups.push(model.groups());
             encoders.push(TextEncoder {
                 tokenizer: load_tokenizer(&source, tok)?,
@@ -367,9 +365,7 @@ impl Pipeline {
             });
         }
         let c = component("unet")?;
-        let unet_json = c
-            .config()
-            .map_err(|e| Error::Config(format!("unet: {e}")))?;
+        let unet_json = c.config()?;
         let sample_size = match &unet_json["sample_size"] {
             serde_json::Value::Array(v) if v.len() == 2 => (
                 v[0].as_u64().unwrap_or(64) as usize,
@@ -388,7 +384,7 @@ impl Pipeline {
                 .map(|t| (t.name.as_str(), t.shape.as_slice())),
         )?;
         c.register_into(&store, "unet.", convert)
-            .map_err(|e| Error::Config(format!("unet: {e}")))?;
+            .map_err(|e| Error::in_component("unet", e))?;
         groups.push(unet.groups());
         let c = component("vae")?;
         let vae = Vae::new(VaeConfig::from_json(&c.config_json)?)?;
@@ -400,7 +396,7 @@ impl Pipeline {
         let vae_dtype = vae_dtype(&vae, cfg.dtype);
         let vae_convert = cuda.as_ref().map(|_| pager_dtype(vae_dtype));
         c.register_into(&store, "vae.", vae_convert)
-            .map_err(|e| Error::Config(format!("vae: {e}")))?;
+            .map_err(|e| Error::in_component("vae", e))?;
         groups.push(vae.groups());
         let scheduler_config = component("scheduler")?.config_json;
 
@@ -604,6 +600,13 @@ impl Pipeline {
         }
     }
 
+    /// [`Error::Races`] when the simulated device has reported data races (results computed
+    /// since cannot be trusted); `Ok` when it has none, and always on CUDA. [`Pipeline::generate`]
+    /// checks this before it returns.
+    pub fn check_races(&self) -> Result<()> {
+        races_error(self.races())
+    }
+
     /// The default image size: the UNet's sample size times the VAE's scale factor.
     pub fn default_size(&self) -> (usize, usize) {
         let f = self.vae.scale_factor();
@@ -678,7 +681,10 @@ impl Pipeline {
                     src: exec,
                     sched: exec.scheduler(),
                 };
-                self.run(on, p, progress)
+                let out = self.run(on, p, progress);
+                // A race makes any result (or error) of the run suspect: it comes first.
+                self.check_races()?;
+                out
             }
             Engine::Cuda(engine) => {
                 let mut guard = lock(engine);
@@ -743,15 +749,13 @@ impl Pipeline {
         let n = p.batch;
         let cfg = p.guidance > 1.0;
         let mut scheduler =
-            schedulers::build(p.scheduler.as_deref(), p.karras, &self.scheduler_config)
-                .map_err(|e| Error::InvalidArgument(e.to_string()))?;
-        scheduler
-            .set_timesteps(p.steps)
-            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+            schedulers::build(p.scheduler.as_deref(), p.karras, &self.scheduler_config)?;
+        scheduler.set_timesteps(p.steps)?;
 
         // Prompt embeddings: [negative; positive], each repeated per image.
         let mut warnings = Vec::new();
         let (pos, pos_pooled) = self.encode_on(on.text, on.src, &[&p.prompt], &mut warnings)?;
+        check_finite("the text encoder", None, 0, pos.data())?;
         let zero_negative = p.negative_prompt.is_none()
             && self.family == ModelFamily::Sdxl
             && self.force_zeros_for_empty_prompt;
@@ -767,6 +771,7 @@ impl Pipeline {
         } else {
             let neg = [p.negative_prompt.as_deref().unwrap_or("")];
             let (e, pl) = self.encode_on(on.text, on.src, &neg, &mut warnings)?;
+            check_finite("the text encoder", None, 0, e.data())?;
             (Some(e), pl)
         };
         let repeat = |t: &Tensor| -> Result<Tensor> {
@@ -807,6 +812,11 @@ impl Pipeline {
                         t.shape()
                     )));
                 }
+                if let Some((i, v)) = t.first_non_finite() {
+                    return Err(Error::InvalidArgument(format!(
+                        "--init-latents: element {i} is {v}; initial latents must be finite"
+                    )));
+                }
                 t.clone()
             }
             None => {
@@ -816,6 +826,12 @@ impl Pipeline {
         };
         let sigma = scheduler.init_noise_sigma();
         latents.data_mut().iter_mut().for_each(|x| *x *= sigma);
+        check_finite(
+            "scaling the initial latents by init_noise_sigma",
+            None,
+            0,
+            latents.data(),
+        )?;
 
         // The text context stays on the backend for the whole loop, below each step's mark.
         let ub = on.unet;
@@ -826,15 +842,15 @@ impl Pipeline {
             None => None,
         };
         let timesteps = scheduler.timesteps().to_vec();
+        let steps = timesteps.len();
         for (i, &t) in timesteps.iter().enumerate() {
             let mut input = if cfg {
                 Tensor::concat(&[&latents, &latents], 0)?
             } else {
                 latents.clone()
             };
-            scheduler
-                .scale_model_input(input.data_mut(), i)
-                .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+            scheduler.scale_model_input(input.data_mut(), i)?;
+            check_finite("scaling the latents", Some(i + 1), steps, input.data())?;
             let step_mark = ub.mark();
             let x = ub.upload(&input)?;
             let cond = added_on.as_ref().map(|(p, t)| (p, *t));
@@ -845,6 +861,7 @@ impl Pipeline {
             on.sched.end_pass()?;
             let out = ub.download(&out)?;
             ub.release(step_mark)?;
+            check_finite("the UNet", Some(i + 1), steps, out.data())?;
             let guided = if cfg {
                 let half = out.numel() / 2;
                 let (u, c) = out.data().split_at(half);
@@ -855,9 +872,9 @@ impl Pipeline {
             } else {
                 out.into_data()
             };
-            let next = scheduler
-                .step(&guided, i, latents.data(), &mut generator)
-                .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+            check_finite("classifier-free guidance", Some(i + 1), steps, &guided)?;
+            let next = scheduler.step(&guided, i, latents.data(), &mut generator)?;
+            check_finite("the scheduler step", Some(i + 1), steps, &next)?;
             latents = Tensor::new(lat_shape.clone(), next)?;
             progress(i + 1, timesteps.len());
         }
@@ -872,6 +889,7 @@ impl Pipeline {
         let images = vb.download(&decoded)?;
         drop(decoded);
         vb.release(m)?;
+        check_finite("the VAE decoder", None, steps, images.data())?;
         Ok(Generated {
             latents,
             images,
@@ -879,6 +897,36 @@ impl Pipeline {
             warnings,
         })
     }
+}
+
+/// [`Error::Races`] for a non-empty list of race reports.
+fn races_error(races: Vec<String>) -> Result<()> {
+    let count = races.len();
+    match races.into_iter().next() {
+        None => Ok(()),
+        Some(first) => Err(Error::Races { count, first }),
+    }
+}
+
+/// [`Error::NonFinite`] naming `stage` (and `step` of `steps`) when `data` holds a NaN or an
+/// infinity.
+fn check_finite(
+    stage: &'static str,
+    step: Option<usize>,
+    steps: usize,
+    data: &[f32],
+) -> Result<()> {
+    let Some(&value) = data.iter().find(|v| !v.is_finite()) else {
+        return Ok(());
+    };
+    Err(Error::NonFinite {
+        stage,
+        step,
+        steps,
+        value,
+        count: data.iter().filter(|v| !v.is_finite()).count(),
+        total: data.len(),
+    })
 }
 
 /// The backends each stage runs on, the weights' source and its scheduler.
@@ -894,4 +942,46 @@ struct Stages<'x, B, S> {
 /// the executor is replaced whole).
 fn lock(e: &Mutex<CudaEngine>) -> MutexGuard<'_, CudaEngine> {
     e.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn races_become_one_error_naming_the_first() {
+        assert!(races_error(Vec::new()).is_ok());
+        let e = races_error(vec!["a raced b".into(), "c raced d".into()]).unwrap_err();
+        assert!(matches!(&e, Error::Races { count: 2, first } if first == "a raced b"));
+        let line = e.to_string();
+        assert!(
+            line.contains("2 data race") && line.contains("a raced b"),
+            "{line}"
+        );
+        assert!(
+            !line.contains("invalid argument") && !line.contains('\n'),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn non_finite_values_name_the_stage_and_step() {
+        assert!(check_finite("the UNet", Some(1), 4, &[0.0, -1.0, 3.5]).is_ok());
+        for (bad, shown) in [
+            (f32::NAN, "NaN"),
+            (f32::INFINITY, "inf"),
+            (f32::NEG_INFINITY, "-inf"),
+        ] {
+            let e = check_finite("the UNet", Some(3), 30, &[1.0, bad, 2.0, bad]).unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                format!("the UNet produced {shown} at step 3 of 30 (2 of 4 values are not finite)")
+            );
+        }
+        let e = check_finite("the VAE decoder", None, 30, &[f32::NAN]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "the VAE decoder produced NaN (1 of 1 values are not finite)"
+        );
+    }
 }

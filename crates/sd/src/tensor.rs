@@ -393,19 +393,32 @@ impl Tensor {
         self.permute(&perm)
     }
 
-    /// Largest absolute element-wise difference to `other` (shapes must match).
+    /// Largest absolute element-wise difference to `other` (shapes must match); NaN when either
+    /// tensor holds a NaN or both hold the same infinity at one position (never a number that
+    /// could pass a tolerance check), infinite when only one side is infinite there.
     pub fn max_abs_diff(&self, other: &Tensor) -> OpResult<f32> {
         other.expect_shape("max_abs_diff", &self.shape)?;
         Ok(self
             .data
             .iter()
             .zip(&other.data)
-            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs())))
+            .fold(0.0f32, |m, (a, b)| nan_max(m, (a - b).abs())))
     }
 
-    /// Largest absolute element (0 for an empty tensor).
+    /// Largest absolute element (0 for an empty tensor; NaN when any element is NaN, infinite
+    /// when any is infinite).
     pub fn max_abs(&self) -> f32 {
-        self.data.iter().fold(0.0f32, |m, v| m.max(v.abs()))
+        self.data.iter().fold(0.0f32, |m, v| nan_max(m, v.abs()))
+    }
+
+    /// The first element that is NaN or infinite, as `(flat index, value)`; `None` when every
+    /// element is finite.
+    pub fn first_non_finite(&self) -> Option<(usize, f32)> {
+        self.data
+            .iter()
+            .enumerate()
+            .find(|(_, v)| !v.is_finite())
+            .map(|(i, &v)| (i, v))
     }
 
     fn dim_checked(&self, op: &'static str, dim: usize) -> OpResult<usize> {
@@ -416,6 +429,15 @@ impl Tensor {
                 format!("dim {dim} for shape {:?}", self.shape),
             )
         })
+    }
+}
+
+/// The larger of `a` and `b`, NaN when either is NaN (`f32::max` would drop the NaN).
+fn nan_max(a: f32, b: f32) -> f32 {
+    if a.is_nan() || b.is_nan() {
+        f32::NAN
+    } else {
+        a.max(b)
     }
 }
 
@@ -481,5 +503,44 @@ mod tests {
         assert!(err.to_string().contains("8 bytes"), "{err}");
         let t = Tensor::from_bytes(&1.5f32.to_le_bytes(), DType::F32, [1]).unwrap();
         assert_eq!(t.data(), &[1.5]);
+    }
+
+    #[test]
+    // The negated comparisons are the point: what a tolerance check does with the value.
+    #[allow(clippy::neg_cmp_op_on_partial_ord)]
+    fn comparisons_propagate_nan_and_infinity() {
+        let good = Tensor::new([4], vec![1.0, -2.0, 3.0, 0.5]).unwrap();
+        assert_eq!(good.max_abs(), 3.0);
+        assert_eq!(good.max_abs_diff(&good).unwrap(), 0.0);
+        assert_eq!(good.first_non_finite(), None);
+        for (i, bad) in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY]
+            .into_iter()
+            .enumerate()
+        {
+            // The non-finite value first, last and in the middle: a fold must not drop it.
+            for pos in [0, 2, 3] {
+                let mut d = good.data().to_vec();
+                d[pos] = bad;
+                let t = Tensor::new([4], d).unwrap();
+                assert_eq!(t.first_non_finite().map(|(k, _)| k), Some(pos));
+                let diff = t.max_abs_diff(&good).unwrap();
+                let back = good.max_abs_diff(&t).unwrap();
+                let m = t.max_abs();
+                for v in [diff, back, m] {
+                    // Neither passes `v <= tol` for any tolerance.
+                    assert!(!(v <= f32::MAX), "{bad} at {pos}: {v}");
+                }
+                if i == 0 {
+                    assert!(diff.is_nan() && back.is_nan() && m.is_nan(), "{pos}");
+                } else {
+                    assert_eq!((diff, m), (f32::INFINITY, f32::INFINITY), "{pos}");
+                }
+            }
+        }
+        let all_nan = Tensor::full([3], f32::NAN).unwrap();
+        assert!(all_nan.max_abs().is_nan());
+        assert!(all_nan.max_abs_diff(&all_nan).unwrap().is_nan());
+        let inf = Tensor::full([2], f32::INFINITY).unwrap();
+        assert!(inf.max_abs_diff(&inf).unwrap().is_nan());
     }
 }

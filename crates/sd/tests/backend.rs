@@ -136,8 +136,14 @@ fn randn(shape: &[usize], seed: u64, scale: f32, t: DType) -> Tensor {
     Tensor::new(shape.to_vec(), v).unwrap()
 }
 
+/// Panics unless `got` matches `want` within `tol`. A NaN or infinity in the reference fails (bit
+/// equality would otherwise let a NaN output match a NaN reference).
+#[track_caller]
 fn check(what: &str, tol: Tol, got: &Tensor, want: &Tensor) {
     assert_eq!(got.shape(), want.shape(), "{what}: shape");
+    if let Some((i, v)) = want.first_non_finite() {
+        panic!("{what}: the reference is not finite (element {i} is {v})");
+    }
     match tol {
         Tol::Exact => assert!(
             got.data()
@@ -166,6 +172,25 @@ fn check(what: &str, tol: Tol, got: &Tensor, want: &Tensor) {
                 worst <= rel * max_ref,
                 "{what}: max |got - want| = {worst} > {rel} × max |want| {max_ref}"
             );
+        }
+    }
+}
+
+#[test]
+fn check_rejects_nan_and_inf_in_either_tensor() {
+    let want = randn(&[2, 5], 3, 1.0, DType::F32);
+    for tol in [Tol::Exact, Tol::Rel(1e-2)] {
+        check("same", tol, &want, &want);
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            for at in [0, 4, 9] {
+                let mut d = want.data().to_vec();
+                d[at] = bad;
+                let planted = Tensor::new(want.shape().to_vec(), d).unwrap();
+                for (g, w) in [(&planted, &want), (&want, &planted), (&planted, &planted)] {
+                    let r = std::panic::catch_unwind(|| check("planted", tol, g, w));
+                    assert!(r.is_err(), "{bad} at {at} accepted");
+                }
+            }
         }
     }
 }

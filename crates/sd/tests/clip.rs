@@ -250,6 +250,8 @@ fn hidden_states_follow_transformers_indexing() {
     };
     let out2 = clip.forward(&exec, &ids, &normed).unwrap();
     assert!(out2.hidden_states[0] == out.last_hidden_state);
+    // Unequal and finite (a NaN would make any two tensors unequal).
+    assert!(out.hidden_states[3].first_non_finite().is_none());
     assert!(out.hidden_states[3] != out.last_hidden_state);
     // Out of range.
     let bad = ClipOptions {

@@ -293,6 +293,12 @@ fn tol(t: DType) -> f32 {
 
 fn assert_close(what: &str, t: DType, got: &[f32], want: &[f32]) {
     assert_eq!(got.len(), want.len(), "{what} ({t:?}): length");
+    if let Some(i) = want.iter().position(|v| !v.is_finite()) {
+        panic!(
+            "{what} ({t:?}): the CPU reference is not finite at {i} ({})",
+            want[i]
+        );
+    }
     let max_ref = want.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-6);
     let mut worst = (0.0f32, 0usize);
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
@@ -314,6 +320,22 @@ fn assert_close(what: &str, t: DType, got: &[f32], want: &[f32]) {
         want[worst.1],
         tol(t)
     );
+}
+
+#[test]
+fn assert_close_rejects_nan_and_inf_on_either_side() {
+    let want = [0.5f32, -1.0, 2.0, 0.25];
+    assert_close("same", DType::F32, &want, &want);
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        for at in 0..want.len() {
+            let mut planted = want;
+            planted[at] = bad;
+            for (g, w) in [(&planted, &want), (&want, &planted), (&planted, &planted)] {
+                let r = std::panic::catch_unwind(|| assert_close("planted", DType::F16, g, w));
+                assert!(r.is_err(), "{bad} at {at} accepted");
+            }
+        }
+    }
 }
 
 #[test]

@@ -10,9 +10,11 @@ mod common;
 use common::{fixture, golden, rel_err};
 use ferry_pager::device::sim::{SimConfig, SimDevice};
 use ferry_pager::host::HostStore;
+use ferry_pager::Error as PagerError;
 use ferry_pager::{Device, DevicePtr, DeviceRange};
 use ferry_sched::Mode;
 use ferry_sd::backend::{Backend, CudaBackend, CudaTensor, ARENA_ALIGN};
+use ferry_sd::error::Error;
 use ferry_sd::exec::ComponentGroups;
 use ferry_sd::gpu_exec::GpuGroups;
 use ferry_sd::loader::ModelSource;
@@ -298,21 +300,59 @@ fn gpu_groups_check_dtypes_and_build_views() {
 }
 
 #[test]
-fn cuda_without_a_gpu_fails_cleanly_at_load() {
-    if ferry_pager::device::cuda::CudaDevice::new(0).is_ok() {
-        return; // a GPU is here: the ignored tests below cover it
+fn cuda_load_opens_the_gpu_or_fails_cleanly() {
+    let load = |n: usize| {
+        Pipeline::load(
+            &fixture("sd15"),
+            LoadConfig {
+                device: DeviceChoice::Cuda(n),
+                ..LoadConfig::default()
+            },
+        )
+    };
+    // Both cases, whichever this machine is.
+    match ferry_pager::device::cuda::CudaDevice::new(0) {
+        Ok(_) => {
+            let pipe = load(0).unwrap_or_else(|e| panic!("GPU 0 opens, but loading on it: {e}"));
+            assert_eq!(pipe.device(), DeviceChoice::Cuda(0));
+        }
+        Err(_) => {
+            let e = load(0)
+                .err()
+                .expect("no usable GPU 0, yet the pipeline loaded on it");
+            assert!(
+                matches!(
+                    &e,
+                    Error::Device {
+                        ordinal: 0,
+                        source: PagerError::NoDriver | PagerError::NoDevice(_)
+                    }
+                ),
+                "{e:?}"
+            );
+            let line = e.to_string();
+            assert!(
+                line.contains("CUDA device 0") && !line.contains('\n'),
+                "{line}"
+            );
+        }
     }
-    let e = Pipeline::load(
-        &fixture("sd15"),
-        LoadConfig {
-            device: DeviceChoice::Cuda(0),
-            ..LoadConfig::default()
-        },
-    )
-    .err()
-    .unwrap()
-    .to_string();
-    assert!(e.contains("CUDA device 0") && !e.contains('\n'), "{e}");
+    // A GPU that cannot exist fails the same way everywhere, with the driver's reason as source.
+    let e = load(100_000).err().expect("GPU 100000 opened");
+    match &e {
+        Error::Device { ordinal, source } => {
+            assert_eq!(*ordinal, 100_000);
+            assert!(
+                matches!(source, PagerError::NoDriver | PagerError::NoDevice(_)),
+                "{source:?}"
+            );
+            let src = std::error::Error::source(&e)
+                .expect("no source")
+                .to_string();
+            assert_eq!(src, source.to_string());
+        }
+        other => panic!("{other:?}"),
+    }
 }
 
 fn cuda(model: &str, dtype: DType, mode: Option<Mode>, budget: Option<u64>) -> Pipeline {

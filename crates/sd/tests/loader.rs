@@ -334,6 +334,15 @@ fn expect_err(r: Result<ModelSource, LoadError>) -> String {
 #[test]
 fn missing_path_is_a_clear_error() {
     let p = fixture("no_such_model");
+    // The operating system's error is kept (kind and all), not flattened into the message.
+    match ModelSource::open(&p) {
+        Err(LoadError::Io { path, source, .. }) => {
+            assert_eq!(path, p);
+            assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
+        }
+        Err(other) => panic!("not an I/O error: {other:?}"),
+        Ok(_) => panic!("a missing path opened"),
+    }
     let msg = expect_err(ModelSource::open(&p));
     assert!(msg.contains("no_such_model"), "{msg}");
     assert!(

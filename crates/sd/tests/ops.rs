@@ -64,6 +64,12 @@ fn param(case: &str) -> &'static Value {
 #[track_caller]
 fn check_tol(what: &str, ours: &Tensor, reference: &Tensor, tol: f32) {
     assert_eq!(ours.shape(), reference.shape(), "{what}: shape");
+    // An infinity on either side would make `diff <= tol * scale` read `inf <= inf`.
+    for (side, t) in [("output", ours), ("reference", reference)] {
+        if let Some((i, v)) = t.first_non_finite() {
+            panic!("{what}: the {side} is not finite (element {i} is {v})");
+        }
+    }
     let diff = ours.max_abs_diff(reference).expect("shapes match");
     let scale = reference.max_abs().max(f32::MIN_POSITIVE);
     assert!(
@@ -76,6 +82,28 @@ fn check_tol(what: &str, ours: &Tensor, reference: &Tensor, tol: f32) {
 #[track_caller]
 fn check(what: &str, ours: &Tensor, reference: &Tensor) {
     check_tol(what, ours, reference, TOL);
+}
+
+#[test]
+fn check_rejects_nan_and_inf_in_output_or_reference() {
+    let reference = t("softmax.out");
+    check("itself", &reference, &reference);
+    let n = reference.numel();
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        for at in [0, n / 2, n - 1] {
+            let mut d = reference.data().to_vec();
+            d[at] = bad;
+            let planted = Tensor::new(reference.shape().to_vec(), d).unwrap();
+            for (o, r) in [
+                (&planted, &reference),
+                (&reference, &planted),
+                (&planted, &planted),
+            ] {
+                let res = std::panic::catch_unwind(|| check_tol("planted", o, r, 1.0));
+                assert!(res.is_err(), "{bad} at {at} accepted");
+            }
+        }
+    }
 }
 
 fn opt(name: &str) -> Option<Tensor> {

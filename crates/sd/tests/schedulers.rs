@@ -70,20 +70,50 @@ fn f32s(v: &Value) -> Vec<f32> {
         .collect()
 }
 
-/// Max |got - want| / max |want| (NaNs must coincide).
+/// Max |got - want| / max |finite want|. Non-finite values must coincide: a NaN with a NaN, an
+/// infinity with the same infinity (a mismatch panics); anything else non-finite never passes.
 fn rel_err(got: &[f32], want: &[f32]) -> f64 {
     assert_eq!(got.len(), want.len());
-    let scale = want.iter().fold(0f64, |m, &w| m.max((w as f64).abs()));
+    let scale = want
+        .iter()
+        .filter(|w| w.is_finite())
+        .fold(0f64, |m, &w| m.max((w as f64).abs()));
     let mut worst = 0f64;
-    for (&g, &w) in got.iter().zip(want) {
-        if w.is_nan() || g.is_nan() {
-            assert!(w.is_nan() && g.is_nan(), "NaN mismatch: got {g}, want {w}");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        if !w.is_finite() || !g.is_finite() {
+            let same = (w.is_nan() && g.is_nan()) || w == g;
+            assert!(same, "non-finite mismatch at {i}: got {g}, want {w}");
             continue;
         }
         let d = (g as f64 - w as f64).abs();
-        worst = worst.max(if scale > 0.0 { d / scale } else { d });
+        let e = if scale > 0.0 { d / scale } else { d };
+        // `f64::max` would drop a NaN; `d` is finite here, but keep the fold honest anyway.
+        worst = if e.is_nan() { f64::NAN } else { worst.max(e) };
     }
     worst
+}
+
+#[test]
+fn rel_err_rejects_non_finite_mismatches() {
+    let want = [1.0f32, -2.0, 0.5, f32::NEG_INFINITY, f32::NAN];
+    assert_eq!(rel_err(&want, &want), 0.0);
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        for at in 0..3 {
+            let mut got = want;
+            got[at] = bad;
+            let r = std::panic::catch_unwind(|| rel_err(&got, &want));
+            assert!(r.is_err(), "{bad} at {at} accepted: {r:?}");
+            let r = std::panic::catch_unwind(|| rel_err(&want[..3], &got[..3]));
+            assert!(r.is_err(), "reference {bad} at {at} accepted: {r:?}");
+        }
+    }
+    // An infinity in the reference does not make the scale infinite (which hid every error).
+    let mut got = want;
+    got[0] = 1.5;
+    assert!((rel_err(&got, &want) - 0.25).abs() < 1e-12);
+    got = want;
+    got[3] = f32::INFINITY;
+    assert!(std::panic::catch_unwind(|| rel_err(&got, &want)).is_err());
 }
 
 /// Runs the whole case; Err(msg) where our scheduler refused at some stage.
@@ -415,6 +445,8 @@ fn karras_is_rejected_where_diffusers_has_none() {
             p.set_timesteps(10).unwrap();
             p.timesteps().to_vec()
         };
+        // Different, and not merely because of a NaN (which is unequal to everything).
+        assert!(s.timesteps().iter().all(|t| t.is_finite()), "{name}");
         assert_ne!(s.timesteps(), &plain[..], "{name}");
     }
 }

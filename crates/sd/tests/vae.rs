@@ -219,9 +219,20 @@ fn config_defaults_and_errors() {
     assert!(e.contains("act_fn") && e.contains("gelu"), "{e}");
     let e = err(edit(&|j| j["norm_num_groups"] = 3.into()));
     assert!(e.contains("norm_num_groups") && e.contains('3'), "{e}");
-    let e = err(edit(&|j| j["block_out_channels"] = "wide".into()));
+    // A config file that cannot be read is an I/O error with its path, not a config error.
+    let missing = fixture("sd15/vae/no-such-config.json");
+    match VaeConfig::from_file(&missing) {
+        Err(Error::Io { path, source }) => {
+            assert_eq!(path, missing);
+            assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
+        }
+        other => panic!("{other:?}"),
+    }
+    let r = edit(&|j| j["block_out_channels"] = "wide".into());
+    assert!(matches!(r, Err(Error::Json { .. })), "{:?}", r.err());
+    let e = err(r);
     assert!(
-        e.contains("block_out_channels") || e.contains("sequence"),
+        e.contains("VAE config.json does not parse") && e.contains("line"),
         "{e}"
     );
 

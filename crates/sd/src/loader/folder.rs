@@ -2,8 +2,8 @@
 //! variant, sharded), with the name normalisations real folders of different ages need.
 
 use super::{
-    err, normalize_text_config, parse_object, Backing, Component, Layout, ModelFamily, ModelSource,
-    Result, SourceFormat, TensorRef,
+    err, normalize_text_config, parse_object, Backing, Component, Layout, LoadError, ModelFamily,
+    ModelSource, Result, SourceFormat, TensorRef,
 };
 use ferry_pager::WeightsFile;
 use std::collections::{BTreeMap, HashMap};
@@ -30,7 +30,11 @@ pub(super) fn is_scheduler(class: &str) -> bool {
 }
 
 fn read_text(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|e| err(path, format!("cannot read: {e}")))
+    std::fs::read_to_string(path).map_err(|source| LoadError::Io {
+        path: path.to_path_buf(),
+        what: "cannot read",
+        source,
+    })
 }
 
 /// Reads `model_index.json` of `dir`: its text and its non-null (name, library, class) entries.
@@ -166,7 +170,11 @@ fn find_weights(cdir: &Path, stem: &str, variant: Option<&str>) -> Result<Weight
     }
     // Only variant files present (some repos ship just fp16): take one, fp16 first.
     let mut listing: Vec<String> = std::fs::read_dir(cdir)
-        .map_err(|e| err(cdir, format!("cannot list component folder: {e}")))?
+        .map_err(|source| LoadError::Io {
+            path: cdir.to_path_buf(),
+            what: "cannot list component folder",
+            source,
+        })?
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();

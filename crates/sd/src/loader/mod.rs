@@ -36,6 +36,26 @@ pub enum LoadError {
     /// A weights file is malformed, unreadable, or a registration failed.
     #[error(transparent)]
     Weights(#[from] ferry_pager::Error),
+    /// A file or folder of the model could not be read.
+    #[error("{}: {what}: {source}", path.display())]
+    Io {
+        /// The file or folder.
+        path: PathBuf,
+        /// What was being done (`cannot read`, `cannot open model ...`).
+        what: &'static str,
+        /// What the operating system reported.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A JSON file of the model (`model_index.json`, a config) does not parse.
+    #[error("{}: not valid JSON: {source}", path.display())]
+    Json {
+        /// The file.
+        path: PathBuf,
+        /// Where (line, column) and why.
+        #[source]
+        source: crate::json::JsonError,
+    },
 }
 
 /// Result with [`LoadError`].
@@ -329,13 +349,10 @@ impl ModelSource {
     /// Opens a diffusers folder or a single `.safetensors` checkpoint.
     pub fn open_with(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<ModelSource> {
         let path = path.as_ref();
-        let meta = std::fs::metadata(path).map_err(|e| {
-            err(
-                path,
-                format!(
-                    "cannot open model (expected a diffusers folder or a .safetensors file): {e}"
-                ),
-            )
+        let meta = std::fs::metadata(path).map_err(|source| LoadError::Io {
+            path: path.to_path_buf(),
+            what: "cannot open model (expected a diffusers folder or a .safetensors file)",
+            source,
         })?;
         if meta.is_dir() {
             if opts.config_from.is_some() {
@@ -411,7 +428,10 @@ pub(crate) fn parse_object(
     path: &Path,
     text: &str,
 ) -> Result<serde_json::Map<String, serde_json::Value>> {
-    let v = crate::json::parse(text).map_err(|e| err(path, format!("not valid JSON: {e}")))?;
+    let v = crate::json::parse(text).map_err(|source| LoadError::Json {
+        path: path.to_path_buf(),
+        source,
+    })?;
     match v {
         serde_json::Value::Object(m) => Ok(m),
         other => Err(err(

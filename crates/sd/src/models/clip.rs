@@ -66,8 +66,10 @@ impl Default for ClipTextConfig {
 impl ClipTextConfig {
     /// Parses a `config.json` text and checks that its fields are usable.
     pub fn from_json(text: &str) -> Result<ClipTextConfig> {
-        let v = crate::json::parse(text)
-            .map_err(|e| Error::Config(format!("CLIP text config is not valid JSON: {e}")))?;
+        let v = crate::json::parse(text).map_err(|source| Error::Json {
+            what: "CLIP text config".into(),
+            source,
+        })?;
         let Value::Object(m) = v else {
             return Err(Error::Config(
                 "CLIP text config: expected a JSON object".into(),

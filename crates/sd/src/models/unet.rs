@@ -268,17 +268,23 @@ fn d_false_per_block() -> PerBlock<bool> {
 impl UNetConfig {
     /// Parses a `config.json` string.
     pub fn from_json(json: &str) -> Result<UNetConfig> {
-        crate::json::from_str(json)
-            .map_err(|e| Error::Config(format!("UNet config.json does not parse: {e}")))
+        crate::json::from_str(json).map_err(|source| Error::Json {
+            what: "UNet config.json".into(),
+            source,
+        })
     }
 
     /// Reads and parses a `config.json` file.
     pub fn from_file(path: impl AsRef<Path>) -> Result<UNetConfig> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            Error::Config(format!("cannot read UNet config {}: {e}", path.display()))
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
         })?;
-        Self::from_json(&text)
+        crate::json::from_str(&text).map_err(|source| Error::Json {
+            what: path.display().to_string(),
+            source,
+        })
     }
 }
 

@@ -92,16 +92,23 @@ impl Default for VaeConfig {
 impl VaeConfig {
     /// Parses a `config.json` text.
     pub fn from_json(json: &str) -> Result<VaeConfig> {
-        crate::json::from_str(json)
-            .map_err(|e| Error::Config(format!("VAE config.json does not parse: {e}")))
+        crate::json::from_str(json).map_err(|source| Error::Json {
+            what: "VAE config.json".into(),
+            source,
+        })
     }
 
     /// Reads and parses a `config.json` file.
     pub fn from_file(path: impl AsRef<Path>) -> Result<VaeConfig> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
-        Self::from_json(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        crate::json::from_str(&text).map_err(|source| Error::Json {
+            what: path.display().to_string(),
+            source,
+        })
     }
 }
 

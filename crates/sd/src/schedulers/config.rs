@@ -22,8 +22,7 @@ pub(crate) struct RawConfig {
 impl RawConfig {
     /// Parses `config_json`, dropping the keys listed in `_use_default_values`.
     pub(crate) fn parse(config_json: &str) -> Result<Self> {
-        let value =
-            crate::json::parse(config_json).map_err(|e| SchedulerError::Json(e.to_string()))?;
+        let value = crate::json::parse(config_json)?;
         let Value::Object(mut map) = value else {
             return Err(SchedulerError::Json(format!(
                 "expected a JSON object, found {}",

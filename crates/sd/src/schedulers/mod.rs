@@ -52,6 +52,9 @@ pub enum SchedulerError {
     /// The config is not a JSON object.
     #[error("scheduler config is not valid: {0}")]
     Json(String),
+    /// The config does not parse as JSON.
+    #[error("scheduler config is not valid JSON: {0}")]
+    Parse(#[from] crate::json::JsonError),
     /// A config key has a value of the wrong type or out of range.
     #[error("scheduler config key `{key}`: expected {expected}, found {found}")]
     Config {

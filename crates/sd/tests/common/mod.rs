@@ -91,11 +91,25 @@ pub fn names_and_shapes(store: &HostStore, component: &str) -> Vec<(String, Vec<
         .collect()
 }
 
+/// Panics, naming `what`, when `t` holds a NaN or an infinity.
+#[track_caller]
+pub fn assert_finite(what: &str, t: &Tensor) {
+    if let Some((i, v)) = t.first_non_finite() {
+        let bad = t.data().iter().filter(|v| !v.is_finite()).count();
+        panic!(
+            "{what}: {bad} of {} elements are not finite (the first, element {i}, is {v})",
+            t.numel()
+        );
+    }
+}
+
 /// Asserts `ours` is within [`TOL`] of `reference` (relative to max |reference|); returns the
-/// relative error.
+/// relative error. A NaN or infinity on either side fails.
 #[track_caller]
 pub fn check(what: &str, ours: &Tensor, reference: &Tensor) -> f32 {
     assert_eq!(ours.shape(), reference.shape(), "{what}: shape");
+    assert_finite(&format!("{what} (reference)"), reference);
+    assert_finite(what, ours);
     assert!(reference.max_abs() > 0.0, "{what}: zero reference");
     let rel = ours.max_abs_diff(reference).unwrap() / reference.max_abs();
     assert!(
@@ -105,14 +119,21 @@ pub fn check(what: &str, ours: &Tensor, reference: &Tensor) -> f32 {
     rel
 }
 
-/// max |a - b| relative to max |b|.
+/// max |a - b| relative to max |b|; NaN when either holds a NaN or an infinity, so that neither
+/// `rel_err(..) <= tol` nor `rel_err(..) > tol` holds for a non-finite output.
 pub fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.shape(), b.shape());
+    if a.first_non_finite().is_some() || b.first_non_finite().is_some() {
+        return f32::NAN;
+    }
     a.max_abs_diff(b).unwrap() / b.max_abs().max(1e-12)
 }
 
-/// NCHW decoded [-1, 1] → NHWC in [0, 1], as diffusers' `output_type="np"`.
+/// NCHW decoded [-1, 1] → NHWC in [0, 1], as diffusers' `output_type="np"`. Panics on a NaN or an
+/// infinity (the clamp would turn an infinity into a plausible 0 or 1).
+#[track_caller]
 pub fn to_np(images: &Tensor) -> Tensor {
+    assert_finite("decoded images", images);
     let s = images.shape();
     let (n, c, h, w) = (s[0], s[1], s[2], s[3]);
     let mut out = vec![0.0; n * c * h * w];
