@@ -80,7 +80,10 @@ fn comparison_helper_rejects_nan() {
     assert!(max_rel(&[1.0, f32::NAN], &[1.0, 2.0]).is_nan());
     assert!(max_rel(&[1.0, 2.0], &[1.0, f64::NAN]).is_nan());
     let inf = max_rel(&[f32::INFINITY], &[1.0]);
-    assert!(inf.is_nan() || inf > 1e-6, "an infinite output is not within tolerance");
+    assert!(
+        inf.is_nan() || inf > 1e-6,
+        "an infinite output is not within tolerance"
+    );
     assert_eq!(max_rel(&[1.0, 2.0], &[1.0, 2.0]), 0.0);
 }
 
