@@ -19,6 +19,14 @@
 //! load work is measured in real time, `benches/pager_load.rs`). Both count against
 //! [`SimConfig::host_capacity`], and are reported apart ([`SimDevice::host_bytes_allocated`],
 //! [`SimDevice::host_bytes_registered`]).
+//!
+//! **Fault injection** ([`faults`]): a [`FaultPlan`] set with [`SimDevice::set_fault_plan`] makes
+//! the k-th allocation, copy, event call, sync or launch fail with [`Error::Injected`], and
+//! [`SimDevice::resources`] reports what is live (allocations, events, streams) for leak checks.
+
+pub mod faults;
+
+pub use faults::{FaultCounts, FaultOp, FaultPlan, SimResources};
 
 use super::{
     Device, DeviceKind, DevicePtr, DeviceRange, EventId, HostMemKind, HostPtr, MemInfo, StreamId,
@@ -288,11 +296,13 @@ enum Work {
 
 struct StreamState {
     tail: u64,
+    live: bool,
 }
 
 #[derive(Clone, Copy)]
 struct EventState {
     time: Option<u64>,
+    live: bool,
 }
 
 /// A host allocation: owned pinned memory, or a file registered read-only in place.
@@ -369,7 +379,8 @@ struct State {
     segments: BTreeMap<u64, Segment>,
     races: Vec<RaceReport>,
     timeline: Vec<OpRecord>,
-    error: Option<String>,
+    error: Option<Error>,
+    faults: faults::Faults,
 }
 
 const DEVICE_BASE: u64 = 0x7f00_0000_0000;
@@ -454,6 +465,7 @@ impl SimDevice {
         f: Option<KernelFn>,
     ) -> Result<()> {
         let mut st = self.lock();
+        st.faults.check(FaultOp::Launch)?;
         for r in spec.reads.iter().chain(&spec.writes) {
             locate(&st.device, *r)?;
         }
@@ -562,6 +574,38 @@ impl SimDevice {
         (st.device.len(), st.host.len())
     }
 
+    /// Replaces the fault plan and restarts the call counters ([`SimDevice::fault_counts`]).
+    pub fn set_fault_plan(&self, plan: FaultPlan) {
+        self.lock().faults.set(plan);
+    }
+
+    /// Calls of each kind since the fault plan was last set, and how many were made to fail.
+    pub fn fault_counts(&self) -> FaultCounts {
+        self.lock().faults.counts()
+    }
+
+    /// What the device holds right now: allocations, registrations, events, streams.
+    pub fn resources(&self) -> SimResources {
+        let st = self.lock();
+        let mut r = SimResources {
+            device_allocs: st.device.len(),
+            device_bytes: st.device_allocated,
+            host_bytes: st.host_allocated,
+            registered_bytes: st.host_registered,
+            events: st.events.iter().filter(|e| e.live).count(),
+            streams: st.streams.iter().filter(|s| s.live).count(),
+            pending_ops: st.ops.len(),
+            ..SimResources::default()
+        };
+        for a in st.host.values() {
+            match a {
+                HostAlloc::Pinned(_) => r.host_allocs += 1,
+                HostAlloc::Registered(_) => r.registrations += 1,
+            }
+        }
+        r
+    }
+
     /// Every operation issued so far, with its virtual start and end.
     pub fn timeline(&self) -> Vec<OpRecord> {
         self.lock().timeline.clone()
@@ -590,12 +634,14 @@ impl State {
     fn stream(&self, s: StreamId) -> Result<&StreamState> {
         self.streams
             .get(s.0 as usize)
+            .filter(|st| st.live)
             .ok_or_else(|| Error::InvalidHandle(format!("stream {} does not exist", s.0)))
     }
 
     fn event(&self, e: EventId) -> Result<&EventState> {
         self.events
             .get(e.0 as usize)
+            .filter(|ev| ev.live)
             .ok_or_else(|| Error::InvalidHandle(format!("event {} does not exist", e.0)))
     }
 
@@ -794,7 +840,7 @@ impl State {
             self.queue.pop();
             if let Err(e) = self.run_phase(phase, seq) {
                 if self.error.is_none() {
-                    self.error = Some(e.to_string());
+                    self.error = Some(e);
                 }
             }
         }
@@ -854,8 +900,9 @@ impl State {
                         };
                         let r = f(&mut mem);
                         *out = mem.writes;
-                        r.map_err(|e| {
-                            Error::InvalidArgument(format!("kernel '{}' failed: {e}", spec.name))
+                        r.map_err(|e| Error::Kernel {
+                            name: spec.name.clone(),
+                            source: Box::new(e),
                         })?;
                     }
                 } else {
@@ -882,9 +929,7 @@ impl State {
 
     fn take_error(&mut self) -> Result<()> {
         match self.error.take() {
-            Some(e) => Err(Error::InvalidArgument(format!(
-                "an earlier asynchronous operation failed: {e}"
-            ))),
+            Some(e) => Err(Error::Deferred(Box::new(e))),
             None => Ok(()),
         }
     }
@@ -897,8 +942,17 @@ impl State {
     }
 
     fn sync_all(&mut self) -> Result<()> {
+        self.drain();
+        self.take_error()
+    }
+
+    /// Applies every pending effect (the host waits for all streams), leaving any asynchronous
+    /// error for the next synchronising call to report.
+    fn drain(&mut self) {
         let t = self.streams.iter().map(|s| s.tail).max().unwrap_or(0);
-        self.sync_to(t)
+        self.host_time = self.host_time.max(t);
+        let h = self.host_time;
+        self.run_until(h);
     }
 }
 
@@ -925,6 +979,7 @@ impl Device for SimDevice {
 
     fn alloc_device(&self, bytes: u64) -> Result<DevicePtr> {
         let mut st = self.lock();
+        st.faults.check(FaultOp::AllocDevice)?;
         let free = self.cfg.capacity - st.device_allocated;
         if bytes == 0 || bytes > free {
             return Err(Error::OutOfMemory {
@@ -943,7 +998,8 @@ impl Device for SimDevice {
 
     fn free_device(&self, ptr: DevicePtr) -> Result<()> {
         let mut st = self.lock();
-        st.sync_all()?;
+        // Frees always happen; an asynchronous error stays for the next sync to report.
+        st.drain();
         let mem = st.device.remove(&ptr.0).ok_or_else(|| {
             Error::InvalidHandle(format!("{ptr} is not a live device allocation"))
         })?;
@@ -955,6 +1011,7 @@ impl Device for SimDevice {
 
     fn alloc_host(&self, bytes: u64, _kind: HostMemKind) -> Result<HostPtr> {
         let mut st = self.lock();
+        st.faults.check(FaultOp::AllocHost)?;
         st.check_host_room(&self.cfg, bytes, "pinned host allocation")?;
         let id = st.next_host;
         st.next_host += 1;
@@ -981,7 +1038,7 @@ impl Device for SimDevice {
             }
             Some(HostAlloc::Pinned(_)) => {}
         }
-        st.sync_all()?;
+        st.drain();
         if let Some(a) = st.host.remove(&ptr.0) {
             st.host_allocated -= a.len();
         }
@@ -1018,7 +1075,8 @@ impl Device for SimDevice {
             ));
         }
         {
-            let st = self.lock();
+            let mut st = self.lock();
+            st.faults.check(FaultOp::AllocHost)?;
             st.check_host_room(&self.cfg, len, "in-place registration")?;
         }
         // Fault every page in, outside the lock, as pinning does on a GPU.
@@ -1051,7 +1109,7 @@ impl Device for SimDevice {
             }
         }
         // Copies still reading the mapping finish first.
-        st.sync_all()?;
+        st.drain();
         if let Some(a) = st.host.remove(&ptr.0) {
             st.host_registered -= a.len();
         }
@@ -1060,21 +1118,42 @@ impl Device for SimDevice {
 
     fn create_stream(&self) -> Result<StreamId> {
         let mut st = self.lock();
+        st.faults.check(FaultOp::CreateStream)?;
         let id = StreamId(st.streams.len() as u32);
         let tail = st.host_time;
-        st.streams.push(StreamState { tail });
+        st.streams.push(StreamState { tail, live: true });
         Ok(id)
     }
 
     fn create_event(&self) -> Result<EventId> {
         let mut st = self.lock();
+        st.faults.check(FaultOp::CreateEvent)?;
         let id = EventId(st.events.len() as u32);
-        st.events.push(EventState { time: None });
+        st.events.push(EventState {
+            time: None,
+            live: true,
+        });
         Ok(id)
+    }
+
+    fn destroy_stream(&self, stream: StreamId) -> Result<()> {
+        let mut st = self.lock();
+        st.stream(stream)?;
+        // Its work stays queued and completes in virtual time; only the handle goes.
+        st.streams[stream.0 as usize].live = false;
+        Ok(())
+    }
+
+    fn destroy_event(&self, event: EventId) -> Result<()> {
+        let mut st = self.lock();
+        st.event(event)?;
+        st.events[event.0 as usize].live = false;
+        Ok(())
     }
 
     fn record_event(&self, event: EventId, stream: StreamId) -> Result<()> {
         let mut st = self.lock();
+        st.faults.check(FaultOp::RecordEvent)?;
         st.event(event)?;
         let t = st.stream(stream)?.tail.max(st.host_time);
         st.events[event.0 as usize].time = Some(t);
@@ -1083,6 +1162,7 @@ impl Device for SimDevice {
 
     fn wait_event(&self, stream: StreamId, event: EventId) -> Result<()> {
         let mut st = self.lock();
+        st.faults.check(FaultOp::WaitEvent)?;
         st.stream(stream)?;
         // Waiting on a never-recorded event is a no-op, as in CUDA.
         if let Some(t) = st.event(event)?.time {
@@ -1099,6 +1179,7 @@ impl Device for SimDevice {
 
     fn sync_event(&self, event: EventId) -> Result<()> {
         let mut st = self.lock();
+        st.faults.check(FaultOp::Sync)?;
         let t = st.event(event)?.time.unwrap_or(0);
         st.sync_to(t)
     }
@@ -1119,6 +1200,7 @@ impl Device for SimDevice {
 
     fn sync_stream(&self, stream: StreamId) -> Result<()> {
         let mut st = self.lock();
+        st.faults.check(FaultOp::Sync)?;
         let t = st.stream(stream)?.tail;
         st.sync_to(t)
     }
@@ -1132,6 +1214,7 @@ impl Device for SimDevice {
         len: u64,
     ) -> Result<()> {
         let mut st = self.lock();
+        st.faults.check(FaultOp::Copy)?;
         let r = DeviceRange::new(dst, len);
         locate(&st.device, r)?;
         st.host_alloc(src, src_offset, len)?;
@@ -1158,6 +1241,7 @@ impl Device for SimDevice {
 
     fn copy_h2d_pageable(&self, stream: StreamId, dst: DevicePtr, src: &[u8]) -> Result<()> {
         let mut st = self.lock();
+        st.faults.check(FaultOp::Copy)?;
         let r = DeviceRange::new(dst, src.len() as u64);
         locate(&st.device, r)?;
         let d = bytes_time(
@@ -1194,6 +1278,7 @@ impl Device for SimDevice {
         len: u64,
     ) -> Result<()> {
         let mut st = self.lock();
+        st.faults.check(FaultOp::Copy)?;
         let r = DeviceRange::new(src, len);
         locate(&st.device, r)?;
         if let HostAlloc::Registered(_) = st.host_alloc(dst, dst_offset, len)? {
