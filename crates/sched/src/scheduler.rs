@@ -144,6 +144,9 @@ struct Inner {
     /// A device call failed part-way: the staging ring may name copies that never ran. The next
     /// call waits for the device and starts the plan afresh ([`Inner::recover`]).
     poisoned: bool,
+    /// The error of a [`Scheduler::release_deferred`], reported by the next acquire, pass mark or
+    /// synchronize.
+    deferred: Option<Error>,
 }
 
 /// What changes when re-planning.
@@ -161,6 +164,9 @@ impl Inner {
     /// Runs `f`, first recovering from an earlier device failure; a device failure inside `f`
     /// poisons the scheduler until the next call recovers.
     fn guarded<R>(&mut self, f: impl FnOnce(&mut Inner) -> Result<R>) -> Result<R> {
+        if let Some(e) = self.deferred.take() {
+            return Err(e);
+        }
         if self.poisoned {
             self.recover()?;
         }
@@ -450,6 +456,7 @@ impl Scheduler {
             mode: cfg.mode,
             trace: tracing.then(Vec::new),
             poisoned: false,
+            deferred: None,
         };
         // On failure `inner` drops here and gives the arena, streams and events back.
         let Inner {
@@ -548,6 +555,16 @@ impl Scheduler {
     pub fn release(&self, g: GroupId) -> Result<()> {
         self.lock().guarded(|inner| inner.release(g))
     }
+
+    /// [`Scheduler::release`] for destructors, which cannot return an error: a failure is
+    /// reported by the next [`Scheduler::acquire`], [`Scheduler::begin_pass`],
+    /// [`Scheduler::end_pass`] or [`Scheduler::synchronize`] instead.
+    pub fn release_deferred(&self, g: GroupId) {
+        let mut inner = self.lock();
+        let deferred = inner.deferred.take();
+        let r = inner.guarded(|inner| inner.release(g));
+        inner.deferred = deferred.or(r.err());
+    }
     /// Waits for all work, then returns the metrics recorded so far (empty unless enabled).
     pub fn metrics(&self) -> Result<RunMetrics> {
         let g = self.lock();
@@ -577,7 +594,10 @@ impl Scheduler {
 
     /// Waits for all work issued so far.
     pub fn synchronize(&self) -> Result<()> {
-        let g = self.lock();
+        let mut g = self.lock();
+        if let Some(e) = g.deferred.take() {
+            return Err(e);
+        }
         g.tl.dev.sync_stream(g.tl.compute)?;
         g.tl.dev.sync_stream(g.tl.copy)?;
         Ok(())
