@@ -10,7 +10,7 @@
 use ferry_pager::weights::{byte_len, parse_bytes, DType, TensorInfo};
 use ferry_pager::WeightsFile;
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestRunner};
+use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 use serde_json::{json, Map, Value};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -85,19 +85,21 @@ fn bounded<R>(what: &str, input_len: usize, f: impl FnOnce() -> R) -> R {
     r
 }
 
-fn cases(default: u32) -> u32 {
-    std::env::var("FERRY_FUZZ_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
+/// A runner for `default` cases with a fixed seed (CI runs are reproducible), or for
+/// `FERRY_FUZZ_CASES` cases with a fresh random seed (long runs explore further).
 fn runner(default: u32) -> TestRunner {
-    TestRunner::new(Config {
-        cases: cases(default),
+    let long: Option<u32> = std::env::var("FERRY_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    let config = Config {
+        cases: long.unwrap_or(default),
         failure_persistence: None,
         ..Config::default()
-    })
+    };
+    match long {
+        Some(_) => TestRunner::new(config),
+        None => TestRunner::new_with_rng(config, TestRng::deterministic_rng(RngAlgorithm::ChaCha)),
+    }
 }
 
 /// The layout invariants an accepted file must satisfy.
