@@ -44,9 +44,11 @@ fn config() -> LoadConfig {
     }
 }
 
-fn device(cfg: &LoadConfig) -> Arc<SimDevice> {
+/// A device with room for the streaming budget and for everything resident (the budget, not
+/// the capacity, bounds what a pipeline allocates; checked in the soak test).
+fn device() -> Arc<SimDevice> {
     SimDevice::new(SimConfig {
-        capacity: cfg.budget.unwrap_or(1 << 30),
+        capacity: 1 << 30,
         ..SimConfig::default()
     })
 }
@@ -87,14 +89,13 @@ fn empty() -> SimResources {
 #[test]
 fn every_injected_fault_in_load_and_generate_is_an_error_without_leaks() {
     let cfg = config();
-    let dev = device(&cfg);
+    let dev = device();
     let model = fixture("sd15");
     let p = params(2);
 
     // Clean: count the calls of loading, then of one generation.
     dev.set_fault_plan(FaultPlan::none());
     let pipe = Pipeline::load_on_sim(&model, cfg, dev.clone()).unwrap();
-    let load_counts = dev.fault_counts();
     let clean = pipe.generate(&p, |_, _| {}).unwrap();
     // Count on a second generation: the first one also fills the scheduler's event pool.
     dev.set_fault_plan(FaultPlan::none());
@@ -154,31 +155,42 @@ fn every_injected_fault_in_load_and_generate_is_an_error_without_leaks() {
         "leaked after the generation faults"
     );
 
-    // Faults during loading: an error, nothing left behind, and the device loads again.
+    // Faults during loading, streaming and with everything resident (the residents' copies):
+    // an error, nothing left behind, and the device loads again.
+    let resident = LoadConfig {
+        reserve: RESERVE,
+        ..LoadConfig::default()
+    };
     let mut load_faults = 0;
-    for op in FaultOp::ALL {
-        for k in 0..load_counts.get(op) {
-            dev.set_fault_plan(FaultPlan::nth(op, k));
-            let r = Pipeline::load_on_sim(&model, cfg, dev.clone());
-            let injected = dev.fault_counts().injected;
-            dev.set_fault_plan(FaultPlan::none());
-            assert_eq!(injected, 1, "load: {op} #{k} not reached");
-            match r {
-                Err(e) => assert!(
-                    chain(&e).contains("injected fault"),
-                    "load: {op} #{k}: unclear error: {}",
-                    chain(&e)
-                ),
-                Ok(_) => panic!("load: {op} #{k} was swallowed"),
-            }
-            assert_eq!(dev.resources(), empty(), "load: {op} #{k}: leaked");
-            load_faults += 1;
-            if full || load_faults % 5 == 1 {
-                let pipe = Pipeline::load_on_sim(&model, cfg, dev.clone()).unwrap();
-                let out = pipe.generate(&p, |_, _| {}).unwrap();
-                assert!(same(&out, &clean), "load after {op} #{k}: output differs");
-                drop(pipe);
-                assert_eq!(dev.resources(), empty());
+    for cfg in [cfg, resident] {
+        dev.set_fault_plan(FaultPlan::none());
+        let loaded = Pipeline::load_on_sim(&model, cfg, dev.clone()).unwrap();
+        let load_counts = dev.fault_counts();
+        drop(loaded);
+        for op in FaultOp::ALL {
+            for k in indices(load_counts.get(op), full) {
+                dev.set_fault_plan(FaultPlan::nth(op, k));
+                let r = Pipeline::load_on_sim(&model, cfg, dev.clone());
+                let injected = dev.fault_counts().injected;
+                dev.set_fault_plan(FaultPlan::none());
+                assert_eq!(injected, 1, "load: {op} #{k} not reached");
+                match r {
+                    Err(e) => assert!(
+                        chain(&e).contains("injected fault"),
+                        "load: {op} #{k}: unclear error: {}",
+                        chain(&e)
+                    ),
+                    Ok(_) => panic!("load: {op} #{k} was swallowed"),
+                }
+                assert_eq!(dev.resources(), empty(), "load: {op} #{k}: leaked");
+                load_faults += 1;
+                if full || load_faults % 5 == 1 {
+                    let pipe = Pipeline::load_on_sim(&model, cfg, dev.clone()).unwrap();
+                    let out = pipe.generate(&p, |_, _| {}).unwrap();
+                    assert!(same(&out, &clean), "load after {op} #{k}: output differs");
+                    drop(pipe);
+                    assert_eq!(dev.resources(), empty());
+                }
             }
         }
     }
@@ -191,7 +203,7 @@ fn every_injected_fault_in_load_and_generate_is_an_error_without_leaks() {
 #[test]
 fn soak_generations_keep_device_memory_events_and_streams_flat() {
     let cfg = config();
-    let dev = device(&cfg);
+    let dev = device();
     let rounds = if std::env::var_os("FERRY_SOAK").is_some() {
         25
     } else {
@@ -205,6 +217,7 @@ fn soak_generations_keep_device_memory_events_and_streams_flat() {
         let out = pipe.generate(&p, |_, _| {}).unwrap();
         assert!(same(&out, &first), "round {i}: output differs");
         assert_eq!(dev.resources(), after_first, "round {i}: resources grew");
+        assert!(dev.device_bytes_peak() <= cfg.budget.unwrap_or(0));
     }
     assert!(pipe.races().is_empty());
     drop(pipe);
