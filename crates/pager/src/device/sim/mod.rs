@@ -25,8 +25,14 @@
 //! [`SimDevice::resources`] reports what is live (allocations, events, streams) for leak checks.
 
 pub mod faults;
+mod kernel;
+mod race;
 
 pub use faults::{FaultCounts, FaultOp, FaultPlan, SimResources};
+use kernel::{locate, slice};
+pub use kernel::{KernelSpec, SimMemory};
+use race::{Access, Segment};
+pub use race::{AccessInfo, RaceReport};
 
 use super::{
     Device, DeviceKind, DevicePtr, DeviceRange, EventId, HostMemKind, HostPtr, MemInfo, StreamId,
@@ -73,99 +79,6 @@ impl Default for SimConfig {
     }
 }
 
-/// What a simulated kernel reads, writes and costs.
-#[derive(Clone, Debug, Default)]
-pub struct KernelSpec {
-    /// Name shown in race reports and traces.
-    pub name: String,
-    /// Modelled duration.
-    pub duration: Duration,
-    /// Device ranges the kernel reads.
-    pub reads: Vec<DeviceRange>,
-    /// Device ranges the kernel writes.
-    pub writes: Vec<DeviceRange>,
-}
-
-impl KernelSpec {
-    /// A kernel called `name` that runs for `duration`.
-    pub fn new(name: impl Into<String>, duration: Duration) -> Self {
-        KernelSpec {
-            name: name.into(),
-            duration,
-            reads: Vec::new(),
-            writes: Vec::new(),
-        }
-    }
-    /// Declares a range the kernel reads.
-    pub fn reads(mut self, r: DeviceRange) -> Self {
-        self.reads.push(r);
-        self
-    }
-    /// Declares a range the kernel writes.
-    pub fn writes(mut self, r: DeviceRange) -> Self {
-        self.writes.push(r);
-        self
-    }
-}
-
-/// Device memory as a simulated kernel sees it: reads see memory at the kernel's start time, writes
-/// land at its end time. Accesses must stay inside the ranges the kernel declared.
-pub struct SimMemory<'a> {
-    allocs: &'a BTreeMap<u64, Vec<u8>>,
-    spec: &'a KernelSpec,
-    writes: Vec<(DeviceRange, Vec<u8>)>,
-}
-
-impl SimMemory<'_> {
-    /// The bytes of `r`, which must lie inside a declared read (or write) range.
-    pub fn read(&self, r: DeviceRange) -> Result<Vec<u8>> {
-        let declared = self.spec.reads.iter().chain(&self.spec.writes);
-        if !declared.clone().any(|d| contains(d, &r)) {
-            return Err(Error::OutOfBounds(format!(
-                "kernel '{}' reads {r}, which it did not declare",
-                self.spec.name
-            )));
-        }
-        Ok(slice(self.allocs, r)?.to_vec())
-    }
-
-    /// The f32 values of `r` (little-endian), which must lie inside a declared range.
-    pub fn read_f32(&self, r: DeviceRange) -> Result<Vec<f32>> {
-        let bytes = self.read(r)?;
-        Ok(bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect())
-    }
-
-    /// Writes `data` at `r.ptr`; `r.len` must equal `data.len()` and lie inside a declared write.
-    pub fn write(&mut self, r: DeviceRange, data: &[u8]) -> Result<()> {
-        if r.len != data.len() as u64 {
-            return Err(Error::InvalidArgument(format!(
-                "kernel '{}' writes {} bytes into a range of {} bytes",
-                self.spec.name,
-                data.len(),
-                r.len
-            )));
-        }
-        if !self.spec.writes.iter().any(|d| contains(d, &r)) {
-            return Err(Error::OutOfBounds(format!(
-                "kernel '{}' writes {r}, which it did not declare",
-                self.spec.name
-            )));
-        }
-        slice(self.allocs, r)?;
-        self.writes.push((r, data.to_vec()));
-        Ok(())
-    }
-
-    /// Writes f32 values (little-endian) starting at `ptr`.
-    pub fn write_f32(&mut self, ptr: DevicePtr, data: &[f32]) -> Result<()> {
-        let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
-        self.write(DeviceRange::new(ptr, bytes.len() as u64), &bytes)
-    }
-}
-
 /// One operation as it ran in virtual time (for traces and metrics).
 #[derive(Clone, Debug, PartialEq)]
 pub struct OpRecord {
@@ -196,61 +109,6 @@ pub enum OpKind {
     CopyD2H,
     /// A kernel (including [`Device::busy`]).
     Kernel,
-}
-
-/// A conflict the race checker found: two operations touching the same bytes, unordered.
-#[derive(Clone, Debug, PartialEq)]
-pub struct RaceReport {
-    /// What the later-issued operation does to the range ("read" or "write").
-    pub access: &'static str,
-    /// The overlapping device bytes.
-    pub range: DeviceRange,
-    /// The later-issued operation.
-    pub op: AccessInfo,
-    /// The earlier-issued operation it conflicts with.
-    pub other: AccessInfo,
-    /// What the earlier operation does to the range.
-    pub other_access: &'static str,
-}
-
-/// One side of a [`RaceReport`].
-#[derive(Clone, Debug, PartialEq)]
-pub struct AccessInfo {
-    /// Issue order.
-    pub seq: u64,
-    /// Operation name.
-    pub name: String,
-    /// Its stream.
-    pub stream: StreamId,
-    /// Virtual start time.
-    pub start: Duration,
-    /// Virtual end time.
-    pub end: Duration,
-}
-
-impl fmt::Display for AccessInfo {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "op #{} '{}' on stream {} at [{:?}, {:?}]",
-            self.seq, self.name, self.stream.0, self.start, self.end
-        )
-    }
-}
-
-impl fmt::Display for RaceReport {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let why = match (self.access, self.other_access) {
-            ("read", _) => "starts before the earlier write completes",
-            (_, "read") => "starts while the earlier read is still running",
-            _ => "starts before the earlier write completes",
-        };
-        write!(
-            f,
-            "{} of {} by {} {}: {} of it by {}",
-            self.access, self.range, self.op, why, self.other_access, self.other
-        )
-    }
 }
 
 /// The simulated GPU. Create with [`SimDevice::new`]; use through [`Device`] plus the inherent
@@ -342,20 +200,6 @@ fn read_only(h: HostPtr) -> Error {
 /// Page size assumed when faulting a registered mapping in.
 const PAGE: usize = 4096;
 
-#[derive(Clone)]
-struct Access {
-    info: AccessInfo,
-    start: u64,
-    end: u64,
-}
-
-#[derive(Clone, Default)]
-struct Segment {
-    end: u64,
-    last_write: Option<Access>,
-    reads: Vec<Access>,
-}
-
 #[derive(Default)]
 struct State {
     device: BTreeMap<u64, Vec<u8>>,
@@ -392,30 +236,6 @@ fn ns(d: Duration) -> u64 {
 
 fn dur(t: u64) -> Duration {
     Duration::from_nanos(t)
-}
-
-fn contains(outer: &DeviceRange, inner: &DeviceRange) -> bool {
-    outer.ptr.0 <= inner.ptr.0 && inner.end() <= outer.end()
-}
-
-fn locate(allocs: &BTreeMap<u64, Vec<u8>>, r: DeviceRange) -> Result<(u64, usize, usize)> {
-    let (base, mem) = allocs
-        .range(..=r.ptr.0)
-        .next_back()
-        .ok_or_else(|| Error::OutOfBounds(format!("{r} is not in any device allocation")))?;
-    let off = r.ptr.0 - base;
-    if off + r.len > mem.len() as u64 {
-        return Err(Error::OutOfBounds(format!(
-            "{r} runs past the device allocation at 0x{base:x} of {} bytes",
-            mem.len()
-        )));
-    }
-    Ok((*base, off as usize, (off + r.len) as usize))
-}
-
-fn slice(allocs: &BTreeMap<u64, Vec<u8>>, r: DeviceRange) -> Result<&[u8]> {
-    let (base, a, b) = locate(allocs, r)?;
-    Ok(&allocs[&base][a..b])
 }
 
 fn bytes_time(bytes: u64, bandwidth: f64, latency: Duration) -> u64 {
@@ -730,105 +550,6 @@ impl State {
             bytes,
         });
         Ok(())
-    }
-
-    /// Splits segments so that `[a, b)` is covered exactly by whole segments (creating empty ones).
-    fn split_segments(&mut self, a: u64, b: u64) {
-        // Split a segment that straddles `at`.
-        let split_at = |segs: &mut BTreeMap<u64, Segment>, at: u64| {
-            if let Some((&s, seg)) = segs.range(..at).next_back() {
-                if seg.end > at {
-                    let mut right = seg.clone();
-                    let left_end = at;
-                    right.end = seg.end;
-                    if let Some(x) = segs.get_mut(&s) {
-                        x.end = left_end;
-                    }
-                    segs.insert(at, right);
-                }
-            }
-        };
-        split_at(&mut self.segments, a);
-        split_at(&mut self.segments, b);
-        // Fill gaps inside [a, b) with empty segments.
-        let mut cursor = a;
-        let existing: Vec<(u64, u64)> = self
-            .segments
-            .range(a..b)
-            .map(|(&s, seg)| (s, seg.end))
-            .collect();
-        let mut gaps = Vec::new();
-        for (s, e) in existing {
-            if s > cursor {
-                gaps.push((cursor, s));
-            }
-            cursor = e;
-        }
-        if cursor < b {
-            gaps.push((cursor, b));
-        }
-        for (s, e) in gaps {
-            self.segments.insert(
-                s,
-                Segment {
-                    end: e,
-                    ..Segment::default()
-                },
-            );
-        }
-    }
-
-    fn check_access(&mut self, r: &DeviceRange, acc: &Access, write: bool) {
-        if r.len == 0 {
-            return;
-        }
-        let (a, b) = (r.ptr.0, r.end());
-        self.split_segments(a, b);
-        let keys: Vec<u64> = self.segments.range(a..b).map(|(&k, _)| k).collect();
-        for k in keys {
-            let Some(seg) = self.segments.get_mut(&k) else {
-                continue;
-            };
-            let range = DeviceRange::new(DevicePtr(k), seg.end - k);
-            let mut found = Vec::new();
-            if let Some(w) = &seg.last_write {
-                if w.info.seq != acc.info.seq && w.end > acc.start {
-                    found.push((w.info.clone(), "write"));
-                }
-            }
-            if write {
-                for rd in &seg.reads {
-                    if rd.info.seq != acc.info.seq && rd.end > acc.start {
-                        found.push((rd.info.clone(), "read"));
-                    }
-                }
-                seg.reads.clear();
-                seg.last_write = Some(acc.clone());
-            } else {
-                seg.reads.push(acc.clone());
-            }
-            for (other, other_access) in found {
-                self.races.push(RaceReport {
-                    access: if write { "write" } else { "read" },
-                    range,
-                    op: acc.info.clone(),
-                    other,
-                    other_access,
-                });
-            }
-        }
-    }
-
-    /// Forgets accesses that can no longer conflict with anything issued from now on.
-    fn prune_segments(&mut self) {
-        let horizon = self.host_time;
-        self.segments.retain(|_, seg| {
-            seg.reads.retain(|r| r.end > horizon);
-            if seg.last_write.as_ref().is_some_and(|w| w.end <= horizon) {
-                seg.last_write = None;
-            }
-            seg.last_write.is_some() || !seg.reads.is_empty()
-        });
     }
 
     /// Applies, in virtual-time order, every effect scheduled at or before `t`.
