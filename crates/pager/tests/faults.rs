@@ -169,3 +169,32 @@ fn a_kernel_error_keeps_its_source_and_is_reported_once() {
     assert!(std::error::Error::source(&e).is_some());
     dev.sync_stream(s).unwrap();
 }
+
+#[test]
+fn a_failed_in_place_registration_leaves_nothing_registered() {
+    let dev = SimDevice::new(SimConfig::default());
+    dev.set_fault_plan(FaultPlan::nth(FaultOp::AllocHost, 0));
+    let store = HostStore::new(dev.clone() as Arc<dyn Device>);
+    let e = store
+        .load_file_in_place(fixture(), &LoadOptions::default())
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ferry_pager::Error::Injected {
+                op: "alloc_host",
+                index: 0
+            }
+        ),
+        "{e}"
+    );
+    assert_eq!((store.len(), store.registration_count()), (0, 0));
+    // The same store registers the file once the device works.
+    let ids = store
+        .load_file_in_place(fixture(), &LoadOptions::default())
+        .unwrap();
+    assert!(!ids.is_empty());
+    assert_eq!(dev.resources().registrations, 1);
+    drop(store);
+    assert_eq!(dev.resources(), Default::default());
+}
