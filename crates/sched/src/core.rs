@@ -396,13 +396,17 @@ impl<T: Clone> Core<T> {
         Ok(placed)
     }
 
-    /// Undoes one pin of `g` without recording a release token: only for a use that failed, after
-    /// which the scheduler waits for the device before reusing any memory.
+    /// Undoes one pin of `g` (a stale one first) without recording a release token: only for a
+    /// use that failed, after which the scheduler waits for the device before reusing memory.
     pub fn unpin(&mut self, g: GroupId) {
         let Some(&unit) = self.group_unit.get(g.0) else {
             return;
         };
         if self.resident_offset[g.0].is_some() {
+            return;
+        }
+        if let Some(s) = self.stale_pins.get_mut(unit).filter(|s| **s > 0) {
+            *s -= 1;
             return;
         }
         if let Some(e) = self.ring.find(unit).and_then(|i| self.ring.get_mut(i)) {

@@ -177,6 +177,27 @@ impl Inner {
         r
     }
 
+    /// Releases `g` whatever else fails: an earlier deferred error is returned after the release,
+    /// and if recovering from an earlier failure fails, the pin is dropped from the bookkeeping
+    /// (nothing reuses the memory before a recovery has waited for the device).
+    fn release_always(&mut self, g: GroupId) -> Result<()> {
+        let deferred = self.deferred.take();
+        if self.poisoned {
+            if let Err(e) = self.recover() {
+                self.core.unpin(g);
+                return Err(deferred.unwrap_or(e));
+            }
+        }
+        let r = self.release(g);
+        if let Err(Error::Device(_)) = &r {
+            self.poisoned = true;
+        }
+        match deferred {
+            Some(d) => Err(d),
+            None => r,
+        }
+    }
+
     /// After a failed device call: waits for all work, then restarts the current plan with an
     /// empty staging ring and the resident set copied again. Groups acquired before the failure
     /// must not be read any more; their releases are accepted and do nothing.
@@ -552,8 +573,11 @@ impl Scheduler {
 
     /// Ends the use of group `g` by the work issued so far on the compute stream; its memory is
     /// reused only by copies ordered after that work.
+    ///
+    /// The use ends even when an error is returned (the caller need not, and cannot usefully,
+    /// release again).
     pub fn release(&self, g: GroupId) -> Result<()> {
-        self.lock().guarded(|inner| inner.release(g))
+        self.lock().release_always(g)
     }
 
     /// [`Scheduler::release`] for destructors, which cannot return an error: a failure is
@@ -561,9 +585,9 @@ impl Scheduler {
     /// [`Scheduler::end_pass`] or [`Scheduler::synchronize`] instead.
     pub fn release_deferred(&self, g: GroupId) {
         let mut inner = self.lock();
-        let deferred = inner.deferred.take();
-        let r = inner.guarded(|inner| inner.release(g));
-        inner.deferred = deferred.or(r.err());
+        if let Err(e) = inner.release_always(g) {
+            inner.deferred = Some(e);
+        }
     }
     /// Waits for all work, then returns the metrics recorded so far (empty unless enabled).
     pub fn metrics(&self) -> Result<RunMetrics> {
