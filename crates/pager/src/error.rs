@@ -63,6 +63,27 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A failure injected by the simulated device's fault plan
+    /// ([`crate::device::sim::FaultPlan`]); the call had no effect.
+    #[error("injected fault: {op} call #{index} failed on the simulated device")]
+    Injected {
+        /// The kind of call ([`crate::device::sim::FaultOp::name`]).
+        op: &'static str,
+        /// Its 0-based index among calls of that kind since the plan was set.
+        index: u64,
+    },
+    /// A simulated kernel's body returned an error.
+    #[error("kernel '{name}' failed")]
+    Kernel {
+        /// The kernel's name.
+        name: String,
+        /// What it reported.
+        #[source]
+        source: Box<Error>,
+    },
+    /// An asynchronous operation failed earlier; reported by the next synchronising call.
+    #[error("an earlier asynchronous operation failed")]
+    Deferred(#[source] Box<Error>),
     /// An argument that does not make sense (zero-sized budget, unknown tensor name, ...).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

@@ -186,6 +186,8 @@ struct Inner {
     pool: Vec<EventId>,
     retired: Vec<Retired>,
     stats: PagerStats,
+    /// Every event created, destroyed when the pager is dropped.
+    created: Vec<EventId>,
 }
 
 /// Moves weight groups between the pinned host tier and a fixed device budget. `Send + Sync`;
@@ -226,6 +228,7 @@ impl Pager {
                 pool: Vec::new(),
                 retired: Vec::new(),
                 stats,
+                created: Vec::new(),
             }),
         })
     }
@@ -420,6 +423,18 @@ impl Pager {
             if existing.is_none() {
                 inner.pool.push(ev);
             }
+            // The use ends anyway (a caller releasing from a destructor cannot retry): wait for
+            // the work that read the group, so that its memory can be reused without a fence.
+            // Should even that fail, the device is broken and every later call fails too.
+            let _ = self.dev.sync_stream(compute_stream);
+            let g = &mut inner.groups[gi];
+            if let Some(r) = g.res.as_mut() {
+                r.users[user].pins -= 1;
+            }
+            g.pins -= 1;
+            if g.pins == 0 {
+                inner.stats.pinned_bytes -= g.layout.size;
+            }
             return Err(e);
         }
         inner.tick += 1;
@@ -608,12 +623,18 @@ impl Pager {
             self.dev.record_event(ev, copy)
         })();
         if let Err(e) = enqueued {
-            // Copies may already be enqueued: fence the memory with the ready event (if any).
-            // The older entries we waited on stay in the list and keep fencing it too.
-            inner.retired.push(Retired {
-                extent,
-                events: ready.into_iter().collect(),
-            });
+            // Copies may already be enqueued, and the ready event may not have been recorded:
+            // wait for the copy stream so that nothing is left writing into the extent. If even
+            // that fails, keep the ready event as a fence (the older entries we waited on stay
+            // in the list and keep fencing the memory too).
+            if self.dev.sync_stream(copy).is_ok() {
+                inner.pool.extend(ready);
+            } else {
+                inner.retired.push(Retired {
+                    extent,
+                    events: ready.into_iter().collect(),
+                });
+            }
             let _ = inner.arena.free(extent);
             return Err(e);
         }
@@ -656,6 +677,17 @@ impl Pager {
     }
 }
 
+impl Drop for Pager {
+    fn drop(&mut self) {
+        // The arena (dropped after this) waits for pending work before freeing its memory;
+        // destroying events does not wait and does not disturb work that waits on them.
+        let inner = self.inner.get_mut().unwrap_or_else(|e| e.into_inner());
+        for e in inner.created.drain(..) {
+            let _ = self.dev.destroy_event(e);
+        }
+    }
+}
+
 impl Inner {
     fn check(&self, g: GroupId) -> Result<()> {
         if (g.0 as usize) < self.groups.len() {
@@ -675,6 +707,7 @@ impl Inner {
         }
         let e = dev.create_event()?;
         self.stats.events_created += 1;
+        self.created.push(e);
         Ok(e)
     }
 

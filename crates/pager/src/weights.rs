@@ -285,6 +285,13 @@ impl WeightsFile {
     }
 }
 
+/// Validates a whole safetensors file given as bytes, with the checks of [`WeightsFile::open`];
+/// returns where its data area starts and its tensors sorted by offset. Errors name `path`.
+pub fn parse_bytes(path: &Path, bytes: &[u8]) -> Result<(u64, Vec<TensorInfo>)> {
+    let (data_start, tensors, _) = parse(path, bytes)?;
+    Ok((data_start as u64, tensors))
+}
+
 fn error_message(e: &Error) -> String {
     match e {
         Error::InvalidArgument(m) => m.clone(),
@@ -442,8 +449,16 @@ fn parse_entry(
         )));
     }
     let len = (end - start) as usize;
-    let expected =
-        byte_len(dtype, &shape).ok_or_else(|| what(format!("shape {shape:?} overflows")))?;
+    // Every partial product must fit too (strides are suffix products), so the non-zero
+    // dimensions are multiplied even when another one is zero.
+    let overflows = shape
+        .iter()
+        .filter(|&&d| d != 0)
+        .try_fold(dtype.size(), |acc, &d| acc.checked_mul(d))
+        .is_none();
+    let expected = byte_len(dtype, &shape)
+        .filter(|_| !overflows)
+        .ok_or_else(|| what(format!("shape {shape:?} overflows")))?;
     if expected != len {
         return Err(what(format!(
             "dtype {dtype} x shape {shape:?} needs {expected} bytes but data_offsets [{start}, {end}] span {len}"

@@ -265,8 +265,19 @@ fn a_kernel_error_is_reported_by_the_next_sync() {
         move |mem| mem.read(DeviceRange::new(buf, 16)).map(|_| ()),
     )
     .unwrap();
-    let err = dev.sync_stream(s).unwrap_err().to_string();
-    assert!(err.contains("undeclared"), "{err}");
+    let e = dev.sync_stream(s).unwrap_err();
+    // The error chain: deferred → kernel 'undeclared' → what the kernel body reported.
+    let mut chain = e.to_string();
+    let mut cur = std::error::Error::source(&e);
+    while let Some(c) = cur {
+        chain.push_str(": ");
+        chain.push_str(&c.to_string());
+        cur = c.source();
+    }
+    assert!(
+        chain.contains("kernel 'undeclared' failed") && chain.contains("did not declare"),
+        "{chain}"
+    );
 }
 
 fn scenario() -> (Vec<ferry_pager::device::sim::OpRecord>, Vec<u8>) {

@@ -82,6 +82,9 @@ pub(crate) struct Core<T> {
     pub bytes_copied: u64,
     /// Copies issued so far (units).
     pub unit_copies: u64,
+    /// Per unit: acquires made before the core was rebuilt after an error and not yet released
+    /// (their releases are accepted and do nothing).
+    stale_pins: Vec<u32>,
 }
 
 /// Copy ops for a list of tensors placed back to back (aligned) from `dev_start`, merging runs
@@ -205,7 +208,33 @@ impl<T: Clone> Core<T> {
             run_ahead_limit: run_ahead.max(1),
             bytes_copied: 0,
             unit_copies: 0,
+            stale_pins: Vec::new(),
         })
+    }
+
+    /// Takes over the acquisitions still outstanding in `old` (the core this one replaces after a
+    /// failure) as stale pins, so that their releases are accepted.
+    pub fn inherit_pins(&mut self, old: &Core<T>) {
+        let mut stale = old.stale_pins.clone();
+        stale.resize(self.units.len().max(stale.len()), 0);
+        for e in old.ring.entries() {
+            if let (EntryState::Pinned(k), Some(s)) = (e.state, stale.get_mut(e.unit)) {
+                *s += k;
+            }
+        }
+        self.stale_pins = stale;
+    }
+
+    /// Every token the core still holds (ring entries, run-ahead marks, the residents' copy),
+    /// for recycling once the device has finished all work.
+    pub fn into_tokens(self) -> Vec<T> {
+        let mut out: Vec<T> = self.run_ahead.into_iter().collect();
+        out.extend(self.resident_ready);
+        for e in self.ring.entries() {
+            out.extend(e.ready.clone());
+            out.extend(e.released.clone());
+        }
+        out
     }
 
     /// Copies every resident group (once, at the start).
@@ -345,15 +374,48 @@ impl<T: Clone> Core<T> {
             };
             let offset = entry.offset;
             if let Some(t) = entry.ready.clone() {
-                tl.compute_wait(&t)?;
-                if self.layout.synchronous {
-                    tl.host_wait(&t)?;
+                let waited = tl.compute_wait(&t).and_then(|()| {
+                    if self.layout.synchronous {
+                        tl.host_wait(&t)
+                    } else {
+                        Ok(())
+                    }
+                });
+                if let Err(e) = waited {
+                    // A failed acquire holds nothing: the caller will not release it.
+                    self.unpin(g);
+                    return Err(e);
                 }
             }
             self.place(gi, self.staging_base + offset)
         };
-        self.prefetch(tl)?;
+        if let Err(e) = self.prefetch(tl) {
+            self.unpin(g);
+            return Err(e);
+        }
         Ok(placed)
+    }
+
+    /// Undoes one pin of `g` (a stale one first) without recording a release token: only for a
+    /// use that failed, after which the scheduler waits for the device before reusing memory.
+    pub fn unpin(&mut self, g: GroupId) {
+        let Some(&unit) = self.group_unit.get(g.0) else {
+            return;
+        };
+        if self.resident_offset[g.0].is_some() {
+            return;
+        }
+        if let Some(s) = self.stale_pins.get_mut(unit).filter(|s| **s > 0) {
+            *s -= 1;
+            return;
+        }
+        if let Some(e) = self.ring.find(unit).and_then(|i| self.ring.get_mut(i)) {
+            e.state = match e.state {
+                EntryState::Pinned(k) if k > 1 => EntryState::Pinned(k - 1),
+                EntryState::Pinned(_) => EntryState::Released,
+                s => s,
+            };
+        }
     }
 
     /// Ends the use of group `g` by the work issued so far on the compute stream.
@@ -363,8 +425,20 @@ impl<T: Clone> Core<T> {
             return Err(Error::InvalidArgument(format!("group {gi} does not exist")));
         }
         if self.resident_offset[gi].is_none() {
-            let mark = tl.compute_mark()?;
             let unit = self.group_unit[gi];
+            if let Some(s) = self.stale_pins.get_mut(unit).filter(|s| **s > 0) {
+                // Acquired before a failure reset the ring: nothing of it is left to release.
+                *s -= 1;
+                return Ok(());
+            }
+            let mark = match tl.compute_mark() {
+                Ok(m) => m,
+                Err(e) => {
+                    // The use ends either way; the scheduler syncs before reusing the memory.
+                    self.unpin(g);
+                    return Err(e);
+                }
+            };
             let idx = self.ring.find(unit).ok_or_else(|| {
                 Error::InvalidArgument(format!("group {gi} released but it is not loaded"))
             })?;

@@ -3,7 +3,7 @@
 
 use crate::error::{Error, Result};
 use crate::predict::{predict, Prediction};
-use ferry_pager::{Device, DevicePtr, HostMemKind, HostPtr};
+use ferry_pager::{Device, DevicePtr, EventId, HostMemKind, HostPtr, StreamId};
 use std::fmt;
 use std::time::Duration;
 
@@ -141,7 +141,28 @@ impl CostModel {
 /// (median ns of a 4 KiB copy, ns of one `large`-byte copy), timed with events on a fresh stream.
 fn time_copies(dev: &dyn Device, host: HostPtr, buf: DevicePtr, large: u64) -> Result<(f64, f64)> {
     let s = dev.create_stream()?;
-    let (a, b) = (dev.create_event()?, dev.create_event()?);
+    let mut events = Vec::with_capacity(2);
+    let r = (|| {
+        events.push(dev.create_event()?);
+        events.push(dev.create_event()?);
+        time_copies_on(dev, s, (events[0], events[1]), host, buf, large)
+    })();
+    // The caller frees the buffers (which waits for the copies); the handles go now.
+    for e in events {
+        let _ = dev.destroy_event(e);
+    }
+    let _ = dev.destroy_stream(s);
+    r
+}
+
+fn time_copies_on(
+    dev: &dyn Device,
+    s: StreamId,
+    (a, b): (EventId, EventId),
+    host: HostPtr,
+    buf: DevicePtr,
+    large: u64,
+) -> Result<(f64, f64)> {
     let time = |bytes: u64| -> Result<f64> {
         // Keep the stream busy so the copy starts right after `a`, not after the launch delay.
         dev.busy(s, Duration::from_micros(100))?;

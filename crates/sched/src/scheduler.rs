@@ -36,12 +36,16 @@ pub struct GroupView {
     pub tensors: Vec<DeviceRange>,
 }
 
+/// The device resources of a scheduler: its arena, its two streams and every event it created.
+/// All are given back on drop, after the device has finished the work issued on them.
 struct DeviceTimeline {
     dev: Arc<dyn Device>,
     arena: DevicePtr,
     compute: StreamId,
     copy: StreamId,
     pool: Vec<EventId>,
+    /// Every event created, to destroy on drop (the pool holds only the free ones).
+    created: Vec<EventId>,
     metrics: bool,
     copies: Vec<CopyRecord>,
 }
@@ -50,7 +54,11 @@ impl DeviceTimeline {
     fn event(&mut self) -> Result<EventId> {
         match self.pool.pop() {
             Some(e) => Ok(e),
-            None => Ok(self.dev.create_event()?),
+            None => {
+                let e = self.dev.create_event()?;
+                self.created.push(e);
+                Ok(e)
+            }
         }
     }
 
@@ -125,13 +133,20 @@ struct Inner {
     tl: DeviceTimeline,
     uses: Vec<UseRecord>,
     passes: Vec<PassRecord>,
-    pass_start: Option<EventId>,
+    /// `Some` inside a pass; the inner event (metrics only) marks its start.
+    pass_start: Option<Option<EventId>>,
     pass_first_use: usize,
     pass_bytes_at_start: u64,
     origin: EventId,
     mode: Mode,
     /// The order being recorded while the first pass runs without a declared order.
     trace: Option<Vec<GroupId>>,
+    /// A device call failed part-way: the staging ring may name copies that never ran. The next
+    /// call waits for the device and starts the plan afresh ([`Inner::recover`]).
+    poisoned: bool,
+    /// The error of a [`Scheduler::release_deferred`], reported by the next acquire, pass mark or
+    /// synchronize.
+    deferred: Option<Error>,
 }
 
 /// What changes when re-planning.
@@ -146,6 +161,185 @@ pub struct Replan {
 }
 
 impl Inner {
+    /// Runs `f`, first recovering from an earlier device failure; a device failure inside `f`
+    /// poisons the scheduler until the next call recovers.
+    fn guarded<R>(&mut self, f: impl FnOnce(&mut Inner) -> Result<R>) -> Result<R> {
+        if let Some(e) = self.deferred.take() {
+            return Err(e);
+        }
+        if self.poisoned {
+            self.recover()?;
+        }
+        let r = f(self);
+        if let Err(Error::Device(_)) = &r {
+            self.poisoned = true;
+        }
+        r
+    }
+
+    /// Releases `g` whatever else fails: an earlier deferred error is returned after the release,
+    /// and if recovering from an earlier failure fails, the pin is dropped from the bookkeeping
+    /// (nothing reuses the memory before a recovery has waited for the device).
+    fn release_always(&mut self, g: GroupId) -> Result<()> {
+        let deferred = self.deferred.take();
+        if self.poisoned {
+            if let Err(e) = self.recover() {
+                self.core.unpin(g);
+                return Err(deferred.unwrap_or(e));
+            }
+        }
+        let r = self.release(g);
+        if let Err(Error::Device(_)) = &r {
+            self.poisoned = true;
+        }
+        match deferred {
+            Some(d) => Err(d),
+            None => r,
+        }
+    }
+
+    /// After a failed device call: waits for all work, then restarts the current plan with an
+    /// empty staging ring and the resident set copied again. Groups acquired before the failure
+    /// must not be read any more; their releases are accepted and do nothing.
+    fn recover(&mut self) -> Result<()> {
+        self.tl.dev.sync_stream(self.tl.compute)?;
+        self.tl.dev.sync_stream(self.tl.copy)?;
+        let mut core = Core::new(
+            &self.problem.groups,
+            self.problem.order.clone(),
+            self.layout.clone(),
+            self.problem.reserve,
+            self.problem.run_ahead,
+        )?;
+        core.bytes_copied = self.core.bytes_copied;
+        core.unit_copies = self.core.unit_copies;
+        core.inherit_pins(&self.core);
+        core.load_residents(&self.problem.groups, &mut self.tl)?;
+        let old = std::mem::replace(&mut self.core, core);
+        // Every event of the old core has completed: they can be reused.
+        for t in old.into_tokens() {
+            self.tl.recycle(t);
+        }
+        self.poisoned = false;
+        Ok(())
+    }
+
+    fn end_pass(&mut self) -> Result<()> {
+        let g = self;
+        let start = g.pass_start.take().ok_or_else(|| {
+            Error::InvalidArgument("end_pass without a matching begin_pass".into())
+        })?;
+        if let Some(start) = start {
+            let end = g.tl.compute_mark()?;
+            let bytes = g.core.bytes_copied;
+            let (first_use, end_use) = (g.pass_first_use, g.uses.len());
+            let bytes_at_start = g.pass_bytes_at_start;
+            g.passes.push(PassRecord {
+                start,
+                end,
+                bytes_at_start,
+                bytes_at_end: bytes,
+                first_use,
+                end_use,
+            });
+        }
+        if let Some(order) = g.trace.take() {
+            if order.is_empty() {
+                return Err(Error::InvalidArgument(
+                    "the traced pass acquired no group".into(),
+                ));
+            }
+            let mut problem = g.problem.clone();
+            problem.order = order;
+            g.rebuild(problem)?;
+        }
+        Ok(())
+    }
+
+    fn replan(&mut self, change: Replan) -> Result<PlanSummary> {
+        let g = self;
+        let mut problem = g.problem.clone();
+        if let Some(order) = change.order {
+            problem.order = order;
+        }
+        if let Some(compute) = change.compute {
+            if compute.len() != problem.groups.len() {
+                return Err(Error::InvalidArgument(format!(
+                    "replan: {} compute times given for {} groups",
+                    compute.len(),
+                    problem.groups.len()
+                )));
+            }
+            for (desc, c) in problem.groups.iter_mut().zip(compute) {
+                desc.compute = c;
+            }
+        }
+        if let Some(r) = change.reserve {
+            problem.reserve = r;
+        }
+        g.rebuild(problem)?;
+        Ok(g.summary.clone())
+    }
+
+    fn acquire(&mut self, g: GroupId) -> Result<GroupView> {
+        let inner = self;
+        let before = if inner.tl.metrics {
+            Some(inner.tl.compute_mark()?)
+        } else {
+            None
+        };
+        let placed = inner.core.acquire(g, &mut inner.tl)?;
+        if let Some(t) = &mut inner.trace {
+            t.push(g);
+        }
+        if let Some(before) = before {
+            let after = match inner.tl.compute_mark() {
+                Ok(a) => a,
+                Err(e) => {
+                    inner.core.unpin(g);
+                    return Err(e);
+                }
+            };
+            inner.uses.push(UseRecord {
+                group: g,
+                before,
+                after,
+                end: None,
+            });
+        }
+        let desc = &inner.problem.groups[g.0];
+        let tensors = placed
+            .offsets
+            .iter()
+            .zip(&desc.tensors)
+            .map(|(&o, t)| DeviceRange::new(inner.tl.arena.offset(o), t.bytes))
+            .collect();
+        Ok(GroupView { group: g, tensors })
+    }
+
+    fn release(&mut self, g: GroupId) -> Result<()> {
+        let inner = self;
+        if inner.tl.metrics {
+            let end = match inner.tl.compute_mark() {
+                Ok(e) => e,
+                Err(e) => {
+                    // The use ends either way; the next call syncs before reusing the memory.
+                    inner.core.unpin(g);
+                    return Err(e);
+                }
+            };
+            if let Some(u) = inner
+                .uses
+                .iter_mut()
+                .rev()
+                .find(|u| u.group == g && u.end.is_none())
+            {
+                u.end = Some(end);
+            }
+        }
+        inner.core.release(g, &mut inner.tl)
+    }
+
     /// Waits for the device, then plans `problem` afresh inside the same arena and reloads the
     /// resident set. On error the previous plan stays in force.
     fn rebuild(&mut self, problem: Problem) -> Result<()> {
@@ -161,8 +355,12 @@ impl Inner {
         )?;
         core.bytes_copied = self.core.bytes_copied;
         core.unit_copies = self.core.unit_copies;
+        core.inherit_pins(&self.core);
         core.load_residents(&problem.groups, &mut self.tl)?;
-        self.core = core;
+        let old = std::mem::replace(&mut self.core, core);
+        for t in old.into_tokens() {
+            self.tl.recycle(t);
+        }
         self.layout = layout;
         self.summary = summary;
         self.problem = problem;
@@ -236,32 +434,33 @@ impl Scheduler {
             problem.run_ahead,
         )?;
         let arena = dev.alloc_device(cfg.budget)?;
-        let streams = dev
-            .create_stream()
-            .and_then(|c| dev.create_stream().map(|k| (c, k)));
-        let (compute, copy) = match streams {
+        let compute = match dev.create_stream() {
             Ok(s) => s,
             Err(e) => {
                 let _ = dev.free_device(arena);
                 return Err(e.into());
             }
         };
+        let copy = match dev.create_stream() {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = dev.destroy_stream(compute);
+                let _ = dev.free_device(arena);
+                return Err(e.into());
+            }
+        };
+        // From here on, dropping `tl` gives everything back.
         let mut tl = DeviceTimeline {
             dev: dev.clone(),
             arena,
             compute,
             copy,
             pool: Vec::new(),
+            created: Vec::new(),
             metrics: cfg.metrics,
             copies: Vec::new(),
         };
-        let origin = match tl.mark(compute) {
-            Ok(e) => e,
-            Err(e) => {
-                let _ = dev.free_device(arena);
-                return Err(e);
-            }
-        };
+        let origin = tl.mark(compute)?;
         let mut inner = Inner {
             problem,
             budget: cfg.budget,
@@ -277,8 +476,10 @@ impl Scheduler {
             origin,
             mode: cfg.mode,
             trace: tracing.then(Vec::new),
+            poisoned: false,
+            deferred: None,
         };
-        // On failure `inner` drops here and frees the arena.
+        // On failure `inner` drops here and gives the arena, streams and events back.
         let Inner {
             core, tl, problem, ..
         } = &mut inner;
@@ -326,43 +527,23 @@ impl Scheduler {
 
     /// Marks the start of a pass (for metrics).
     pub fn begin_pass(&self) -> Result<()> {
-        let mut g = self.lock();
-        let e = g.tl.compute_mark()?;
-        g.pass_start = Some(e);
-        g.pass_first_use = g.uses.len();
-        g.pass_bytes_at_start = g.core.bytes_copied;
-        Ok(())
+        self.lock().guarded(|g| {
+            // Pass records (two events each) are kept only for metrics, so that a long run
+            // without metrics holds a fixed number of events.
+            g.pass_start = if g.tl.metrics {
+                Some(Some(g.tl.compute_mark()?))
+            } else {
+                Some(None)
+            };
+            g.pass_first_use = g.uses.len();
+            g.pass_bytes_at_start = g.core.bytes_copied;
+            Ok(())
+        })
     }
 
     /// Marks the end of a pass (for metrics).
     pub fn end_pass(&self) -> Result<()> {
-        let mut g = self.lock();
-        let start = g.pass_start.take().ok_or_else(|| {
-            Error::InvalidArgument("end_pass without a matching begin_pass".into())
-        })?;
-        let end = g.tl.compute_mark()?;
-        let bytes = g.core.bytes_copied;
-        let (first_use, end_use) = (g.pass_first_use, g.uses.len());
-        let bytes_at_start = g.pass_bytes_at_start;
-        g.passes.push(PassRecord {
-            start,
-            end,
-            bytes_at_start,
-            bytes_at_end: bytes,
-            first_use,
-            end_use,
-        });
-        if let Some(order) = g.trace.take() {
-            if order.is_empty() {
-                return Err(Error::InvalidArgument(
-                    "the traced pass acquired no group".into(),
-                ));
-            }
-            let mut problem = g.problem.clone();
-            problem.order = order;
-            g.rebuild(problem)?;
-        }
-        Ok(())
+        self.lock().guarded(Inner::end_pass)
     }
 
     /// Whether the scheduler is still recording the order of uses (first pass, no declared order).
@@ -378,82 +559,36 @@ impl Scheduler {
     /// Plans again for new compute times, order or reserve (a new resolution or batch size),
     /// inside the same arena. Waits for the device first.
     pub fn replan(&self, change: Replan) -> Result<PlanSummary> {
-        let mut g = self.lock();
-        let mut problem = g.problem.clone();
-        if let Some(order) = change.order {
-            problem.order = order;
-        }
-        if let Some(compute) = change.compute {
-            if compute.len() != problem.groups.len() {
-                return Err(Error::InvalidArgument(format!(
-                    "replan: {} compute times given for {} groups",
-                    compute.len(),
-                    problem.groups.len()
-                )));
-            }
-            for (desc, c) in problem.groups.iter_mut().zip(compute) {
-                desc.compute = c;
-            }
-        }
-        if let Some(r) = change.reserve {
-            problem.reserve = r;
-        }
-        g.rebuild(problem)?;
-        Ok(g.summary.clone())
+        self.lock().guarded(|g| g.replan(change))
     }
 
     /// Makes group `g` available to work issued next on the compute stream; returns where its
     /// tensors are. The compute stream waits for the copy; the host does not.
+    ///
+    /// After an error from a device call, the next call waits for the device and restarts the
+    /// plan: groups acquired before the error must not be read again (releasing them is fine).
     pub fn acquire(&self, g: GroupId) -> Result<GroupView> {
-        let mut guard = self.lock();
-        let inner = &mut *guard;
-        let before = if inner.tl.metrics {
-            Some(inner.tl.compute_mark()?)
-        } else {
-            None
-        };
-        let placed = inner.core.acquire(g, &mut inner.tl)?;
-        if let Some(t) = &mut inner.trace {
-            t.push(g);
-        }
-        if let Some(before) = before {
-            let after = inner.tl.compute_mark()?;
-            inner.uses.push(UseRecord {
-                group: g,
-                before,
-                after,
-                end: None,
-            });
-        }
-        let desc = &inner.problem.groups[g.0];
-        let tensors = placed
-            .offsets
-            .iter()
-            .zip(&desc.tensors)
-            .map(|(&o, t)| DeviceRange::new(inner.tl.arena.offset(o), t.bytes))
-            .collect();
-        Ok(GroupView { group: g, tensors })
+        self.lock().guarded(|inner| inner.acquire(g))
     }
 
     /// Ends the use of group `g` by the work issued so far on the compute stream; its memory is
     /// reused only by copies ordered after that work.
+    ///
+    /// The use ends even when an error is returned (the caller need not, and cannot usefully,
+    /// release again).
     pub fn release(&self, g: GroupId) -> Result<()> {
-        let mut guard = self.lock();
-        let inner = &mut *guard;
-        if inner.tl.metrics {
-            let end = inner.tl.compute_mark()?;
-            if let Some(u) = inner
-                .uses
-                .iter_mut()
-                .rev()
-                .find(|u| u.group == g && u.end.is_none())
-            {
-                u.end = Some(end);
-            }
-        }
-        inner.core.release(g, &mut inner.tl)
+        self.lock().release_always(g)
     }
 
+    /// [`Scheduler::release`] for destructors, which cannot return an error: a failure is
+    /// reported by the next [`Scheduler::acquire`], [`Scheduler::begin_pass`],
+    /// [`Scheduler::end_pass`] or [`Scheduler::synchronize`] instead.
+    pub fn release_deferred(&self, g: GroupId) {
+        let mut inner = self.lock();
+        if let Err(e) = inner.release_always(g) {
+            inner.deferred = Some(e);
+        }
+    }
     /// Waits for all work, then returns the metrics recorded so far (empty unless enabled).
     pub fn metrics(&self) -> Result<RunMetrics> {
         let g = self.lock();
@@ -483,19 +618,28 @@ impl Scheduler {
 
     /// Waits for all work issued so far.
     pub fn synchronize(&self) -> Result<()> {
-        let g = self.lock();
+        let mut g = self.lock();
+        if let Some(e) = g.deferred.take() {
+            return Err(e);
+        }
         g.tl.dev.sync_stream(g.tl.compute)?;
         g.tl.dev.sync_stream(g.tl.copy)?;
         Ok(())
     }
 }
 
-impl Drop for Inner {
+impl Drop for DeviceTimeline {
     fn drop(&mut self) {
-        // Errors cannot be reported from drop; the arena is freed after pending work either way.
-        let _ = self.tl.dev.sync_stream(self.tl.compute);
-        let _ = self.tl.dev.sync_stream(self.tl.copy);
-        let _ = self.tl.dev.free_device(self.tl.arena);
+        // Errors cannot be reported from drop; the arena is freed after pending work either way
+        // (`free_device` waits for it too), then the events and streams are destroyed.
+        let _ = self.dev.sync_stream(self.compute);
+        let _ = self.dev.sync_stream(self.copy);
+        let _ = self.dev.free_device(self.arena);
+        for e in self.created.drain(..) {
+            let _ = self.dev.destroy_event(e);
+        }
+        let _ = self.dev.destroy_stream(self.copy);
+        let _ = self.dev.destroy_stream(self.compute);
     }
 }
 

@@ -154,25 +154,41 @@ impl TransferRig {
                 "transfer rig: buffer size {max_bytes} bytes does not fit this host's address space"
             ))
         })?;
-        let compute = dev.create_stream()?;
-        let copy = dev.create_stream()?;
-        let ev = [
-            dev.create_event()?,
-            dev.create_event()?,
-            dev.create_event()?,
-        ];
-        // Non-zero source bytes: zeros could take a faster path somewhere.
-        let pattern: Vec<u8> = (0..len).map(|i| (i * 131 % 251) as u8 + 1).collect();
-        let host = dev.alloc_host(max_bytes, HostMemKind::Upload)?;
-        let dst = match dev.alloc_device(max_bytes) {
-            Ok(d) => d,
-            Err(e) => {
-                let _ = dev.free_host(host);
-                return Err(e.into());
+        let mut streams = Vec::with_capacity(2);
+        let mut events = Vec::with_capacity(3);
+        let mut host = None;
+        let made = (|| -> Result<DevicePtr> {
+            streams.push(dev.create_stream()?);
+            streams.push(dev.create_stream()?);
+            for _ in 0..3 {
+                events.push(dev.create_event()?);
+            }
+            host = Some(dev.alloc_host(max_bytes, HostMemKind::Upload)?);
+            Ok(dev.alloc_device(max_bytes)?)
+        })();
+        let (dst, host) = match (made, host) {
+            (Ok(d), Some(h)) => (d, h),
+            (r, h) => {
+                if let Some(h) = h {
+                    let _ = dev.free_host(h);
+                }
+                for e in events {
+                    let _ = dev.destroy_event(e);
+                }
+                for s in streams {
+                    let _ = dev.destroy_stream(s);
+                }
+                return Err(r.err().unwrap_or_else(|| {
+                    Error::InvalidArgument("transfer rig: no host buffer".into())
+                }));
             }
         };
+        let (compute, copy) = (streams[0], streams[1]);
+        let ev = [events[0], events[1], events[2]];
+        // Non-zero source bytes: zeros could take a faster path somewhere.
+        let pattern: Vec<u8> = (0..len).map(|i| (i * 131 % 251) as u8 + 1).collect();
         let reps = if dev.kind() == DeviceKind::Sim { 1 } else { 5 };
-        // From here on, drop frees both buffers.
+        // From here on, drop frees both buffers, the events and the streams.
         let rig = TransferRig {
             dev,
             compute,
@@ -377,5 +393,10 @@ impl Drop for TransferRig {
         // Nothing to report to from drop; the device keeps its own accounting.
         let _ = self.dev.free_device(self.dst);
         let _ = self.dev.free_host(self.host);
+        for e in self.ev {
+            let _ = self.dev.destroy_event(e);
+        }
+        let _ = self.dev.destroy_stream(self.copy);
+        let _ = self.dev.destroy_stream(self.compute);
     }
 }

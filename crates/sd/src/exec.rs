@@ -400,7 +400,7 @@ impl Drop for Weights<'_> {
     fn drop(&mut self) {
         // Release records an event on the compute stream; it fails only on a broken device, which
         // the next acquire reports.
-        let _ = self.exec.sched.release(self.gid);
+        self.exec.sched.release_deferred(self.gid);
     }
 }
 

@@ -355,7 +355,7 @@ impl Drop for GpuWeights<'_> {
     fn drop(&mut self) {
         // Release records an event on the compute stream after the work that read the group;
         // it fails only on a broken device, which the next acquire reports.
-        let _ = self.exec.sched.release(self.gid);
+        self.exec.sched.release_deferred(self.gid);
     }
 }
 

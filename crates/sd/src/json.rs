@@ -128,7 +128,7 @@ fn substitute(text: &str) -> (String, Vec<Substitution>) {
             in_string = true;
         } else if let Some(lit) = ["NaN", "Infinity", "-Infinity"]
             .into_iter()
-            .find(|l| literal_at(rest, l))
+            .find(|l| literal_at(rest, l) && !is_key(&rest[l.len()..]))
         {
             let marker = format!("\"\\u0000{}{lit}\"", &MARKER[1..]);
             out.push_str(&marker);
@@ -152,6 +152,12 @@ fn substitute(text: &str) -> (String, Vec<Substitution>) {
 }
 
 /// `rest` starts with the literal `lit`, not followed by more of an identifier.
+/// Whether a literal followed by `after` stands where an object key goes (`{NaN: 1}`): left as
+/// it is, so that it stays the syntax error it is in Python's JSON too.
+fn is_key(after: &str) -> bool {
+    after.trim_start().starts_with(':')
+}
+
 fn literal_at(rest: &str, lit: &str) -> bool {
     rest.starts_with(lit)
         && !rest[lit.len()..]
@@ -234,6 +240,8 @@ mod tests {
         let e = parse("{\"a\": nan}").unwrap_err();
         assert_eq!((e.line, e.column), (1, 8), "{e}");
         assert!(parse("{\"a\": NaNa}").is_err());
+        assert!(parse("{NaN: 1}").is_err(), "a literal is not a key");
+        assert!(parse("{\"a\": {Infinity : 2}}").is_err());
         assert!(parse("{\"a\": +Infinity}").is_err());
         assert!(parse_object("[1]")
             .unwrap_err()

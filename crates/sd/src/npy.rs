@@ -10,6 +10,10 @@ use std::path::Path;
 pub fn read_f32(path: &Path) -> Result<Tensor> {
     let bytes = std::fs::read(path)
         .map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))?;
+    // npyz multiplies the shape out unchecked (and reserves that much); check it first.
+    check_shape(&bytes).map_err(|e| {
+        Error::InvalidArgument(format!("{}: not a usable .npy file: {e}", path.display()))
+    })?;
     let npy = npyz::NpyFile::new(&bytes[..])
         .map_err(|e| Error::InvalidArgument(format!("{}: not a .npy file: {e}", path.display())))?;
     let bad = |what: String| Error::InvalidArgument(format!("{}: {what}", path.display()));
@@ -29,6 +33,53 @@ pub fn read_f32(path: &Path) -> Result<Tensor> {
         .into_vec()
         .map_err(|e| bad(format!("could not read the data: {e}")))?;
     Ok(Tensor::new(shape, data)?)
+}
+
+/// Checks that the header's shape multiplies out, as float32, to at most the bytes after the
+/// header (a file too short for its shape is an error here rather than an overflow or a huge
+/// allocation in the reader).
+fn check_shape(bytes: &[u8]) -> std::result::Result<(), String> {
+    if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
+        return Err("missing the \\x93NUMPY magic".into());
+    }
+    let (len, start): (usize, usize) = match bytes[6] {
+        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
+        2 | 3 if bytes.len() >= 12 => (
+            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+            12,
+        ),
+        v => return Err(format!("unsupported format version {v}")),
+    };
+    let end = start
+        .checked_add(len)
+        .filter(|&e| e <= bytes.len())
+        .ok_or("the header runs past the end of the file")?;
+    let header = String::from_utf8_lossy(&bytes[start..end]);
+    let at = header.find("'shape'").ok_or("the header has no 'shape'")?;
+    let rest = &header[at + "'shape'".len()..];
+    let open = rest.find('(').ok_or("the shape is not a tuple")?;
+    let close = rest[open..].find(')').ok_or("the shape is not a tuple")? + open;
+    let mut elements: u64 = 1;
+    for d in rest[open + 1..close]
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+    {
+        let d: u64 = d
+            .trim_end_matches('L')
+            .parse()
+            .map_err(|_| format!("shape entry '{d}' is not a non-negative integer"))?;
+        elements = elements
+            .checked_mul(d)
+            .ok_or("the shape's element count overflows")?;
+    }
+    let data = (bytes.len() - end) as u64;
+    match elements.checked_mul(4) {
+        Some(need) if need <= data => Ok(()),
+        _ => Err(format!(
+            "the shape has {elements} elements, but only {data} data bytes follow the header"
+        )),
+    }
 }
 
 /// Writes a tensor as a float32 `.npy` file, atomically (see [`crate::output::write_atomic`]).

@@ -315,6 +315,21 @@ fn gpu_exec_config(cfg: &LoadConfig, mode: Mode, reserve: u64) -> ExecConfig {
 impl Pipeline {
     /// Loads a diffusers folder or single-file checkpoint and plans paging it.
     pub fn load(model: &Path, cfg: LoadConfig) -> Result<Pipeline> {
+        Self::load_with(model, cfg, None)
+    }
+
+    /// Like [`Pipeline::load`] on the CPU path, paging through the given simulated device (for
+    /// fault injection and leak checks); `cfg.device` must be [`DeviceChoice::Cpu`].
+    pub fn load_on_sim(model: &Path, cfg: LoadConfig, device: Arc<SimDevice>) -> Result<Pipeline> {
+        if cfg.device != DeviceChoice::Cpu {
+            return Err(Error::InvalidArgument(
+                "load_on_sim needs the CPU device choice".into(),
+            ));
+        }
+        Self::load_with(model, cfg, Some(device))
+    }
+
+    fn load_with(model: &Path, cfg: LoadConfig, sim: Option<Arc<SimDevice>>) -> Result<Pipeline> {
         let source = ModelSource::open(model)?;
         let family = source.family();
         let component = |name: &str| source.component(name);
@@ -332,9 +347,11 @@ impl Pipeline {
         let (store, sim, cuda) = match cfg.device {
             DeviceChoice::Cpu => {
                 let capacity = cfg.budget.unwrap_or(u64::MAX / 4).max(1 << 20);
-                let device = SimDevice::new(SimConfig {
-                    capacity,
-                    ..SimConfig::default()
+                let device = sim.unwrap_or_else(|| {
+                    SimDevice::new(SimConfig {
+                        capacity,
+                        ..SimConfig::default()
+                    })
                 });
                 let store = HostStore::new(device.clone() as Arc<dyn Device>);
                 (store, Some(device), None)
@@ -889,6 +906,8 @@ impl Pipeline {
         let images = vb.download(&decoded)?;
         drop(decoded);
         vb.release(m)?;
+        // Reports a weight release that failed in a destructor.
+        on.sched.synchronize()?;
         check_finite("the VAE decoder", None, steps, images.data())?;
         Ok(Generated {
             latents,

@@ -160,6 +160,18 @@ pub trait Device: Send + Sync + fmt::Debug {
     fn create_stream(&self) -> Result<StreamId>;
     /// Creates an event (with timing enabled).
     fn create_event(&self) -> Result<EventId>;
+    /// Destroys a stream once its pending work has completed (the host does not wait). The
+    /// default does nothing, for backends whose streams live as long as the device.
+    fn destroy_stream(&self, stream: StreamId) -> Result<()> {
+        let _ = stream;
+        Ok(())
+    }
+    /// Destroys an event; streams already waiting on it are unaffected. The default does
+    /// nothing, for backends whose events live as long as the device.
+    fn destroy_event(&self, event: EventId) -> Result<()> {
+        let _ = event;
+        Ok(())
+    }
     /// Records `event` at the current end of `stream`'s work.
     fn record_event(&self, event: EventId, stream: StreamId) -> Result<()>;
     /// Makes later work on `stream` wait until `event` has completed (the host does not wait).

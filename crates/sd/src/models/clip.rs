@@ -127,6 +127,13 @@ impl ClipTextConfig {
                 self.layer_norm_eps
             )));
         }
+        if self.num_hidden_layers > crate::models::unet::MAX_LAYERS {
+            return Err(Error::Config(format!(
+                "CLIP text config: num_hidden_layers ({}) is more than the {} supported",
+                self.num_hidden_layers,
+                crate::models::unet::MAX_LAYERS
+            )));
+        }
         self.activation()?;
         Ok(())
     }

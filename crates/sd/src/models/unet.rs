@@ -333,6 +333,21 @@ fn check_act(field: &str, v: &Option<String>) -> Result<()> {
     }
 }
 
+/// Most layers (resnets per block, transformer blocks per layer) a config may ask for: far above
+/// any real model, low enough that a hostile config cannot make building the model allocate
+/// without bound.
+pub const MAX_LAYERS: usize = 64;
+
+/// Checks layer counts against [`MAX_LAYERS`].
+fn check_depth(field: &str, counts: &[usize]) -> Result<()> {
+    match counts.iter().find(|&&d| d > MAX_LAYERS) {
+        Some(d) => Err(Error::Config(format!(
+            "{field}: {d} layers is more than the {MAX_LAYERS} supported"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// `channels / heads`, or an error naming the block.
 fn head_dim(channels: usize, heads: usize, what: &str) -> Result<usize> {
     if heads == 0 || !channels.is_multiple_of(heads) {
@@ -460,6 +475,7 @@ impl UNet2DConditionModel {
         };
         let cross = c.cross_attention_dim.expand(n, "cross_attention_dim")?;
         let layers = c.layers_per_block.expand(n, "layers_per_block")?;
+        check_depth("layers_per_block", &layers)?;
         let tlayers = c
             .transformer_layers_per_block
             .expand(n, "transformer_layers_per_block")?;
@@ -508,6 +524,7 @@ impl UNet2DConditionModel {
             };
             let field = format!("transformer_layers_per_block[{i}]");
             let tl = tlayers[i].expand(layers[i], &field)?;
+            check_depth(&field, &tl)?;
             let mut b = Block {
                 resnets: Vec::new(),
                 attentions: Vec::new(),
@@ -588,6 +605,7 @@ impl UNet2DConditionModel {
             let num = layers[rev] + 1;
             let field = format!("reverse transformer_layers_per_block[{i}]");
             let tl = rev_tlayers[i].expand(num, &field)?;
+            check_depth(&field, &tl)?;
             let mut b = Block {
                 resnets: Vec::new(),
                 attentions: Vec::new(),

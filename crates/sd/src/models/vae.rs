@@ -222,6 +222,13 @@ impl Vae {
                 return Err(Error::Config(format!("{field}: expected > 0, found 0")));
             }
         }
+        if c.layers_per_block > crate::models::unet::MAX_LAYERS {
+            return Err(Error::Config(format!(
+                "layers_per_block: {} layers is more than the {} supported",
+                c.layers_per_block,
+                crate::models::unet::MAX_LAYERS
+            )));
+        }
         if !(c.scaling_factor.is_finite() && c.scaling_factor != 0.0) {
             return Err(Error::Config(format!(
                 "scaling_factor: expected a finite non-zero number, found {}",

@@ -647,6 +647,21 @@ impl Device for CudaDevice {
         Ok(id)
     }
 
+    fn destroy_stream(&self, stream: StreamId) -> Result<()> {
+        // cuStreamDestroy returns at once; the driver frees the stream when its work is done.
+        write(&self.streams)
+            .remove(&stream)
+            .map(drop)
+            .ok_or_else(|| Error::InvalidHandle(format!("stream {} does not exist", stream.0)))
+    }
+
+    fn destroy_event(&self, event: EventId) -> Result<()> {
+        write(&self.events)
+            .remove(&event)
+            .map(drop)
+            .ok_or_else(|| Error::InvalidHandle(format!("event {} does not exist", event.0)))
+    }
+
     fn record_event(&self, event: EventId, stream: StreamId) -> Result<()> {
         let (e, s) = (self.event(event)?, self.stream(stream)?);
         e.record(&s).call("cuEventRecord")

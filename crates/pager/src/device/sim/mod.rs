@@ -19,6 +19,20 @@
 //! load work is measured in real time, `benches/pager_load.rs`). Both count against
 //! [`SimConfig::host_capacity`], and are reported apart ([`SimDevice::host_bytes_allocated`],
 //! [`SimDevice::host_bytes_registered`]).
+//!
+//! **Fault injection** ([`faults`]): a [`FaultPlan`] set with [`SimDevice::set_fault_plan`] makes
+//! the k-th allocation, copy, event call, sync or launch fail with [`Error::Injected`], and
+//! [`SimDevice::resources`] reports what is live (allocations, events, streams) for leak checks.
+
+pub mod faults;
+mod kernel;
+mod race;
+
+pub use faults::{FaultCounts, FaultOp, FaultPlan, SimResources};
+use kernel::{locate, slice};
+pub use kernel::{KernelSpec, SimMemory};
+use race::{Access, Segment};
+pub use race::{AccessInfo, RaceReport};
 
 use super::{
     Device, DeviceKind, DevicePtr, DeviceRange, EventId, HostMemKind, HostPtr, MemInfo, StreamId,
@@ -65,99 +79,6 @@ impl Default for SimConfig {
     }
 }
 
-/// What a simulated kernel reads, writes and costs.
-#[derive(Clone, Debug, Default)]
-pub struct KernelSpec {
-    /// Name shown in race reports and traces.
-    pub name: String,
-    /// Modelled duration.
-    pub duration: Duration,
-    /// Device ranges the kernel reads.
-    pub reads: Vec<DeviceRange>,
-    /// Device ranges the kernel writes.
-    pub writes: Vec<DeviceRange>,
-}
-
-impl KernelSpec {
-    /// A kernel called `name` that runs for `duration`.
-    pub fn new(name: impl Into<String>, duration: Duration) -> Self {
-        KernelSpec {
-            name: name.into(),
-            duration,
-            reads: Vec::new(),
-            writes: Vec::new(),
-        }
-    }
-    /// Declares a range the kernel reads.
-    pub fn reads(mut self, r: DeviceRange) -> Self {
-        self.reads.push(r);
-        self
-    }
-    /// Declares a range the kernel writes.
-    pub fn writes(mut self, r: DeviceRange) -> Self {
-        self.writes.push(r);
-        self
-    }
-}
-
-/// Device memory as a simulated kernel sees it: reads see memory at the kernel's start time, writes
-/// land at its end time. Accesses must stay inside the ranges the kernel declared.
-pub struct SimMemory<'a> {
-    allocs: &'a BTreeMap<u64, Vec<u8>>,
-    spec: &'a KernelSpec,
-    writes: Vec<(DeviceRange, Vec<u8>)>,
-}
-
-impl SimMemory<'_> {
-    /// The bytes of `r`, which must lie inside a declared read (or write) range.
-    pub fn read(&self, r: DeviceRange) -> Result<Vec<u8>> {
-        let declared = self.spec.reads.iter().chain(&self.spec.writes);
-        if !declared.clone().any(|d| contains(d, &r)) {
-            return Err(Error::OutOfBounds(format!(
-                "kernel '{}' reads {r}, which it did not declare",
-                self.spec.name
-            )));
-        }
-        Ok(slice(self.allocs, r)?.to_vec())
-    }
-
-    /// The f32 values of `r` (little-endian), which must lie inside a declared range.
-    pub fn read_f32(&self, r: DeviceRange) -> Result<Vec<f32>> {
-        let bytes = self.read(r)?;
-        Ok(bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect())
-    }
-
-    /// Writes `data` at `r.ptr`; `r.len` must equal `data.len()` and lie inside a declared write.
-    pub fn write(&mut self, r: DeviceRange, data: &[u8]) -> Result<()> {
-        if r.len != data.len() as u64 {
-            return Err(Error::InvalidArgument(format!(
-                "kernel '{}' writes {} bytes into a range of {} bytes",
-                self.spec.name,
-                data.len(),
-                r.len
-            )));
-        }
-        if !self.spec.writes.iter().any(|d| contains(d, &r)) {
-            return Err(Error::OutOfBounds(format!(
-                "kernel '{}' writes {r}, which it did not declare",
-                self.spec.name
-            )));
-        }
-        slice(self.allocs, r)?;
-        self.writes.push((r, data.to_vec()));
-        Ok(())
-    }
-
-    /// Writes f32 values (little-endian) starting at `ptr`.
-    pub fn write_f32(&mut self, ptr: DevicePtr, data: &[f32]) -> Result<()> {
-        let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
-        self.write(DeviceRange::new(ptr, bytes.len() as u64), &bytes)
-    }
-}
-
 /// One operation as it ran in virtual time (for traces and metrics).
 #[derive(Clone, Debug, PartialEq)]
 pub struct OpRecord {
@@ -188,61 +109,6 @@ pub enum OpKind {
     CopyD2H,
     /// A kernel (including [`Device::busy`]).
     Kernel,
-}
-
-/// A conflict the race checker found: two operations touching the same bytes, unordered.
-#[derive(Clone, Debug, PartialEq)]
-pub struct RaceReport {
-    /// What the later-issued operation does to the range ("read" or "write").
-    pub access: &'static str,
-    /// The overlapping device bytes.
-    pub range: DeviceRange,
-    /// The later-issued operation.
-    pub op: AccessInfo,
-    /// The earlier-issued operation it conflicts with.
-    pub other: AccessInfo,
-    /// What the earlier operation does to the range.
-    pub other_access: &'static str,
-}
-
-/// One side of a [`RaceReport`].
-#[derive(Clone, Debug, PartialEq)]
-pub struct AccessInfo {
-    /// Issue order.
-    pub seq: u64,
-    /// Operation name.
-    pub name: String,
-    /// Its stream.
-    pub stream: StreamId,
-    /// Virtual start time.
-    pub start: Duration,
-    /// Virtual end time.
-    pub end: Duration,
-}
-
-impl fmt::Display for AccessInfo {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "op #{} '{}' on stream {} at [{:?}, {:?}]",
-            self.seq, self.name, self.stream.0, self.start, self.end
-        )
-    }
-}
-
-impl fmt::Display for RaceReport {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let why = match (self.access, self.other_access) {
-            ("read", _) => "starts before the earlier write completes",
-            (_, "read") => "starts while the earlier read is still running",
-            _ => "starts before the earlier write completes",
-        };
-        write!(
-            f,
-            "{} of {} by {} {}: {} of it by {}",
-            self.access, self.range, self.op, why, self.other_access, self.other
-        )
-    }
 }
 
 /// The simulated GPU. Create with [`SimDevice::new`]; use through [`Device`] plus the inherent
@@ -288,11 +154,13 @@ enum Work {
 
 struct StreamState {
     tail: u64,
+    live: bool,
 }
 
 #[derive(Clone, Copy)]
 struct EventState {
     time: Option<u64>,
+    live: bool,
 }
 
 /// A host allocation: owned pinned memory, or a file registered read-only in place.
@@ -332,20 +200,6 @@ fn read_only(h: HostPtr) -> Error {
 /// Page size assumed when faulting a registered mapping in.
 const PAGE: usize = 4096;
 
-#[derive(Clone)]
-struct Access {
-    info: AccessInfo,
-    start: u64,
-    end: u64,
-}
-
-#[derive(Clone, Default)]
-struct Segment {
-    end: u64,
-    last_write: Option<Access>,
-    reads: Vec<Access>,
-}
-
 #[derive(Default)]
 struct State {
     device: BTreeMap<u64, Vec<u8>>,
@@ -369,7 +223,8 @@ struct State {
     segments: BTreeMap<u64, Segment>,
     races: Vec<RaceReport>,
     timeline: Vec<OpRecord>,
-    error: Option<String>,
+    error: Option<Error>,
+    faults: faults::Faults,
 }
 
 const DEVICE_BASE: u64 = 0x7f00_0000_0000;
@@ -381,30 +236,6 @@ fn ns(d: Duration) -> u64 {
 
 fn dur(t: u64) -> Duration {
     Duration::from_nanos(t)
-}
-
-fn contains(outer: &DeviceRange, inner: &DeviceRange) -> bool {
-    outer.ptr.0 <= inner.ptr.0 && inner.end() <= outer.end()
-}
-
-fn locate(allocs: &BTreeMap<u64, Vec<u8>>, r: DeviceRange) -> Result<(u64, usize, usize)> {
-    let (base, mem) = allocs
-        .range(..=r.ptr.0)
-        .next_back()
-        .ok_or_else(|| Error::OutOfBounds(format!("{r} is not in any device allocation")))?;
-    let off = r.ptr.0 - base;
-    if off + r.len > mem.len() as u64 {
-        return Err(Error::OutOfBounds(format!(
-            "{r} runs past the device allocation at 0x{base:x} of {} bytes",
-            mem.len()
-        )));
-    }
-    Ok((*base, off as usize, (off + r.len) as usize))
-}
-
-fn slice(allocs: &BTreeMap<u64, Vec<u8>>, r: DeviceRange) -> Result<&[u8]> {
-    let (base, a, b) = locate(allocs, r)?;
-    Ok(&allocs[&base][a..b])
 }
 
 fn bytes_time(bytes: u64, bandwidth: f64, latency: Duration) -> u64 {
@@ -454,6 +285,7 @@ impl SimDevice {
         f: Option<KernelFn>,
     ) -> Result<()> {
         let mut st = self.lock();
+        st.faults.check(FaultOp::Launch)?;
         for r in spec.reads.iter().chain(&spec.writes) {
             locate(&st.device, *r)?;
         }
@@ -562,6 +394,38 @@ impl SimDevice {
         (st.device.len(), st.host.len())
     }
 
+    /// Replaces the fault plan and restarts the call counters ([`SimDevice::fault_counts`]).
+    pub fn set_fault_plan(&self, plan: FaultPlan) {
+        self.lock().faults.set(plan);
+    }
+
+    /// Calls of each kind since the fault plan was last set, and how many were made to fail.
+    pub fn fault_counts(&self) -> FaultCounts {
+        self.lock().faults.counts()
+    }
+
+    /// What the device holds right now: allocations, registrations, events, streams.
+    pub fn resources(&self) -> SimResources {
+        let st = self.lock();
+        let mut r = SimResources {
+            device_allocs: st.device.len(),
+            device_bytes: st.device_allocated,
+            host_bytes: st.host_allocated,
+            registered_bytes: st.host_registered,
+            events: st.events.iter().filter(|e| e.live).count(),
+            streams: st.streams.iter().filter(|s| s.live).count(),
+            pending_ops: st.ops.len(),
+            ..SimResources::default()
+        };
+        for a in st.host.values() {
+            match a {
+                HostAlloc::Pinned(_) => r.host_allocs += 1,
+                HostAlloc::Registered(_) => r.registrations += 1,
+            }
+        }
+        r
+    }
+
     /// Every operation issued so far, with its virtual start and end.
     pub fn timeline(&self) -> Vec<OpRecord> {
         self.lock().timeline.clone()
@@ -590,12 +454,14 @@ impl State {
     fn stream(&self, s: StreamId) -> Result<&StreamState> {
         self.streams
             .get(s.0 as usize)
+            .filter(|st| st.live)
             .ok_or_else(|| Error::InvalidHandle(format!("stream {} does not exist", s.0)))
     }
 
     fn event(&self, e: EventId) -> Result<&EventState> {
         self.events
             .get(e.0 as usize)
+            .filter(|ev| ev.live)
             .ok_or_else(|| Error::InvalidHandle(format!("event {} does not exist", e.0)))
     }
 
@@ -686,105 +552,6 @@ impl State {
         Ok(())
     }
 
-    /// Splits segments so that `[a, b)` is covered exactly by whole segments (creating empty ones).
-    fn split_segments(&mut self, a: u64, b: u64) {
-        // Split a segment that straddles `at`.
-        let split_at = |segs: &mut BTreeMap<u64, Segment>, at: u64| {
-            if let Some((&s, seg)) = segs.range(..at).next_back() {
-                if seg.end > at {
-                    let mut right = seg.clone();
-                    let left_end = at;
-                    right.end = seg.end;
-                    if let Some(x) = segs.get_mut(&s) {
-                        x.end = left_end;
-                    }
-                    segs.insert(at, right);
-                }
-            }
-        };
-        split_at(&mut self.segments, a);
-        split_at(&mut self.segments, b);
-        // Fill gaps inside [a, b) with empty segments.
-        let mut cursor = a;
-        let existing: Vec<(u64, u64)> = self
-            .segments
-            .range(a..b)
-            .map(|(&s, seg)| (s, seg.end))
-            .collect();
-        let mut gaps = Vec::new();
-        for (s, e) in existing {
-            if s > cursor {
-                gaps.push((cursor, s));
-            }
-            cursor = e;
-        }
-        if cursor < b {
-            gaps.push((cursor, b));
-        }
-        for (s, e) in gaps {
-            self.segments.insert(
-                s,
-                Segment {
-                    end: e,
-                    ..Segment::default()
-                },
-            );
-        }
-    }
-
-    fn check_access(&mut self, r: &DeviceRange, acc: &Access, write: bool) {
-        if r.len == 0 {
-            return;
-        }
-        let (a, b) = (r.ptr.0, r.end());
-        self.split_segments(a, b);
-        let keys: Vec<u64> = self.segments.range(a..b).map(|(&k, _)| k).collect();
-        for k in keys {
-            let Some(seg) = self.segments.get_mut(&k) else {
-                continue;
-            };
-            let range = DeviceRange::new(DevicePtr(k), seg.end - k);
-            let mut found = Vec::new();
-            if let Some(w) = &seg.last_write {
-                if w.info.seq != acc.info.seq && w.end > acc.start {
-                    found.push((w.info.clone(), "write"));
-                }
-            }
-            if write {
-                for rd in &seg.reads {
-                    if rd.info.seq != acc.info.seq && rd.end > acc.start {
-                        found.push((rd.info.clone(), "read"));
-                    }
-                }
-                seg.reads.clear();
-                seg.last_write = Some(acc.clone());
-            } else {
-                seg.reads.push(acc.clone());
-            }
-            for (other, other_access) in found {
-                self.races.push(RaceReport {
-                    access: if write { "write" } else { "read" },
-                    range,
-                    op: acc.info.clone(),
-                    other,
-                    other_access,
-                });
-            }
-        }
-    }
-
-    /// Forgets accesses that can no longer conflict with anything issued from now on.
-    fn prune_segments(&mut self) {
-        let horizon = self.host_time;
-        self.segments.retain(|_, seg| {
-            seg.reads.retain(|r| r.end > horizon);
-            if seg.last_write.as_ref().is_some_and(|w| w.end <= horizon) {
-                seg.last_write = None;
-            }
-            seg.last_write.is_some() || !seg.reads.is_empty()
-        });
-    }
-
     /// Applies, in virtual-time order, every effect scheduled at or before `t`.
     fn run_until(&mut self, t: u64) {
         while let Some(&Reverse((time, phase, seq))) = self.queue.peek() {
@@ -794,7 +561,7 @@ impl State {
             self.queue.pop();
             if let Err(e) = self.run_phase(phase, seq) {
                 if self.error.is_none() {
-                    self.error = Some(e.to_string());
+                    self.error = Some(e);
                 }
             }
         }
@@ -854,8 +621,9 @@ impl State {
                         };
                         let r = f(&mut mem);
                         *out = mem.writes;
-                        r.map_err(|e| {
-                            Error::InvalidArgument(format!("kernel '{}' failed: {e}", spec.name))
+                        r.map_err(|e| Error::Kernel {
+                            name: spec.name.clone(),
+                            source: Box::new(e),
                         })?;
                     }
                 } else {
@@ -882,9 +650,7 @@ impl State {
 
     fn take_error(&mut self) -> Result<()> {
         match self.error.take() {
-            Some(e) => Err(Error::InvalidArgument(format!(
-                "an earlier asynchronous operation failed: {e}"
-            ))),
+            Some(e) => Err(Error::Deferred(Box::new(e))),
             None => Ok(()),
         }
     }
@@ -897,8 +663,17 @@ impl State {
     }
 
     fn sync_all(&mut self) -> Result<()> {
+        self.drain();
+        self.take_error()
+    }
+
+    /// Applies every pending effect (the host waits for all streams), leaving any asynchronous
+    /// error for the next synchronising call to report.
+    fn drain(&mut self) {
         let t = self.streams.iter().map(|s| s.tail).max().unwrap_or(0);
-        self.sync_to(t)
+        self.host_time = self.host_time.max(t);
+        let h = self.host_time;
+        self.run_until(h);
     }
 }
 
@@ -925,6 +700,7 @@ impl Device for SimDevice {
 
     fn alloc_device(&self, bytes: u64) -> Result<DevicePtr> {
         let mut st = self.lock();
+        st.faults.check(FaultOp::AllocDevice)?;
         let free = self.cfg.capacity - st.device_allocated;
         if bytes == 0 || bytes > free {
             return Err(Error::OutOfMemory {
@@ -943,7 +719,8 @@ impl Device for SimDevice {
 
     fn free_device(&self, ptr: DevicePtr) -> Result<()> {
         let mut st = self.lock();
-        st.sync_all()?;
+        // Frees always happen; an asynchronous error stays for the next sync to report.
+        st.drain();
         let mem = st.device.remove(&ptr.0).ok_or_else(|| {
             Error::InvalidHandle(format!("{ptr} is not a live device allocation"))
         })?;
@@ -955,6 +732,7 @@ impl Device for SimDevice {
 
     fn alloc_host(&self, bytes: u64, _kind: HostMemKind) -> Result<HostPtr> {
         let mut st = self.lock();
+        st.faults.check(FaultOp::AllocHost)?;
         st.check_host_room(&self.cfg, bytes, "pinned host allocation")?;
         let id = st.next_host;
         st.next_host += 1;
@@ -981,7 +759,7 @@ impl Device for SimDevice {
             }
             Some(HostAlloc::Pinned(_)) => {}
         }
-        st.sync_all()?;
+        st.drain();
         if let Some(a) = st.host.remove(&ptr.0) {
             st.host_allocated -= a.len();
         }
@@ -1018,7 +796,8 @@ impl Device for SimDevice {
             ));
         }
         {
-            let st = self.lock();
+            let mut st = self.lock();
+            st.faults.check(FaultOp::AllocHost)?;
             st.check_host_room(&self.cfg, len, "in-place registration")?;
         }
         // Fault every page in, outside the lock, as pinning does on a GPU.
@@ -1051,7 +830,7 @@ impl Device for SimDevice {
             }
         }
         // Copies still reading the mapping finish first.
-        st.sync_all()?;
+        st.drain();
         if let Some(a) = st.host.remove(&ptr.0) {
             st.host_registered -= a.len();
         }
@@ -1060,21 +839,42 @@ impl Device for SimDevice {
 
     fn create_stream(&self) -> Result<StreamId> {
         let mut st = self.lock();
+        st.faults.check(FaultOp::CreateStream)?;
         let id = StreamId(st.streams.len() as u32);
         let tail = st.host_time;
-        st.streams.push(StreamState { tail });
+        st.streams.push(StreamState { tail, live: true });
         Ok(id)
     }
 
     fn create_event(&self) -> Result<EventId> {
         let mut st = self.lock();
+        st.faults.check(FaultOp::CreateEvent)?;
         let id = EventId(st.events.len() as u32);
-        st.events.push(EventState { time: None });
+        st.events.push(EventState {
+            time: None,
+            live: true,
+        });
         Ok(id)
+    }
+
+    fn destroy_stream(&self, stream: StreamId) -> Result<()> {
+        let mut st = self.lock();
+        st.stream(stream)?;
+        // Its work stays queued and completes in virtual time; only the handle goes.
+        st.streams[stream.0 as usize].live = false;
+        Ok(())
+    }
+
+    fn destroy_event(&self, event: EventId) -> Result<()> {
+        let mut st = self.lock();
+        st.event(event)?;
+        st.events[event.0 as usize].live = false;
+        Ok(())
     }
 
     fn record_event(&self, event: EventId, stream: StreamId) -> Result<()> {
         let mut st = self.lock();
+        st.faults.check(FaultOp::RecordEvent)?;
         st.event(event)?;
         let t = st.stream(stream)?.tail.max(st.host_time);
         st.events[event.0 as usize].time = Some(t);
@@ -1083,6 +883,7 @@ impl Device for SimDevice {
 
     fn wait_event(&self, stream: StreamId, event: EventId) -> Result<()> {
         let mut st = self.lock();
+        st.faults.check(FaultOp::WaitEvent)?;
         st.stream(stream)?;
         // Waiting on a never-recorded event is a no-op, as in CUDA.
         if let Some(t) = st.event(event)?.time {
@@ -1099,6 +900,7 @@ impl Device for SimDevice {
 
     fn sync_event(&self, event: EventId) -> Result<()> {
         let mut st = self.lock();
+        st.faults.check(FaultOp::Sync)?;
         let t = st.event(event)?.time.unwrap_or(0);
         st.sync_to(t)
     }
@@ -1119,6 +921,7 @@ impl Device for SimDevice {
 
     fn sync_stream(&self, stream: StreamId) -> Result<()> {
         let mut st = self.lock();
+        st.faults.check(FaultOp::Sync)?;
         let t = st.stream(stream)?.tail;
         st.sync_to(t)
     }
@@ -1132,6 +935,7 @@ impl Device for SimDevice {
         len: u64,
     ) -> Result<()> {
         let mut st = self.lock();
+        st.faults.check(FaultOp::Copy)?;
         let r = DeviceRange::new(dst, len);
         locate(&st.device, r)?;
         st.host_alloc(src, src_offset, len)?;
@@ -1158,6 +962,7 @@ impl Device for SimDevice {
 
     fn copy_h2d_pageable(&self, stream: StreamId, dst: DevicePtr, src: &[u8]) -> Result<()> {
         let mut st = self.lock();
+        st.faults.check(FaultOp::Copy)?;
         let r = DeviceRange::new(dst, src.len() as u64);
         locate(&st.device, r)?;
         let d = bytes_time(
@@ -1194,6 +999,7 @@ impl Device for SimDevice {
         len: u64,
     ) -> Result<()> {
         let mut st = self.lock();
+        st.faults.check(FaultOp::Copy)?;
         let r = DeviceRange::new(src, len);
         locate(&st.device, r)?;
         if let HostAlloc::Registered(_) = st.host_alloc(dst, dst_offset, len)? {
