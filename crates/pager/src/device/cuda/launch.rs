@@ -69,6 +69,11 @@ pub struct LaunchDims {
     pub shared_mem: u32,
 }
 
+/// Largest grid the driver accepts in x, y and z (compute capability 3.0 and newer).
+pub const MAX_GRID: (u32, u32, u32) = (i32::MAX as u32, 65535, 65535);
+/// Most threads per block on every GPU Ferry supports (sm_80+).
+pub const MAX_BLOCK_THREADS: u32 = 1024;
+
 impl LaunchDims {
     /// A 1-d launch of `blocks` blocks of `threads` threads, no dynamic shared memory.
     pub fn linear(blocks: u32, threads: u32) -> Self {
@@ -77,6 +82,29 @@ impl LaunchDims {
             block: (threads, 1, 1),
             shared_mem: 0,
         }
+    }
+
+    /// Checks the launch against the hardware limits `cuLaunchKernel` enforces: no empty grid or
+    /// block, grid within [`MAX_GRID`], at most [`MAX_BLOCK_THREADS`] threads per block.
+    pub fn check(&self, func: &str) -> Result<()> {
+        let (g, b) = (self.grid, self.block);
+        if g.0 == 0 || g.1 == 0 || g.2 == 0 || b.0 == 0 || b.1 == 0 || b.2 == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "kernel {func}: empty launch (grid {g:?}, block {b:?})"
+            )));
+        }
+        if g.0 > MAX_GRID.0 || g.1 > MAX_GRID.1 || g.2 > MAX_GRID.2 {
+            return Err(Error::InvalidArgument(format!(
+                "kernel {func}: grid {g:?} exceeds the limit {MAX_GRID:?}"
+            )));
+        }
+        let threads = u64::from(b.0) * u64::from(b.1) * u64::from(b.2);
+        if threads > u64::from(MAX_BLOCK_THREADS) {
+            return Err(Error::InvalidArgument(format!(
+                "kernel {func}: block {b:?} has {threads} threads, more than {MAX_BLOCK_THREADS}"
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -255,5 +283,27 @@ mod tests {
         assert!(err.contains("parameter 1"), "{err}");
         assert_eq!(KernelArg::F32(1.0).slot(), 0x3f80_0000);
         assert_eq!(KernelArg::I32(-1).slot(), 0xffff_ffff);
+    }
+
+    #[test]
+    fn launch_dims_are_checked_against_hardware_limits() {
+        let ok = |grid, block| LaunchDims {
+            grid,
+            block,
+            shared_mem: 0,
+        };
+        assert!(ok((i32::MAX as u32, 65535, 65535), (1024, 1, 1))
+            .check("k")
+            .is_ok());
+        for (grid, block) in [
+            ((0, 1, 1), (1, 1, 1)),
+            ((1, 1, 1), (1, 0, 1)),
+            ((1 << 31, 1, 1), (1, 1, 1)),
+            ((1, 65536, 1), (1, 1, 1)),
+            ((1, 1, 65536), (1, 1, 1)),
+            ((1, 1, 1), (32, 33, 1)),
+        ] {
+            assert!(ok(grid, block).check("k").is_err(), "{grid:?} {block:?}");
+        }
     }
 }

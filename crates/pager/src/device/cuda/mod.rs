@@ -30,7 +30,10 @@ mod result;
 
 use self::kernels::{LazyKernel, BUSY_KERNEL, BUSY_PTX};
 use self::launch::{check_args, ModuleCache};
-pub use self::launch::{check_launch_args, ptx_entry_params, KernelArg, LaunchDims, ParamKind};
+pub use self::launch::{
+    check_launch_args, ptx_entry_params, KernelArg, LaunchDims, ParamKind, MAX_BLOCK_THREADS,
+    MAX_GRID,
+};
 use self::memory::{DeviceAlloc, HostAlloc, HostOrigin};
 use self::result::{check, driver_error, Call};
 use super::{Device, DeviceKind, DevicePtr, EventId, HostMemKind, HostPtr, MemInfo, StreamId};
@@ -336,12 +339,8 @@ impl CudaDevice {
                 self.device_range(ptr, bytes)?;
             }
         }
+        dims.check(func)?;
         let (g, b) = (dims.grid, dims.block);
-        if g.0 == 0 || g.1 == 0 || g.2 == 0 || b.0 == 0 || b.1 == 0 || b.2 == 0 {
-            return Err(Error::InvalidArgument(format!(
-                "kernel {func}: empty launch (grid {g:?}, block {b:?})"
-            )));
-        }
         self.ctx.bind_to_thread().call("cuCtxSetCurrent")?;
         if dims.shared_mem > 48 * 1024 {
             // Above 48 KiB a kernel must opt in to dynamic shared memory.
