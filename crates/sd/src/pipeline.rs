@@ -63,7 +63,7 @@ struct CudaEngine {
     exec: Option<GpuExecutor>,
     dev: Arc<CudaDevice>,
     /// The last plan built (shown while `exec` is `None`).
-    plan: PlanSummary,
+    plan: Box<PlanSummary>,
     /// Text encoders and UNet.
     dtype: DType,
     /// The VAE (f32 where diffusers' `force_upcast` applies to f16).
@@ -474,7 +474,7 @@ impl Pipeline {
                     gpu_exec_config(&cfg, mode, reserve),
                 )?;
                 Engine::Cuda(Mutex::new(CudaEngine {
-                    plan: exec.plan(),
+                    plan: Box::new(exec.plan()),
                     exec: Some(exec),
                     dev,
                     dtype: cfg.dtype,
@@ -548,7 +548,7 @@ impl Pipeline {
                 let e = lock(e);
                 e.exec
                     .as_ref()
-                    .map_or_else(|| e.plan.clone(), GpuExecutor::plan)
+                    .map_or_else(|| (*e.plan).clone(), GpuExecutor::plan)
             }
         }
     }
@@ -744,7 +744,7 @@ impl Pipeline {
             return Ok(());
         }
         if e.cfg.budget.is_some() {
-            e.plan = e.exec()?.set_reserve(need)?;
+            *e.plan = e.exec()?.set_reserve(need)?;
             return Ok(());
         }
         let dtypes = component_dtypes(&self.groups, e.dtype, e.vae_dtype);
@@ -763,7 +763,7 @@ impl Pipeline {
         let mut slot = e.exec.take();
         let r = rebuild_dropping_first(&mut slot, || build(need), || build(have));
         if let Some(x) = &slot {
-            e.plan = x.plan();
+            *e.plan = x.plan();
         }
         e.exec = slot;
         r
