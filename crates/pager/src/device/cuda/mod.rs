@@ -31,8 +31,8 @@ mod result;
 use self::kernels::{LazyKernel, BUSY_KERNEL, BUSY_PTX};
 use self::launch::{check_args, ModuleCache};
 pub use self::launch::{
-    check_launch_args, ptx_entry_params, KernelArg, LaunchDims, ParamKind, MAX_BLOCK_THREADS,
-    MAX_GRID,
+    check_launch_args, needs_shared_opt_in, ptx_entry_params, KernelArg, LaunchDims, ParamKind,
+    DEFAULT_SHARED_LIMIT, MAX_BLOCK_THREADS, MAX_GRID,
 };
 use self::memory::{DeviceAlloc, HostAlloc, HostOrigin};
 use self::result::{check, driver_error, Call};
@@ -342,8 +342,17 @@ impl CudaDevice {
         dims.check(func)?;
         let (g, b) = (dims.grid, dims.block);
         self.ctx.bind_to_thread().call("cuCtxSetCurrent")?;
-        if dims.shared_mem > 48 * 1024 {
-            // Above 48 KiB a kernel must opt in to dynamic shared memory.
+        let static_smem = if dims.shared_mem > 0 {
+            f.get_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
+                .call("cuFuncGetAttribute")?
+        } else {
+            0
+        };
+        if needs_shared_opt_in(
+            u32::try_from(static_smem).unwrap_or(u32::MAX),
+            dims.shared_mem,
+        ) {
+            // Past 48 KiB of static plus dynamic shared memory a kernel must opt in.
             f.set_attribute(
                 sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 dims.shared_mem as i32,
