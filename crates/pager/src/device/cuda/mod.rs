@@ -655,6 +655,16 @@ impl Device for CudaDevice {
         Ok(id)
     }
 
+    fn create_sync_event(&self) -> Result<EventId> {
+        let event = self
+            .ctx
+            .new_event(Some(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING))
+            .call("cuEventCreate")?;
+        let id = EventId(self.new_id());
+        write(&self.events).insert(id, Arc::new(event));
+        Ok(id)
+    }
+
     fn destroy_stream(&self, stream: StreamId) -> Result<()> {
         // cuStreamDestroy returns at once; the driver frees the stream when its work is done.
         write(&self.streams)
