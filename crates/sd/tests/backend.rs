@@ -34,6 +34,16 @@ fn cpu_backend(_: &()) -> CpuBackend {
     CpuBackend::new()
 }
 
+/// GPU 0, opened once per test binary: every test gets the same device, so each PTX module is
+/// JIT-compiled once, not once per test.
+fn shared_gpu() -> Arc<CudaDevice> {
+    static DEV: std::sync::OnceLock<Result<Arc<CudaDevice>, String>> = std::sync::OnceLock::new();
+    match DEV.get_or_init(|| CudaDevice::new(0).map_err(|e| e.to_string())) {
+        Ok(dev) => dev.clone(),
+        Err(e) => panic!("this test needs a CUDA GPU (it runs only with --ignored): {e}"),
+    }
+}
+
 /// A GPU, a stream and a workspace allocation standing in for the scheduler's reserve.
 struct CudaOwner {
     dev: Arc<CudaDevice>,
@@ -44,10 +54,7 @@ struct CudaOwner {
 
 impl CudaOwner {
     fn new(dtype: DType) -> CudaOwner {
-        let dev = match CudaDevice::new(0) {
-            Ok(dev) => dev,
-            Err(e) => panic!("this test needs a CUDA GPU (it runs only with --ignored): {e}"),
-        };
+        let dev = shared_gpu();
         let stream = dev.create_stream().unwrap();
         let len = 256 << 20;
         let ptr = dev.alloc_device(len).unwrap();
@@ -66,8 +73,10 @@ impl CudaOwner {
 
 impl Drop for CudaOwner {
     fn drop(&mut self) {
-        // Best effort: the device frees everything when it goes anyway.
+        // Best effort; the device is shared by the tests of this binary, so give back now.
+        let _ = self.dev.sync_stream(self.stream);
         let _ = self.dev.free_device(self.workspace.ptr);
+        let _ = self.dev.destroy_stream(self.stream);
     }
 }
 

@@ -322,17 +322,32 @@ fn online_softmax_survives_fully_masked_tiles_and_rows() {
 
 const TYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
+/// GPU 0, opened once per test binary: every test gets the same device, so each PTX module is
+/// JIT-compiled once, not once per test.
+fn shared_gpu() -> Arc<CudaDevice> {
+    static DEV: std::sync::OnceLock<Result<Arc<CudaDevice>, String>> = std::sync::OnceLock::new();
+    match DEV.get_or_init(|| CudaDevice::new(0).map_err(|e| e.to_string())) {
+        Ok(dev) => dev.clone(),
+        Err(e) => panic!("this test needs a CUDA GPU (it runs only with --ignored): {e}"),
+    }
+}
+
 struct Ctx {
     dev: Arc<CudaDevice>,
     stream: StreamId,
 }
 
+impl Drop for Ctx {
+    fn drop(&mut self) {
+        // The device is shared by the tests of this binary: give the stream back.
+        let _ = self.dev.sync_stream(self.stream);
+        let _ = self.dev.destroy_stream(self.stream);
+    }
+}
+
 impl Ctx {
     fn new() -> Ctx {
-        let dev = match CudaDevice::new(0) {
-            Ok(dev) => dev,
-            Err(e) => panic!("this test needs a CUDA GPU (it runs only with --ignored): {e}"),
-        };
+        let dev = shared_gpu();
         let stream = dev.create_stream().unwrap();
         Ctx { dev, stream }
     }
