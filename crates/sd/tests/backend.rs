@@ -1052,3 +1052,32 @@ fn recording_backend_layout_ops_launch_as_planned() {
         }
     }
 }
+
+/// Downloads reuse one pinned staging buffer: it is allocated once, grown (to a power of two)
+/// only when a download is larger, and never for a download that fits.
+#[test]
+fn download_staging_is_reused_and_grows_geometrically() {
+    use ferry_sd::backend::staging_growth;
+    let mib = 1u64 << 20;
+    assert_eq!(
+        staging_growth(None, 10),
+        Some(mib),
+        "first download allocates"
+    );
+    assert_eq!(staging_growth(Some(mib), 10), None);
+    assert_eq!(staging_growth(Some(mib), mib), None);
+    assert_eq!(staging_growth(Some(mib), mib + 1), Some(2 * mib));
+    assert_eq!(staging_growth(Some(2 * mib), 3 * mib), Some(4 * mib));
+    assert_eq!(staging_growth(Some(64 * mib), 50 * mib), None);
+    // A run of downloads of growing size reallocates a handful of times, not once per call.
+    let mut have = None;
+    let mut allocs = 0;
+    for step in 1..=1000u64 {
+        if let Some(size) = staging_growth(have, step * 100_000) {
+            have = Some(size);
+            allocs += 1;
+        }
+    }
+    assert!(allocs <= 8, "{allocs} allocations for 1000 downloads");
+    assert_eq!(staging_growth(None, u64::MAX), Some(u64::MAX));
+}
