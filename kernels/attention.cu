@@ -147,16 +147,19 @@ __device__ void flash_attention(const T* q, const T* k, const T* v, T* o, int nq
             mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
         }
         float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
-        float a0 = exp2f(m0 - n0), a1 = exp2f(m1 - n1);
+        // A row with no finite score yet subtracts 0, not -inf (-inf - -inf is NaN): its
+        // probabilities and rescale factor are then exp2(-inf) = 0.
+        float u0 = n0 == FERRY_NEG_INF ? 0.0f : n0, u1 = n1 == FERRY_NEG_INF ? 0.0f : n1;
+        float a0 = exp2f(m0 - u0), a1 = exp2f(m1 - u1);
         m0 = n0;
         m1 = n1;
         float ps0 = 0.0f, ps1 = 0.0f;
 #pragma unroll
         for (int nt = 0; nt < KV_TILE / 8; nt++) {
-            s[nt][0] = exp2f(s[nt][0] - n0);
-            s[nt][1] = exp2f(s[nt][1] - n0);
-            s[nt][2] = exp2f(s[nt][2] - n1);
-            s[nt][3] = exp2f(s[nt][3] - n1);
+            s[nt][0] = exp2f(s[nt][0] - u0);
+            s[nt][1] = exp2f(s[nt][1] - u0);
+            s[nt][2] = exp2f(s[nt][2] - u1);
+            s[nt][3] = exp2f(s[nt][3] - u1);
             ps0 += s[nt][0] + s[nt][1];
             ps1 += s[nt][2] + s[nt][3];
         }
@@ -189,7 +192,8 @@ __device__ void flash_attention(const T* q, const T* k, const T* v, T* o, int nq
         l0 += __shfl_xor_sync(0xffffffffu, l0, off);
         l1 += __shfl_xor_sync(0xffffffffu, l1, off);
     }
-    float i0 = 1.0f / l0, i1 = 1.0f / l1;
+    // A row whose scores are all -inf (fully masked) has l = 0: it gets zeros, not 0/0.
+    float i0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, i1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
 #pragma unroll
     for (int dt = 0; dt < DT; dt++) {
         int c = dt * 8 + 2 * t;
@@ -257,8 +261,9 @@ __device__ void simt_attention(const T* q, const T* k, const T* v, T* o, int nq,
             if (lane == j) mine = part;
         }
         float mn = fmaxf(m, warp_max(mine));
-        float alpha = expf(m - mn);
-        float p = lane < valid ? expf(mine - mn) : 0.0f;
+        float u = mn == FERRY_NEG_INF ? 0.0f : mn; // as in flash_attention: no -inf - -inf
+        float alpha = expf(m - u);
+        float p = lane < valid ? expf(mine - u) : 0.0f;
         l = l * alpha + warp_sum(p);
         m = mn;
 #pragma unroll
@@ -274,7 +279,7 @@ __device__ void simt_attention(const T* q, const T* k, const T* v, T* o, int nq,
         }
     }
     T* orow = o + ((long long)b * nq + row) * o_ld + (long long)h * d;
-    float inv = 1.0f / l;
+    float inv = l > 0.0f ? 1.0f / l : 0.0f; // fully masked row: zeros
 #pragma unroll
     for (int i = 0; i < SIMT_NI; i++) {
         int c = lane + 32 * i;

@@ -8,7 +8,8 @@
 // 40 halves: the 32-bit fragment loads are bank-conflict free). f32: a SIMT kernel (64x64x16
 // tile, 256 threads, 4x4 outputs each) with the same operand loaders, exact to f32 rounding.
 // Every size is allowed: out-of-range rows / columns / k are zero-filled on load and masked on
-// store. Grid: (ceil(N/64), ceil(M/64)); block 128 threads (f16/bf16) or 256 (f32).
+// store. Grid: (ceil(M/64), ceil(N/64)) (M tiles on x, which allows 2^31-1 blocks; y only
+// 65535); block 128 threads (f16/bf16) or 256 (f32).
 //
 // Convolution is implicit GEMM: M = n*ho*wo output pixels, N = out channels, K = c*kh*kw, with
 // the A operand gathered from the NCHW input on the fly (zero padding by masking; no im2col
@@ -143,7 +144,7 @@ __device__ void gemm_tc(const LA& A, const LB& B, const T* bias, const S& out, i
 {
     __shared__ __align__(16) T As[BM * SK];
     __shared__ __align__(16) T Bs[BN * SK];
-    int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+    int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int wm = (warp >> 1) * 32, wn = (warp & 1) * 32;
     int g = lane >> 2, t = lane & 3;
@@ -202,7 +203,7 @@ __device__ void gemm_simt(const LA& A, const LB& B, const float* bias, const S& 
 {
     __shared__ __align__(16) float As[16][BM + 4];
     __shared__ __align__(16) float Bs[16][BN + 4];
-    int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+    int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
     int ty = threadIdx.x >> 4, tx = threadIdx.x & 15;
     float acc[4][4];
 #pragma unroll
@@ -272,7 +273,7 @@ __device__ void conv2d_impl(const T* x, const T* w, const T* bias, T* y, int n, 
 // and 16-byte aligned x and w. Block tile 128x128x32, 8 warps in 2x4, each warp 64x32 (4x4 mma
 // tiles); a two-stage cp.async pipeline (the next k tile streams into shared memory while the
 // current one is multiplied; rows / k past the end are zero-filled by cp.async's src-size 0) and
-// ldmatrix.x4 fragment loads. Grid (ceil(N/128), ceil(M/128)), 256 threads.
+// ldmatrix.x4 fragment loads. Grid (ceil(M/128), ceil(N/128)), 256 threads.
 
 #define LBM 128
 #define LBN 128
@@ -303,7 +304,7 @@ __device__ void linear_big(const T* x, const T* w, const T* bias, T* y, int M, i
 {
     __shared__ __align__(16) T As[2][LBM * SK];
     __shared__ __align__(16) T Bs[2][LBN * SK];
-    int m0 = blockIdx.y * LBM, n0 = blockIdx.x * LBN;
+    int m0 = blockIdx.x * LBM, n0 = blockIdx.y * LBN;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int wm = (warp >> 2) * 64, wn = (warp & 3) * 32;
     int g = lane >> 2, t = lane & 3;
@@ -331,7 +332,8 @@ __device__ void linear_big(const T* x, const T* w, const T* bias, T* y, int M, i
     };
 
     int kt_count = (K + BK - 1) / BK;
-    stage(0, 0);
+    // K == 0: no k tile, so no copy may be left in flight at exit; y is the bias alone.
+    if (kt_count > 0) stage(0, 0);
     for (int kt = 0; kt < kt_count; kt++) {
         int cur = kt & 1;
         if (kt + 1 < kt_count) {

@@ -8,8 +8,10 @@
 # --include-ignored (the GPU tests are #[ignore]d; in --sim mode they stay ignored and are reported
 # as such); then ferry-gpu-bench on the GPU (--sim: on the simulated device). Each step has a
 # timeout and a failing step does not stop the others; a summary comes last. Needs no Rust
-# toolchain and no network. Output: $OUT (else a fresh temporary folder): env.txt, one log per
-# step, gpu-bench-<device>.{json,md}, summary.md — at most 8 files, as the device tool returns.
+# toolchain and no network. Output: $OUT (else a fresh temporary folder), 5 files (the device
+# tool returns at most 8): env.txt, steps.log (every step's full log, one after another),
+# gpu-bench-<device>.{json,md}, summary.md. The steps work in a scratch folder outside $OUT,
+# which also holds the CUDA JIT cache (CUDA_CACHE_PATH), so PTX is compiled once per run.
 #
 # Environment: OUT, FERRY_GPU_SUITE_SIM=1, FERRY_GPU_SUITE_BIN (folder of the binaries),
 # T_PAGER / T_KERNELS / T_BACKEND / T_PIPE / T_BENCH (timeouts in seconds), BENCH_ARGS (extra ferry-gpu-bench args).
@@ -38,6 +40,14 @@ chmod +x "$BIN"/pager-cuda_backend "$BIN"/sd-cuda_kernels "$BIN"/sd-backend "$BI
   "$BIN"/ferry-gpu-bench 2>/dev/null
 OUT=${OUT:-$(mktemp -d -t ferry-gpu-suite.XXXXXX)}
 mkdir -p "$OUT"
+# Step logs and bench output are written here, and only the files named above go to $OUT.
+WORK=$(mktemp -d -t ferry-gpu-suite-work.XXXXXX)
+trap 'rm -rf "$WORK"' EXIT
+# The driver's JIT cache: the default (~/.nv) may be unwritable or absent on the GPU machine,
+# and without a cache every process compiles every module again.
+export CUDA_CACHE_PATH=${CUDA_CACHE_PATH:-$WORK/cuda-cache}
+export CUDA_CACHE_MAXSIZE=${CUDA_CACHE_MAXSIZE:-1073741824}
+mkdir -p "$CUDA_CACHE_PATH"
 export RUST_BACKTRACE=1
 T_PAGER=${T_PAGER:-60}
 T_KERNELS=${T_KERNELS:-120}
@@ -50,11 +60,12 @@ START=$(date +%s)
 declare -a SUMMARY=()
 FAILED=0
 
-# step NAME TIMEOUT CMD...: runs CMD with its output in $OUT/NAME.log, records the outcome.
+# step NAME TIMEOUT CMD...: runs CMD with its output in $WORK/NAME.log (appended to
+# $OUT/steps.log afterwards), records the outcome.
 step() {
   local name=$1 limit=$2
   shift 2
-  local log=$OUT/$name.log t0 rc
+  local log=$WORK/$name.log t0 rc
   echo
   echo "=== $name (timeout ${limit}s): $*"
   t0=$(date +%s)
@@ -78,6 +89,11 @@ step() {
     tail -n 5 "$log"
   fi
   echo "--- $name: $verdict in ${secs}s"
+  {
+    echo "===== $name: $verdict in ${secs}s: $*"
+    cat "$log"
+    echo
+  } >>"$OUT/steps.log"
   SUMMARY+=("| $name | $verdict | ${secs} s | ${results:-} |")
 }
 
@@ -111,7 +127,10 @@ step sd-cuda_kernels "$T_KERNELS" "$BIN/sd-cuda_kernels" "${TEST_ARGS[@]}"
 step sd-backend "$T_BACKEND" "$BIN/sd-backend" "${TEST_ARGS[@]}"
 step sd-gpu_pipeline "$T_PIPE" "$BIN/sd-gpu_pipeline" "${TEST_ARGS[@]}"
 # shellcheck disable=SC2086 # BENCH_ARGS is a list of words
-step ferry-gpu-bench "$T_BENCH" "$BIN/ferry-gpu-bench" --device "$DEVICE" --out "$OUT" ${BENCH_ARGS:-}
+step ferry-gpu-bench "$T_BENCH" "$BIN/ferry-gpu-bench" --device "$DEVICE" --out "$WORK/bench" ${BENCH_ARGS:-}
+for f in "$WORK/bench/gpu-bench-$DEVICE.json" "$WORK/bench/gpu-bench-$DEVICE.md"; do
+  [ -f "$f" ] && cp "$f" "$OUT/"
+done
 
 TOTAL=$(($(date +%s) - START))
 {
@@ -131,4 +150,10 @@ fi
 echo
 cat "$OUT/summary.md"
 echo "output: $OUT"
+# The device tool returns at most 8 files from $OUT; more means one is lost silently.
+NFILES=$(find "$OUT" -type f | wc -l)
+if [ "$NFILES" -gt 8 ]; then
+  echo "run.sh: $OUT holds $NFILES files; the device tool returns only 8" >&2
+  FAILED=$((FAILED + 1))
+fi
 [ "$FAILED" -eq 0 ]

@@ -114,11 +114,18 @@ pub struct RunMetrics {
     pub slices: Vec<Slice>,
 }
 
-fn at(dev: &dyn Device, origin: EventId, e: EventId) -> Result<f64> {
-    Ok(dev.event_elapsed(origin, e)?.as_nanos() as f64)
+/// Nanoseconds from event `a` to event `b`.
+fn span(dev: &dyn Device, a: EventId, b: EventId) -> Result<f64> {
+    Ok(dev.event_elapsed(a, b)?.as_nanos() as f64)
 }
 
-/// Reads the recorded events (all must be complete).
+/// Reads the recorded events (all must be complete, and none before `origin`).
+///
+/// Every duration (stall, compute, copy, pass time) is timed between its own two adjacent
+/// events: CUDA reports intervals in f32 milliseconds, so an interval measured from the origin
+/// loses precision as the run gets longer (an ulp is 62.5 µs after 1000 s) and differences of
+/// two such values lose all of it. Only positions on the trace timeline are measured from the
+/// origin.
 pub fn collect(
     dev: &dyn Device,
     origin: EventId,
@@ -142,15 +149,17 @@ pub fn collect(
     };
     let mut use_times = Vec::with_capacity(uses.len());
     for u in uses {
-        let (b, a) = (at(dev, origin, u.before)?, at(dev, origin, u.after)?);
-        let e = match u.end {
-            Some(e) => at(dev, origin, e)?,
-            None => a,
+        let stall = span(dev, u.before, u.after)?;
+        let compute = match u.end {
+            Some(e) => span(dev, u.after, e)?,
+            None => 0.0,
         };
+        let b = span(dev, origin, u.before)?;
+        let (a, e) = (b + stall, b + stall + compute);
         let gm = &mut m.groups[u.group.0];
         gm.uses += 1;
-        gm.stall_ns += a - b;
-        gm.compute_ns += e - a;
+        gm.stall_ns += stall;
+        gm.compute_ns += compute;
         let name = groups[u.group.0].name.clone();
         if a > b {
             m.slices.push(Slice {
@@ -168,14 +177,16 @@ pub fn collect(
             end_ns: e,
             bytes: 0,
         });
-        use_times.push((b, a));
+        use_times.push(stall);
     }
     let mut copy_times = Vec::with_capacity(copies.len());
     for c in copies {
-        let (s, e) = (at(dev, origin, c.start)?, at(dev, origin, c.end)?);
+        let took = span(dev, c.start, c.end)?;
+        let s = span(dev, origin, c.start)?;
+        let e = s + took;
         if let Some(g) = c.group {
             m.groups[g.0].copies += 1;
-            m.groups[g.0].copy_ns += e - s;
+            m.groups[g.0].copy_ns += took;
         }
         let name = match c.group {
             Some(g) => groups[g.0].name.clone(),
@@ -188,18 +199,21 @@ pub fn collect(
             end_ns: e,
             bytes: c.bytes,
         });
-        copy_times.push((s, e, c.bytes));
+        copy_times.push((s, took, c.bytes));
     }
     for p in passes {
-        let (s, e) = (at(dev, origin, p.start)?, at(dev, origin, p.end)?);
+        let time = span(dev, p.start, p.end)?;
+        let s = span(dev, origin, p.start)?;
+        let e = s + time;
         let uses = &use_times[p.first_use.min(use_times.len())..p.end_use.min(use_times.len())];
-        let stall: f64 = uses.iter().map(|(b, a)| a - b).sum();
+        let stall: f64 = uses.iter().sum();
+        // Which copies ran in the pass is decided on the (coarser) timeline positions.
         let (copy_ns, copied): (f64, u64) = copy_times
             .iter()
             .filter(|(cs, _, _)| *cs >= s && *cs < e)
-            .fold((0.0, 0), |(t, b), (cs, ce, by)| (t + (ce - cs), b + by));
+            .fold((0.0, 0), |(t, b), (_, took, by)| (t + took, b + by));
         m.passes.push(PassMetrics {
-            time_ns: e - s,
+            time_ns: time,
             bytes: p.bytes_at_end - p.bytes_at_start,
             stall_ns: stall,
             copy_ns,

@@ -51,11 +51,12 @@ struct DeviceTimeline {
 }
 
 impl DeviceTimeline {
+    /// An event for ordering only (recycled through the pool; never timed).
     fn event(&mut self) -> Result<EventId> {
         match self.pool.pop() {
             Some(e) => Ok(e),
             None => {
-                let e = self.dev.create_event()?;
+                let e = self.dev.create_sync_event()?;
                 self.created.push(e);
                 Ok(e)
             }
@@ -66,6 +67,19 @@ impl DeviceTimeline {
         let e = self.event()?;
         self.dev.record_event(e, stream)?;
         Ok(e)
+    }
+
+    /// A new timed event recorded on `stream`, kept for metrics (never recycled).
+    fn timed_mark(&mut self, stream: StreamId) -> Result<EventId> {
+        let e = self.dev.create_event()?;
+        self.created.push(e);
+        self.dev.record_event(e, stream)?;
+        Ok(e)
+    }
+
+    /// [`DeviceTimeline::timed_mark`] on the compute stream.
+    fn metrics_mark(&mut self) -> Result<EventId> {
+        self.timed_mark(self.compute)
     }
 }
 
@@ -85,7 +99,7 @@ impl Timeline for DeviceTimeline {
             self.dev.wait_event(stream, t)?;
         }
         let start = if self.metrics {
-            Some(self.mark(stream)?)
+            Some(self.timed_mark(stream)?)
         } else {
             None
         };
@@ -96,7 +110,7 @@ impl Timeline for DeviceTimeline {
         }
         let ready = self.mark(stream)?;
         if let Some(start) = start {
-            let end = self.mark(stream)?;
+            let end = self.timed_mark(stream)?;
             self.copies.push(CopyRecord {
                 bytes: ops.iter().map(|o| o.len).sum(),
                 start,
@@ -230,7 +244,7 @@ impl Inner {
             Error::InvalidArgument("end_pass without a matching begin_pass".into())
         })?;
         if let Some(start) = start {
-            let end = g.tl.compute_mark()?;
+            let end = g.tl.metrics_mark()?;
             let bytes = g.core.bytes_copied;
             let (first_use, end_use) = (g.pass_first_use, g.uses.len());
             let bytes_at_start = g.pass_bytes_at_start;
@@ -284,7 +298,7 @@ impl Inner {
     fn acquire(&mut self, g: GroupId) -> Result<GroupView> {
         let inner = self;
         let before = if inner.tl.metrics {
-            Some(inner.tl.compute_mark()?)
+            Some(inner.tl.metrics_mark()?)
         } else {
             None
         };
@@ -293,7 +307,7 @@ impl Inner {
             t.push(g);
         }
         if let Some(before) = before {
-            let after = match inner.tl.compute_mark() {
+            let after = match inner.tl.metrics_mark() {
                 Ok(a) => a,
                 Err(e) => {
                     inner.core.unpin(g);
@@ -320,7 +334,7 @@ impl Inner {
     fn release(&mut self, g: GroupId) -> Result<()> {
         let inner = self;
         if inner.tl.metrics {
-            let end = match inner.tl.compute_mark() {
+            let end = match inner.tl.metrics_mark() {
                 Ok(e) => e,
                 Err(e) => {
                     // The use ends either way; the next call syncs before reusing the memory.
@@ -460,7 +474,15 @@ impl Scheduler {
             metrics: cfg.metrics,
             copies: Vec::new(),
         };
-        let origin = tl.mark(compute)?;
+        // The time origin of the metrics. The copy stream waits for it, so that no event of
+        // either stream can complete before it (events on two streams are otherwise unordered,
+        // and a negative interval is an error).
+        let origin = if cfg.metrics {
+            tl.timed_mark(compute)?
+        } else {
+            tl.mark(compute)?
+        };
+        dev.wait_event(copy, origin)?;
         let mut inner = Inner {
             problem,
             budget: cfg.budget,
@@ -531,7 +553,7 @@ impl Scheduler {
             // Pass records (two events each) are kept only for metrics, so that a long run
             // without metrics holds a fixed number of events.
             g.pass_start = if g.tl.metrics {
-                Some(Some(g.tl.compute_mark()?))
+                Some(Some(g.tl.metrics_mark()?))
             } else {
                 Some(None)
             };

@@ -2,7 +2,10 @@
 //! bit-identical data across every mode and budget.
 
 use ferry_pager::device::sim::{KernelSpec, SimConfig, SimDevice};
-use ferry_pager::{Device, HostMemKind};
+use ferry_pager::{
+    Device, DeviceKind, DevicePtr, Error as PagerError, EventId, HostMemKind, HostPtr, MemInfo,
+    Result as PagerResult, StreamId,
+};
 use ferry_sched::plan::{minimum_budget, plan};
 use ferry_sched::{
     CostModel, Error, GroupDesc, GroupId, Mode, Problem, Replan, Scheduler, SchedulerConfig,
@@ -461,5 +464,219 @@ fn the_cost_model_is_measured_from_the_device() {
         dev.live_allocations(),
         (0, 0),
         "measurement frees what it allocated"
+    );
+}
+
+/// The simulated device with the CUDA driver's event behaviour, which the simulator smooths
+/// over: `event_elapsed` fails when `end` completed before `start` (the simulator clamps to 0),
+/// is rounded to f32 milliseconds like `cuEventElapsedTime`, and refuses events made by
+/// `create_sync_event` (`CU_EVENT_DISABLE_TIMING`). Optionally the first event recorded (the
+/// scheduler's origin) is delayed on its stream, as a GPU may start another stream's work
+/// first.
+#[derive(Debug)]
+struct DriverLike {
+    sim: Arc<SimDevice>,
+    delay_first_record: Mutex<Option<Duration>>,
+    sync_events: Mutex<std::collections::HashSet<EventId>>,
+    timed_events: std::sync::atomic::AtomicUsize,
+}
+
+impl DriverLike {
+    fn new(sim: Arc<SimDevice>, delay_first_record: Option<Duration>) -> Arc<DriverLike> {
+        Arc::new(DriverLike {
+            sim,
+            delay_first_record: Mutex::new(delay_first_record),
+            sync_events: Mutex::default(),
+            timed_events: Default::default(),
+        })
+    }
+}
+
+impl Device for DriverLike {
+    fn kind(&self) -> DeviceKind {
+        self.sim.kind()
+    }
+    fn name(&self) -> String {
+        self.sim.name()
+    }
+    fn mem_info(&self) -> PagerResult<MemInfo> {
+        self.sim.mem_info()
+    }
+    fn alloc_device(&self, bytes: u64) -> PagerResult<DevicePtr> {
+        self.sim.alloc_device(bytes)
+    }
+    fn free_device(&self, ptr: DevicePtr) -> PagerResult<()> {
+        self.sim.free_device(ptr)
+    }
+    fn alloc_host(&self, bytes: u64, kind: HostMemKind) -> PagerResult<HostPtr> {
+        self.sim.alloc_host(bytes, kind)
+    }
+    fn free_host(&self, ptr: HostPtr) -> PagerResult<()> {
+        self.sim.free_host(ptr)
+    }
+    fn host_write(&self, dst: HostPtr, offset: u64, src: &[u8]) -> PagerResult<()> {
+        self.sim.host_write(dst, offset, src)
+    }
+    fn host_read(&self, src: HostPtr, offset: u64, dst: &mut [u8]) -> PagerResult<()> {
+        self.sim.host_read(src, offset, dst)
+    }
+    fn create_stream(&self) -> PagerResult<StreamId> {
+        self.sim.create_stream()
+    }
+    fn create_event(&self) -> PagerResult<EventId> {
+        self.timed_events
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.sim.create_event()
+    }
+    fn create_sync_event(&self) -> PagerResult<EventId> {
+        let e = self.sim.create_event()?;
+        self.sync_events.lock().unwrap().insert(e);
+        Ok(e)
+    }
+    fn destroy_stream(&self, stream: StreamId) -> PagerResult<()> {
+        self.sim.destroy_stream(stream)
+    }
+    fn destroy_event(&self, event: EventId) -> PagerResult<()> {
+        self.sync_events.lock().unwrap().remove(&event);
+        self.sim.destroy_event(event)
+    }
+    fn record_event(&self, event: EventId, stream: StreamId) -> PagerResult<()> {
+        if let Some(d) = self.delay_first_record.lock().unwrap().take() {
+            self.sim.busy(stream, d)?;
+        }
+        self.sim.record_event(event, stream)
+    }
+    fn wait_event(&self, stream: StreamId, event: EventId) -> PagerResult<()> {
+        self.sim.wait_event(stream, event)
+    }
+    fn event_done(&self, event: EventId) -> PagerResult<bool> {
+        self.sim.event_done(event)
+    }
+    fn sync_event(&self, event: EventId) -> PagerResult<()> {
+        self.sim.sync_event(event)
+    }
+    fn event_elapsed(&self, start: EventId, end: EventId) -> PagerResult<Duration> {
+        let sync = self.sync_events.lock().unwrap();
+        if sync.contains(&start) || sync.contains(&end) {
+            return Err(PagerError::InvalidHandle(format!(
+                "event_elapsed({}, {}): an event created without timing",
+                start.0, end.0
+            )));
+        }
+        drop(sync);
+        self.sim.event_elapsed(start, end)?;
+        let (a, b) = (self.sim.event_time(start)?, self.sim.event_time(end)?);
+        let (a, b) = (a.unwrap(), b.unwrap());
+        if b < a {
+            return Err(PagerError::InvalidArgument(format!(
+                "event {} completed {:?} before event {}",
+                end.0,
+                a - b,
+                start.0
+            )));
+        }
+        let ms = ((b - a).as_secs_f64() * 1e3) as f32;
+        Ok(Duration::from_secs_f64(f64::from(ms) / 1e3))
+    }
+    fn sync_stream(&self, stream: StreamId) -> PagerResult<()> {
+        self.sim.sync_stream(stream)
+    }
+    fn copy_h2d(
+        &self,
+        stream: StreamId,
+        dst: DevicePtr,
+        src: HostPtr,
+        src_offset: u64,
+        len: u64,
+    ) -> PagerResult<()> {
+        self.sim.copy_h2d(stream, dst, src, src_offset, len)
+    }
+    fn copy_h2d_pageable(&self, stream: StreamId, dst: DevicePtr, src: &[u8]) -> PagerResult<()> {
+        self.sim.copy_h2d_pageable(stream, dst, src)
+    }
+    fn copy_d2h(
+        &self,
+        stream: StreamId,
+        dst: HostPtr,
+        dst_offset: u64,
+        src: DevicePtr,
+        len: u64,
+    ) -> PagerResult<()> {
+        self.sim.copy_d2h(stream, dst, dst_offset, src, len)
+    }
+    fn busy(&self, stream: StreamId, duration: Duration) -> PagerResult<()> {
+        self.sim.busy(stream, duration)
+    }
+}
+
+fn driver_like_scheduler(m: &Model, dev: &Arc<DriverLike>, metrics: bool) -> (Scheduler, u64) {
+    let budget = RESERVE + total_bytes(m) / 2;
+    let cfg = SchedulerConfig {
+        metrics,
+        ..sched_cfg(&m.dev, Mode::Auto, budget, RESERVE)
+    };
+    let s = Scheduler::new(dev.clone(), m.groups.clone(), m.order.clone(), cfg).unwrap();
+    (s, budget)
+}
+
+/// The metrics origin is recorded on the compute stream; when that stream starts late, the
+/// copy stream's first copies must still not complete before it (else `cuEventElapsedTime` is
+/// negative and `metrics()` fails).
+#[test]
+fn metrics_work_when_the_compute_stream_starts_late() {
+    let m = mixed(|b| b / 30);
+    let dev = DriverLike::new(m.dev.clone(), Some(Duration::from_millis(2)));
+    let (s, budget) = driver_like_scheduler(&m, &dev, true);
+    assert_eq!(run_passes(&m, &s, budget, 2), expected(&m, 2));
+    let metrics = s.metrics().unwrap();
+    assert_eq!(metrics.passes.len(), 2);
+    assert!(metrics.slices.iter().all(|sl| sl.start_ns >= 0.0));
+}
+
+/// After a long run (here the compute stream is busy for 3000 s first) an f32 interval from
+/// the origin has an ulp of 250 µs; durations timed between adjacent events stay exact.
+#[test]
+fn metrics_stay_precise_on_long_runs() {
+    let m = mixed(|b| b / 2);
+    let dev = DriverLike::new(m.dev.clone(), None);
+    let (s, budget) = driver_like_scheduler(&m, &dev, true);
+    m.dev
+        .busy(s.compute_stream(), Duration::from_secs(3000))
+        .unwrap();
+    run_passes(&m, &s, budget, 1);
+    let metrics = s.metrics().unwrap();
+    for (g, want) in metrics.groups.iter().zip(&m.groups) {
+        let want = want.compute.as_nanos() as f64;
+        assert!(
+            (g.compute_ns - want).abs() <= want * 1e-3,
+            "{}: compute {} ns, ran {want} ns",
+            g.name,
+            g.compute_ns
+        );
+    }
+    let pass = &metrics.passes[0];
+    let total: f64 = m.groups.iter().map(|g| g.compute.as_nanos() as f64).sum();
+    assert!(
+        pass.time_ns >= total * 0.999 && pass.time_ns < total * 10.0,
+        "{pass:?}"
+    );
+}
+
+/// Events only waited on are created without timing; with metrics off no timed event exists.
+#[test]
+fn ordering_events_are_created_without_timing() {
+    let m = mixed(|b| b / 30);
+    let dev = DriverLike::new(m.dev.clone(), None);
+    let (s, budget) = driver_like_scheduler(&m, &dev, false);
+    run_passes(&m, &s, budget, 2);
+    assert_eq!(
+        dev.timed_events.load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    assert!(!dev.sync_events.lock().unwrap().is_empty());
+    drop(s);
+    assert!(
+        dev.sync_events.lock().unwrap().is_empty(),
+        "events left behind"
     );
 }

@@ -6,7 +6,7 @@
 //! The part that needs no device ([`GpuGroups`]: grouping, dtype checks, fake views;
 //! [`plan_reserve`]: recording-mode runs of the models) is usable and tested without a GPU.
 
-use crate::backend::{Backend, CudaBackend, CudaTensor, ARENA_ALIGN};
+use crate::backend::{Backend, CudaBackend, CudaTensor, DownloadStaging, ARENA_ALIGN};
 use crate::error::{Error, Result};
 use crate::exec::{build_groups, tensor_dtype, ComponentGroups, ExecConfig, GroupInfo};
 use crate::models::clip::{ClipOptions, ClipTextModel};
@@ -206,6 +206,15 @@ pub struct GpuExecutor {
     dev: Arc<CudaDevice>,
     sched: Scheduler,
     groups: GpuGroups,
+    /// The pinned buffer every backend of this executor downloads through.
+    staging: DownloadStaging,
+}
+
+impl Drop for GpuExecutor {
+    fn drop(&mut self) {
+        // Nothing to report to from drop; the device frees it when it goes otherwise.
+        let _ = self.staging.free(&self.dev);
+    }
 }
 
 impl std::fmt::Debug for GpuExecutor {
@@ -259,17 +268,23 @@ impl GpuExecutor {
                 cost,
             },
         )?;
-        Ok(GpuExecutor { dev, sched, groups })
+        Ok(GpuExecutor {
+            dev,
+            sched,
+            groups,
+            staging: DownloadStaging::default(),
+        })
     }
 
     /// A backend computing in `dtype` on the scheduler's compute stream, its activations on
     /// the scheduler's workspace (the reserve carved out of the budget).
     pub fn backend(&self, dtype: DType) -> Result<CudaBackend<'_>> {
-        CudaBackend::new(
+        CudaBackend::with_staging(
             &self.dev,
             self.sched.compute_stream(),
             self.workspace(),
             dtype,
+            &self.staging,
         )
     }
 

@@ -59,7 +59,11 @@ enum Engine {
 
 /// The GPU executor and the precisions it runs in.
 struct CudaEngine {
-    exec: GpuExecutor,
+    /// `None` only when growing the reserve failed and restoring the old executor did too.
+    exec: Option<GpuExecutor>,
+    dev: Arc<CudaDevice>,
+    /// The last plan built (shown while `exec` is `None`).
+    plan: Box<PlanSummary>,
     /// Text encoders and UNet.
     dtype: DType,
     /// The VAE (f32 where diffusers' `force_upcast` applies to f16).
@@ -462,7 +466,7 @@ impl Pipeline {
                     (None, _) => Mode::None,
                 };
                 let exec = GpuExecutor::with_pass(
-                    dev,
+                    dev.clone(),
                     &store,
                     &groups,
                     &dt,
@@ -470,7 +474,9 @@ impl Pipeline {
                     gpu_exec_config(&cfg, mode, reserve),
                 )?;
                 Engine::Cuda(Mutex::new(CudaEngine {
-                    exec,
+                    plan: Box::new(exec.plan()),
+                    exec: Some(exec),
+                    dev,
                     dtype: cfg.dtype,
                     vae_dtype,
                     cfg,
@@ -519,7 +525,7 @@ impl Pipeline {
     pub fn device(&self) -> DeviceChoice {
         match &self.engine {
             Engine::Sim { .. } => DeviceChoice::Cpu,
-            Engine::Cuda(e) => DeviceChoice::Cuda(lock(e).exec.device().ordinal()),
+            Engine::Cuda(e) => DeviceChoice::Cuda(lock(e).dev.ordinal()),
         }
     }
 
@@ -538,7 +544,12 @@ impl Pipeline {
     pub fn plan(&self) -> PlanSummary {
         match &self.engine {
             Engine::Sim { exec, .. } => exec.plan(),
-            Engine::Cuda(e) => lock(e).exec.plan(),
+            Engine::Cuda(e) => {
+                let e = lock(e);
+                e.exec
+                    .as_ref()
+                    .map_or_else(|| (*e.plan).clone(), GpuExecutor::plan)
+            }
         }
     }
 
@@ -546,7 +557,7 @@ impl Pipeline {
     pub fn metrics(&self) -> Result<RunMetrics> {
         match &self.engine {
             Engine::Sim { exec, .. } => exec.metrics(),
-            Engine::Cuda(e) => lock(e).exec.metrics(),
+            Engine::Cuda(e) => lock(e).exec()?.metrics(),
         }
     }
 
@@ -555,7 +566,7 @@ impl Pipeline {
     pub fn reserve(&self) -> u64 {
         match &self.engine {
             Engine::Sim { exec, .. } => exec.scheduler().workspace().len,
-            Engine::Cuda(e) => lock(e).exec.workspace().len,
+            Engine::Cuda(e) => lock(e).exec.as_ref().map_or(0, |x| x.workspace().len),
         }
     }
 
@@ -707,15 +718,16 @@ impl Pipeline {
                 let mut guard = lock(engine);
                 self.fit_reserve(&mut guard, p)?;
                 let e = &*guard;
-                let text = e.exec.backend(e.dtype)?;
-                let unet = e.exec.backend(e.dtype)?;
-                let vae = e.exec.backend(e.vae_dtype)?;
+                let exec = e.exec()?;
+                let text = exec.backend(e.dtype)?;
+                let unet = exec.backend(e.dtype)?;
+                let vae = exec.backend(e.vae_dtype)?;
                 let on = Stages {
                     text: &text,
                     unet: &unet,
                     vae: &vae,
-                    src: &e.exec,
-                    sched: e.exec.scheduler(),
+                    src: exec,
+                    sched: exec.scheduler(),
                 };
                 self.run(on, p, progress)
             }
@@ -727,24 +739,34 @@ impl Pipeline {
     /// with a budget of the weights plus the larger reserve.
     fn fit_reserve(&self, e: &mut CudaEngine, p: &GenerateParams) -> Result<()> {
         let need = self.reserve_plan(e.dtype, p)?.reserve();
-        if need <= e.exec.workspace().len {
+        let have = e.exec()?.workspace().len;
+        if need <= have {
             return Ok(());
         }
         if e.cfg.budget.is_some() {
-            e.exec.set_reserve(need)?;
+            *e.plan = e.exec()?.set_reserve(need)?;
             return Ok(());
         }
         let dtypes = component_dtypes(&self.groups, e.dtype, e.vae_dtype);
         let dt: Vec<(&str, DType)> = dtypes.iter().map(|(c, d)| (c.as_str(), *d)).collect();
-        let dev = e.exec.device().clone();
-        let cfg = gpu_exec_config(&e.cfg, e.mode, need);
-        // The old arena goes first, so both never hold device memory at once.
-        let old = std::mem::replace(
-            &mut e.exec,
-            GpuExecutor::with_pass(dev, &self.store, &self.groups, &dt, &["unet"], cfg)?,
-        );
-        drop(old);
-        Ok(())
+        let build = |reserve: u64| {
+            let cfg = gpu_exec_config(&e.cfg, e.mode, reserve);
+            GpuExecutor::with_pass(
+                e.dev.clone(),
+                &self.store,
+                &self.groups,
+                &dt,
+                &["unet"],
+                cfg,
+            )
+        };
+        let mut slot = e.exec.take();
+        let r = rebuild_dropping_first(&mut slot, || build(need), || build(have));
+        if let Some(x) = &slot {
+            *e.plan = x.plan();
+        }
+        e.exec = slot;
+        r
     }
 
     /// The pipeline on the given backends: prompts encoded on `text`, the denoising loop on
@@ -957,6 +979,42 @@ struct Stages<'x, B, S> {
     sched: &'x Scheduler,
 }
 
+impl CudaEngine {
+    /// The GPU executor, or an error if it was lost to a failed rebuild.
+    fn exec(&self) -> Result<&GpuExecutor> {
+        self.exec.as_ref().ok_or_else(|| {
+            Error::InvalidArgument(
+                "the GPU executor is gone: growing its activation reserve failed and so did \
+                 restoring the previous one; load the pipeline again"
+                    .into(),
+            )
+        })
+    }
+}
+
+/// Replaces the value in `slot` by `build()`, dropping the old value first so that the two
+/// never hold device memory at once (the GPU executor's arena holds the weights and the reserve:
+/// both at once would need twice the memory). When `build` fails its error is returned and
+/// `restore()` refills the slot (with the old configuration); the slot stays empty only when
+/// both fail.
+fn rebuild_dropping_first<T>(
+    slot: &mut Option<T>,
+    build: impl FnOnce() -> Result<T>,
+    restore: impl FnOnce() -> Result<T>,
+) -> Result<()> {
+    drop(slot.take());
+    match build() {
+        Ok(v) => {
+            *slot = Some(v);
+            Ok(())
+        }
+        Err(e) => {
+            *slot = restore().ok();
+            Err(e)
+        }
+    }
+}
+
 /// Locks the CUDA engine (a panic while it was held leaves nothing half-updated that matters:
 /// the executor is replaced whole).
 fn lock(e: &Mutex<CudaEngine>) -> MutexGuard<'_, CudaEngine> {
@@ -966,6 +1024,69 @@ fn lock(e: &Mutex<CudaEngine>) -> MutexGuard<'_, CudaEngine> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ferry_pager::DevicePtr;
+
+    /// Device memory held until dropped, like the GPU executor's arena.
+    struct Arena {
+        dev: Arc<SimDevice>,
+        ptr: DevicePtr,
+    }
+
+    impl Arena {
+        fn new(dev: &Arc<SimDevice>, bytes: u64) -> Result<Arena> {
+            let ptr = dev.alloc_device(bytes).map_err(|e| {
+                Error::InvalidArgument(format!("alloc of {bytes} bytes failed: {e}"))
+            })?;
+            Ok(Arena {
+                dev: dev.clone(),
+                ptr,
+            })
+        }
+    }
+
+    impl Drop for Arena {
+        fn drop(&mut self) {
+            self.dev.free_device(self.ptr).unwrap();
+        }
+    }
+
+    #[test]
+    fn rebuilding_the_executor_never_holds_old_and_new_at_once() {
+        let mib = 1u64 << 20;
+        // Room for the larger arena alone, not for both: the old order (build, then drop)
+        // needed 10 + 12 MiB here and failed.
+        let dev = SimDevice::new(SimConfig {
+            capacity: 16 * mib,
+            ..SimConfig::default()
+        });
+        let mut slot = Some(Arena::new(&dev, 10 * mib).unwrap());
+        rebuild_dropping_first(
+            &mut slot,
+            || Arena::new(&dev, 12 * mib),
+            || Arena::new(&dev, 10 * mib),
+        )
+        .unwrap();
+        assert_eq!(dev.device_bytes_allocated(), 12 * mib);
+        assert_eq!(dev.device_bytes_peak(), 12 * mib, "old and new overlapped");
+
+        // A rebuild that cannot fit restores the old size and reports the failure.
+        let err = rebuild_dropping_first(
+            &mut slot,
+            || Arena::new(&dev, 20 * mib),
+            || Arena::new(&dev, 12 * mib),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("alloc of"), "{err}");
+        assert_eq!(dev.device_bytes_allocated(), 12 * mib);
+        assert!(slot.is_some());
+
+        // Both failing leaves the slot empty (and the memory free), never half-built.
+        let fail = || Arena::new(&dev, 20 * mib);
+        assert!(rebuild_dropping_first(&mut slot, fail, fail).is_err());
+        assert!(slot.is_none());
+        assert_eq!(dev.device_bytes_allocated(), 0);
+        assert_eq!(dev.device_bytes_peak(), 12 * mib);
+    }
 
     #[test]
     fn races_become_one_error_naming_the_first() {

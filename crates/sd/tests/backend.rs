@@ -34,6 +34,16 @@ fn cpu_backend(_: &()) -> CpuBackend {
     CpuBackend::new()
 }
 
+/// GPU 0, opened once per test binary: every test gets the same device, so each PTX module is
+/// JIT-compiled once, not once per test.
+fn shared_gpu() -> Arc<CudaDevice> {
+    static DEV: std::sync::OnceLock<Result<Arc<CudaDevice>, String>> = std::sync::OnceLock::new();
+    match DEV.get_or_init(|| CudaDevice::new(0).map_err(|e| e.to_string())) {
+        Ok(dev) => dev.clone(),
+        Err(e) => panic!("this test needs a CUDA GPU (it runs only with --ignored): {e}"),
+    }
+}
+
 /// A GPU, a stream and a workspace allocation standing in for the scheduler's reserve.
 struct CudaOwner {
     dev: Arc<CudaDevice>,
@@ -44,10 +54,7 @@ struct CudaOwner {
 
 impl CudaOwner {
     fn new(dtype: DType) -> CudaOwner {
-        let dev = match CudaDevice::new(0) {
-            Ok(dev) => dev,
-            Err(e) => panic!("this test needs a CUDA GPU (it runs only with --ignored): {e}"),
-        };
+        let dev = shared_gpu();
         let stream = dev.create_stream().unwrap();
         let len = 256 << 20;
         let ptr = dev.alloc_device(len).unwrap();
@@ -66,8 +73,10 @@ impl CudaOwner {
 
 impl Drop for CudaOwner {
     fn drop(&mut self) {
-        // Best effort: the device frees everything when it goes anyway.
+        // Best effort; the device is shared by the tests of this binary, so give back now.
+        let _ = self.dev.sync_stream(self.stream);
         let _ = self.dev.free_device(self.workspace.ptr);
+        let _ = self.dev.destroy_stream(self.stream);
     }
 }
 
@@ -1042,4 +1051,33 @@ fn recording_backend_layout_ops_launch_as_planned() {
             assert!(inside(&ws) || inside(&weights), "{}: {r} outside", l.func);
         }
     }
+}
+
+/// Downloads reuse one pinned staging buffer: it is allocated once, grown (to a power of two)
+/// only when a download is larger, and never for a download that fits.
+#[test]
+fn download_staging_is_reused_and_grows_geometrically() {
+    use ferry_sd::backend::staging_growth;
+    let mib = 1u64 << 20;
+    assert_eq!(
+        staging_growth(None, 10),
+        Some(mib),
+        "first download allocates"
+    );
+    assert_eq!(staging_growth(Some(mib), 10), None);
+    assert_eq!(staging_growth(Some(mib), mib), None);
+    assert_eq!(staging_growth(Some(mib), mib + 1), Some(2 * mib));
+    assert_eq!(staging_growth(Some(2 * mib), 3 * mib), Some(4 * mib));
+    assert_eq!(staging_growth(Some(64 * mib), 50 * mib), None);
+    // A run of downloads of growing size reallocates a handful of times, not once per call.
+    let mut have = None;
+    let mut allocs = 0;
+    for step in 1..=1000u64 {
+        if let Some(size) = staging_growth(have, step * 100_000) {
+            have = Some(size);
+            allocs += 1;
+        }
+    }
+    assert!(allocs <= 8, "{allocs} allocations for 1000 downloads");
+    assert_eq!(staging_growth(None, u64::MAX), Some(u64::MAX));
 }

@@ -112,6 +112,14 @@ fn every_wrapper_launch_matches_its_ptx_signature() {
                 "{kernel:?}"
             );
         }
+        if t != DType::F32 {
+            // k == 0 (y = bias): never the cp.async kernel, which would have nothing to wait for.
+            g.linear(&x, 1000, 0, &w, 320, Some(&z), &y).unwrap();
+            let last = log.borrow().last().map(|l| l.func);
+            assert!(!last.unwrap().starts_with("ferry_linear_big"));
+            let r = g.linear_with(&x, 1000, 0, &w, 320, None, &y, GemmKernel::Tile128);
+            assert!(r.is_err());
+        }
         let (ho, wo) = g
             .conv2d(
                 &x,
@@ -182,22 +190,164 @@ fn every_wrapper_launch_matches_its_ptx_signature() {
     }
 }
 
+/// The SDXL VAE decoder's last convolutions at 1024² with batch 4 (4·1024·1024 output pixels,
+/// 65536 64-row tiles) and a linear with 65536 128-row tiles: accepted, within the driver's
+/// grid limits, and every output tile has a block (M tiles on x, N tiles on y, as gemm.cu reads
+/// them).
+#[test]
+fn huge_gemm_launches_fit_the_grid_limits_and_cover_every_tile() {
+    use ferry_pager::device::cuda::MAX_GRID;
+    let log = RefCell::new(Vec::new());
+    let g = Gpu::recording(&log);
+    let buf = |i: u64, t: DType, len: usize| DevBuf::new(DevicePtr(i << 40), t, len);
+    let covers = |dims: ferry_pager::device::cuda::LaunchDims, m: usize, n: usize, tile: usize| {
+        let (gx, gy, gz) = dims.grid;
+        assert!(gx <= MAX_GRID.0 && gy <= MAX_GRID.1 && gz == 1, "{dims:?}");
+        assert_eq!(gx as usize, m.div_ceil(tile), "M tiles on x: {dims:?}");
+        assert_eq!(gy as usize, n.div_ceil(tile), "N tiles on y: {dims:?}");
+    };
+    for t in TYPES {
+        // conv_in of the last up block (128 -> 128) and conv_out (128 -> 3), 1024x1024, batch 4.
+        for o in [128usize, 3] {
+            let (n, c, h, w) = (4usize, 128usize, 1024usize, 1024usize);
+            let x = buf(1, t, n * c * h * w);
+            let wt = buf(2, t, o * c * 9);
+            let y = buf(3, t, n * o * h * w);
+            log.borrow_mut().clear();
+            let (ho, wo) = g
+                .conv2d(
+                    &x,
+                    [n, c, h, w],
+                    &wt,
+                    [o, c, 3, 3],
+                    None,
+                    Conv2dParams::new(1, 1),
+                    &y,
+                )
+                .unwrap_or_else(|e| panic!("{t:?} conv to {o} channels refused: {e}"));
+            assert_eq!((ho, wo), (h, w));
+            let launch = log.borrow()[0].clone();
+            covers(launch.dims, n * h * w, o, 64);
+        }
+        // The 128-tile linear with 65536 row tiles.
+        if t != DType::F32 {
+            let (m, k, n) = (65536 * 128, 8, 256);
+            log.borrow_mut().clear();
+            g.linear_with(
+                &buf(1, t, m * k),
+                m,
+                k,
+                &buf(2, t, n * k),
+                n,
+                None,
+                &buf(3, t, m * n),
+                GemmKernel::Tile128,
+            )
+            .unwrap_or_else(|e| panic!("{t:?} linear refused: {e}"));
+            let launch = log.borrow()[0].clone();
+            assert!(launch.func.starts_with("ferry_linear_big"));
+            covers(launch.dims, m, n, 128);
+        }
+    }
+    // Past the kernels' i32 row index the wrapper refuses instead of launching.
+    assert!(ferry_sd::cuda::gemm_dims(i32::MAX as usize, 64, 64, 128).is_err());
+    assert!(ferry_sd::cuda::gemm_dims(64, 65536 * 64 + 1, 64, 128).is_err());
+}
+
+/// The attention kernels' online softmax over one row of `scores`, step for step: tiles of
+/// `tile` keys, a running max `m` and sum `l`, each tile rescaling the previous sum by
+/// `exp(m_old - m_new)` and subtracting 0 instead of the max while the max is still -inf (the
+/// guard in `kernels/attention.cu`); a row with no finite score gives zeros.
+fn online_softmax(scores: &[f32], tile: usize) -> Vec<f32> {
+    let (mut m, mut l) = (f32::NEG_INFINITY, 0.0f32);
+    let mut maxes = Vec::new();
+    for chunk in scores.chunks(tile) {
+        let n = chunk.iter().fold(m, |a, &b| a.max(b));
+        let u = if n == f32::NEG_INFINITY { 0.0 } else { n };
+        l = l * (m - u).exp() + chunk.iter().map(|&s| (s - u).exp()).sum::<f32>();
+        m = n;
+        maxes.push(u);
+    }
+    let inv = if l > 0.0 { 1.0 / l } else { 0.0 };
+    // Each tile's weights were scaled by exp(u_tile - u_final) by the later rescales.
+    let u_final = maxes.last().copied().unwrap_or(0.0);
+    scores
+        .chunks(tile)
+        .zip(&maxes)
+        .flat_map(|(chunk, &u)| {
+            let carry = (u - u_final).exp();
+            chunk.iter().map(move |&s| (s - u).exp() * carry * inv)
+        })
+        .collect()
+}
+
+/// A row whose first key tile is fully masked must not poison the rest (before the guard,
+/// `-inf - -inf` made the running sum NaN); a row masked throughout gives zeros, not NaN. Both
+/// checked on the kernels' algorithm against the CPU softmax, and in the PTX that the guard is
+/// compiled into every attention kernel.
+#[test]
+fn online_softmax_survives_fully_masked_tiles_and_rows() {
+    let mut scores = vec![f32::NEG_INFINITY; 64];
+    scores.extend((0..77).map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.3));
+    scores.extend([f32::NEG_INFINITY; 5]);
+    let got = online_softmax(&scores, 64);
+    let mut want = scores.clone();
+    ops::softmax_rows_inplace(&mut want, scores.len()).unwrap();
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!((g - w).abs() <= 1e-6, "key {i}: {g} vs {w}");
+    }
+    let masked = online_softmax(&[f32::NEG_INFINITY; 130], 64);
+    assert!(masked.iter().all(|&p| p == 0.0), "{masked:?}");
+
+    let ptx = all_kernels()
+        .into_iter()
+        .find(|(_, name)| name.starts_with("ferry_attention"))
+        .map(|(ptx, _)| ptx)
+        .unwrap();
+    let entries: Vec<&str> = ptx.split(".entry ").skip(1).collect();
+    assert_eq!(entries.len(), 11);
+    for body in entries {
+        let name = &body[..body.find('(').unwrap()];
+        let guards = body
+            .lines()
+            .filter(|l| l.contains("setp.eq.f32") && l.contains("0fFF800000"))
+            .count();
+        let want = if name.contains("simt") { 1 } else { 2 };
+        assert!(guards >= want, "{name}: {guards} max == -inf guards");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // GPU tests.
 
 const TYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
+
+/// GPU 0, opened once per test binary: every test gets the same device, so each PTX module is
+/// JIT-compiled once, not once per test.
+fn shared_gpu() -> Arc<CudaDevice> {
+    static DEV: std::sync::OnceLock<Result<Arc<CudaDevice>, String>> = std::sync::OnceLock::new();
+    match DEV.get_or_init(|| CudaDevice::new(0).map_err(|e| e.to_string())) {
+        Ok(dev) => dev.clone(),
+        Err(e) => panic!("this test needs a CUDA GPU (it runs only with --ignored): {e}"),
+    }
+}
 
 struct Ctx {
     dev: Arc<CudaDevice>,
     stream: StreamId,
 }
 
+impl Drop for Ctx {
+    fn drop(&mut self) {
+        // The device is shared by the tests of this binary: give the stream back.
+        let _ = self.dev.sync_stream(self.stream);
+        let _ = self.dev.destroy_stream(self.stream);
+    }
+}
+
 impl Ctx {
     fn new() -> Ctx {
-        let dev = match CudaDevice::new(0) {
-            Ok(dev) => dev,
-            Err(e) => panic!("this test needs a CUDA GPU (it runs only with --ignored): {e}"),
-        };
+        let dev = shared_gpu();
         let stream = dev.create_stream().unwrap();
         Ctx { dev, stream }
     }

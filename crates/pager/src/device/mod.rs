@@ -160,6 +160,12 @@ pub trait Device: Send + Sync + fmt::Debug {
     fn create_stream(&self) -> Result<StreamId>;
     /// Creates an event (with timing enabled).
     fn create_event(&self) -> Result<EventId>;
+    /// Creates an event only for ordering and host waits, which [`Device::event_elapsed`] may
+    /// refuse (on CUDA: `CU_EVENT_DISABLE_TIMING`, cheaper to record and wait on). The default
+    /// is [`Device::create_event`].
+    fn create_sync_event(&self) -> Result<EventId> {
+        self.create_event()
+    }
     /// Destroys a stream once its pending work has completed (the host does not wait). The
     /// default does nothing, for backends whose streams live as long as the device.
     fn destroy_stream(&self, stream: StreamId) -> Result<()> {

@@ -8,8 +8,9 @@ use crate::error::{Error, Result};
 use crate::ops::{self, Activation, Conv2dParams};
 use crate::tensor::{DType, OpError, Tensor};
 use ferry_pager::device::cuda::CudaDevice;
-use ferry_pager::{Device, DevicePtr, DeviceRange, HostMemKind, StreamId};
+use ferry_pager::{Device, DevicePtr, DeviceRange, HostMemKind, HostPtr, StreamId};
 use std::cell::RefCell;
+use std::sync::{Mutex, PoisonError};
 
 /// A tensor in device memory: a typed view plus its shape, and whether the backend's arena owns
 /// it (an activation) or not (a weight view into the scheduler's arena).
@@ -95,6 +96,68 @@ pub struct CudaBackend<'a> {
     device: Option<(&'a CudaDevice, StreamId)>,
     dtype: DType,
     arena: ActivationArena,
+    staging: Option<&'a DownloadStaging>,
+}
+
+/// Smallest pinned staging buffer for downloads.
+const MIN_STAGING: u64 = 1 << 20;
+
+/// The size to reallocate the download staging buffer to for a download of `need` bytes, or
+/// `None` when the current buffer (`have` bytes, if any) already fits it. Grows to a power of
+/// two, so a run with slowly growing downloads reallocates a few times only.
+pub fn staging_growth(have: Option<u64>, need: u64) -> Option<u64> {
+    match have {
+        Some(have) if have >= need => None,
+        _ => Some(
+            need.max(MIN_STAGING)
+                .checked_next_power_of_two()
+                .unwrap_or(need),
+        ),
+    }
+}
+
+/// A pinned host buffer that [`CudaBackend::download`] reads through, kept between downloads
+/// (allocating and freeing pinned memory per call costs a device-wide wait each time). Owned
+/// by something that outlives the backends using it (the GPU executor), which gives it back
+/// with [`DownloadStaging::free`].
+#[derive(Debug, Default)]
+pub struct DownloadStaging {
+    buf: Mutex<Option<(HostPtr, u64)>>,
+}
+
+impl DownloadStaging {
+    /// Runs `f` with a staging buffer of at least `len` bytes (grown as needed).
+    fn with<R>(
+        &self,
+        dev: &CudaDevice,
+        len: u64,
+        f: impl FnOnce(HostPtr) -> Result<R>,
+    ) -> Result<R> {
+        let mut buf = self.buf.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(size) = staging_growth(buf.map(|(_, n)| n), len) {
+            if let Some((old, _)) = buf.take() {
+                dev.free_host(old)?;
+            }
+            *buf = Some((dev.alloc_host(size, HostMemKind::Readable)?, size));
+        }
+        match *buf {
+            Some((host, _)) => f(host),
+            None => Err(Error::InvalidArgument("download: no staging buffer".into())),
+        }
+    }
+
+    /// Frees the buffer (after pending work), if one was allocated.
+    pub fn free(&self, dev: &CudaDevice) -> Result<()> {
+        let taken = self
+            .buf
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        match taken {
+            Some((host, _)) => Ok(dev.free_host(host)?),
+            None => Ok(()),
+        }
+    }
 }
 
 impl<'a> CudaBackend<'a> {
@@ -111,6 +174,22 @@ impl<'a> CudaBackend<'a> {
             device: Some((dev, stream)),
             dtype,
             arena: ActivationArena::new(workspace)?,
+            staging: None,
+        })
+    }
+
+    /// [`CudaBackend::new`] downloading through `staging` instead of a pinned buffer
+    /// allocated and freed per download.
+    pub fn with_staging(
+        dev: &'a CudaDevice,
+        stream: StreamId,
+        workspace: DeviceRange,
+        dtype: DType,
+        staging: &'a DownloadStaging,
+    ) -> Result<Self> {
+        Ok(CudaBackend {
+            staging: Some(staging),
+            ..CudaBackend::new(dev, stream, workspace, dtype)?
         })
     }
 
@@ -126,6 +205,7 @@ impl<'a> CudaBackend<'a> {
             device: None,
             dtype,
             arena: ActivationArena::new(workspace)?,
+            staging: None,
         })
     }
 
@@ -294,18 +374,24 @@ impl Backend for CudaBackend<'_> {
         if len == 0 {
             return Ok(Tensor::new(t.shape.clone(), Vec::new())?);
         }
-        let host = dev.alloc_host(len, HostMemKind::Readable)?;
-        let read = || -> Result<Vec<u8>> {
+        let read = |host: HostPtr| -> Result<Vec<u8>> {
             dev.copy_d2h(stream, host, 0, t.buf.ptr, len)?;
             dev.sync_stream(stream)?;
             let mut bytes = vec![0u8; len as usize];
             dev.host_read(host, 0, &mut bytes)?;
             Ok(bytes)
         };
-        let bytes = read();
-        let freed = dev.free_host(host);
-        let bytes = bytes?;
-        freed?;
+        let bytes = match self.staging {
+            Some(staging) => staging.with(dev, len, read)?,
+            None => {
+                let host = dev.alloc_host(len, HostMemKind::Readable)?;
+                let bytes = read(host);
+                let freed = dev.free_host(host);
+                let bytes = bytes?;
+                freed?;
+                bytes
+            }
+        };
         Ok(Tensor::from_bytes(&bytes, t.buf.dtype, t.shape.clone())?)
     }
 

@@ -21,7 +21,7 @@ mod cuda;
 
 pub use arena::{ActivationArena, ArenaError, ArenaMark, ARENA_ALIGN};
 pub use cpu::CpuBackend;
-pub use cuda::{CudaBackend, CudaTensor};
+pub use cuda::{staging_growth, CudaBackend, CudaTensor, DownloadStaging};
 
 use crate::error::Result;
 use crate::ops::{Activation, Conv2dParams};

@@ -11,7 +11,7 @@ pub use kernels::all_kernels;
 
 use crate::ops::{Activation, Conv2dParams};
 use crate::tensor::DType;
-use ferry_pager::device::cuda::{CudaDevice, KernelArg, LaunchDims};
+use ferry_pager::device::cuda::{CudaDevice, KernelArg, LaunchDims, MAX_GRID};
 use ferry_pager::{DevicePtr, Error, Result, StreamId};
 use kernels::{Module, ATTENTION, ELEMENTWISE, GEMM, LAYOUT, NORM};
 use std::cell::RefCell;
@@ -134,8 +134,8 @@ pub enum GemmKernel {
     Auto,
     /// 64×64 tiles, synchronous staging; any type, size and alignment.
     Tile64,
-    /// 128×128 tiles, cp.async pipeline, ldmatrix; f16/bf16, `k % 8 == 0`, 16-byte aligned
-    /// operands (an error otherwise).
+    /// 128×128 tiles, cp.async pipeline, ldmatrix; f16/bf16, `k % 8 == 0`, `k > 0`, 16-byte
+    /// aligned operands (an error otherwise).
     Tile128,
 }
 
@@ -205,6 +205,7 @@ impl<'a> Gpu<'a> {
         dims: LaunchDims,
         args: &[KernelArg],
     ) -> Result<()> {
+        dims.check(func)?;
         match self.target {
             // SAFETY: every wrapper below checks each buffer's type and length against the
             // extent its kernel touches (documented in kernels/*.cu) before calling here, and
@@ -677,7 +678,9 @@ impl<'a> Gpu<'a> {
         check(op, "weight", weight, x.dtype, mul(op, &[n, k])?)?;
         check(op, "y", y, x.dtype, mul(op, &[m, n])?)?;
         let b = opt_arg(op, "bias", bias, x.dtype, n)?;
+        // k == 0 has no k tile to pipeline (y is the bias alone): the 64-tile kernel does it.
         let big_ok = kernels::linear_big(x.dtype).is_some()
+            && k > 0
             && k.is_multiple_of(8)
             && x.ptr.0.is_multiple_of(16)
             && weight.ptr.0.is_multiple_of(16);
@@ -687,10 +690,10 @@ impl<'a> Gpu<'a> {
             GemmKernel::Tile128 if big_ok => true,
             GemmKernel::Tile128 => {
                 return Err(invalid(format!(
-                    "{op}: the 128-tile kernel needs f16/bf16, k % 8 == 0 and 16-byte aligned \
+                "{op}: the 128-tile kernel needs f16/bf16, k % 8 == 0, k > 0 and 16-byte aligned \
                      x and weight; found {:?}, k = {k}, x at {}, weight at {}",
-                    x.dtype, x.ptr, weight.ptr
-                )))
+                x.dtype, x.ptr, weight.ptr
+            )))
             }
         };
         if m == 0 || n == 0 {
@@ -706,21 +709,10 @@ impl<'a> Gpu<'a> {
             i32_of(op, "k", k)?,
         ];
         match kernels::linear_big(x.dtype).filter(|_| big) {
-            Some(f) => {
-                let (gx, gy) = (n.div_ceil(128), m.div_ceil(128));
-                if gy > 65535 {
-                    return Err(invalid(format!("{op}: m = {m} needs too many tiles")));
-                }
-                let dims = LaunchDims {
-                    grid: (gx as u32, gy as u32, 1),
-                    block: (256, 1, 1),
-                    shared_mem: 0,
-                };
-                self.launch(&GEMM, f, dims, &args)
-            }
+            Some(f) => self.launch(&GEMM, f, gemm_dims(m, n, 128, 256)?, &args),
             None => {
                 let f = kernels::by_dtype(x.dtype, kernels::LINEAR);
-                self.launch(&GEMM, f, gemm_dims(m, n, x.dtype)?, &args)
+                self.launch(&GEMM, f, gemm_dims(m, n, 64, gemm_threads(x.dtype))?, &args)
             }
         }
     }
@@ -786,7 +778,7 @@ impl<'a> Gpu<'a> {
             args.push(i32_of(op, what, v)?);
         }
         i32_of(op, "n*ho*wo", m)?;
-        self.launch(&GEMM, f, gemm_dims(m, o, x.dtype)?, &args)?;
+        self.launch(&GEMM, f, gemm_dims(m, o, 64, gemm_threads(x.dtype))?, &args)?;
         Ok((ho, wo))
     }
 
@@ -951,18 +943,31 @@ impl Attention {
     }
 }
 
-/// Grid of the GEMM kernels: 64×64 output tiles; 256 threads for f32, 128 for tensor cores.
-fn gemm_dims(m: usize, n: usize, t: DType) -> Result<LaunchDims> {
-    let (gx, gy) = (n.div_ceil(64), m.div_ceil(64));
-    if gy > 65535 || gx > i32::MAX as usize {
+/// Threads per block of the 64-tile GEMM kernels: 256 for f32 (SIMT), 128 for tensor cores.
+fn gemm_threads(t: DType) -> u32 {
+    if t == DType::F32 {
+        256
+    } else {
+        128
+    }
+}
+
+/// Grid of the GEMM kernels for `tile`×`tile` output tiles: M tiles on x (up to 2^31 − 1
+/// blocks, so any M the kernels' i32 indices allow), N tiles on y (up to 65535).
+pub fn gemm_dims(m: usize, n: usize, tile: usize, threads: u32) -> Result<LaunchDims> {
+    let (gx, gy) = (m.div_ceil(tile), n.div_ceil(tile));
+    // The kernels compute `blockIdx.x * tile` in i32: the last tile's start must fit.
+    let m_ok = gx.checked_mul(tile).is_some_and(|e| e <= i32::MAX as usize);
+    if !m_ok || gy > MAX_GRID.1 as usize {
         return Err(invalid(format!(
-            "gemm: {m}x{n} output needs too many tiles"
+            "gemm: {m}x{n} output needs too many {tile}x{tile} tiles"
         )));
     }
-    let threads = if t == DType::F32 { 256 } else { 128 };
-    Ok(LaunchDims {
-        grid: (gx as u32, gy as u32, 1),
+    let dims = LaunchDims {
+        grid: (gx.max(1) as u32, gy.max(1) as u32, 1),
         block: (threads, 1, 1),
         shared_mem: 0,
-    })
+    };
+    dims.check("gemm")?;
+    Ok(dims)
 }

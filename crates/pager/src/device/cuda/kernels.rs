@@ -35,7 +35,12 @@ impl LazyKernel {
         if let Some(f) = slot.as_ref() {
             return Ok(f.clone());
         }
+        // cuModuleGetFunction below uses the calling thread's context.
+        ctx.bind_to_thread().call("cuCtxSetCurrent")?;
         let module = ctx.load_module(Ptx::from_src(self.ptx)).map_err(|e| {
+            let why = super::launch::jit_error_log(self.ptx)
+                .map(|w| format!("; JIT log: {w}"))
+                .unwrap_or_default();
             let cc = ctx
                 .compute_capability()
                 .map(|(major, minor)| format!("sm_{major}{minor}"))
@@ -45,7 +50,7 @@ impl LazyKernel {
                     call,
                     message: format!(
                         "{message} (loading the PTX of kernel {}: PTX 8.4 for compute_80 needs \
-                         driver R550+ and a GPU of sm_80 or newer; this GPU is {cc})",
+                         driver R550+ and a GPU of sm_80 or newer; this GPU is {cc}{why})",
                         self.name
                     ),
                 },

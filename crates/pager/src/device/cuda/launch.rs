@@ -4,9 +4,10 @@
 use super::result::Call;
 use crate::device::DevicePtr;
 use crate::error::{Error, Result};
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
+use cudarc::driver::{sys, CudaContext, CudaFunction, CudaModule};
 use cudarc::nvrtc::Ptx;
 use std::collections::HashMap;
+use std::ffi::c_void;
 use std::sync::{Arc, Mutex, PoisonError};
 
 /// One argument of [`CudaDevice::launch`](super::CudaDevice::launch).
@@ -69,6 +70,22 @@ pub struct LaunchDims {
     pub shared_mem: u32,
 }
 
+/// Shared memory (static plus dynamic) every kernel may use per block without opting in.
+pub const DEFAULT_SHARED_LIMIT: u32 = 48 * 1024;
+
+/// Whether a launch with `dynamic` bytes of dynamic shared memory, of a kernel with
+/// `static_bytes` of static shared memory, must first raise the kernel's
+/// `CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`: when the two together exceed
+/// [`DEFAULT_SHARED_LIMIT`] (the default dynamic limit is 48 KiB minus the static size).
+pub fn needs_shared_opt_in(static_bytes: u32, dynamic: u32) -> bool {
+    dynamic > 0 && u64::from(static_bytes) + u64::from(dynamic) > u64::from(DEFAULT_SHARED_LIMIT)
+}
+
+/// Largest grid the driver accepts in x, y and z (compute capability 3.0 and newer).
+pub const MAX_GRID: (u32, u32, u32) = (i32::MAX as u32, 65535, 65535);
+/// Most threads per block on every GPU Ferry supports (sm_80+).
+pub const MAX_BLOCK_THREADS: u32 = 1024;
+
 impl LaunchDims {
     /// A 1-d launch of `blocks` blocks of `threads` threads, no dynamic shared memory.
     pub fn linear(blocks: u32, threads: u32) -> Self {
@@ -77,6 +94,29 @@ impl LaunchDims {
             block: (threads, 1, 1),
             shared_mem: 0,
         }
+    }
+
+    /// Checks the launch against the hardware limits `cuLaunchKernel` enforces: no empty grid or
+    /// block, grid within [`MAX_GRID`], at most [`MAX_BLOCK_THREADS`] threads per block.
+    pub fn check(&self, func: &str) -> Result<()> {
+        let (g, b) = (self.grid, self.block);
+        if g.0 == 0 || g.1 == 0 || g.2 == 0 || b.0 == 0 || b.1 == 0 || b.2 == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "kernel {func}: empty launch (grid {g:?}, block {b:?})"
+            )));
+        }
+        if g.0 > MAX_GRID.0 || g.1 > MAX_GRID.1 || g.2 > MAX_GRID.2 {
+            return Err(Error::InvalidArgument(format!(
+                "kernel {func}: grid {g:?} exceeds the limit {MAX_GRID:?}"
+            )));
+        }
+        let threads = u64::from(b.0) * u64::from(b.1) * u64::from(b.2);
+        if threads > u64::from(MAX_BLOCK_THREADS) {
+            return Err(Error::InvalidArgument(format!(
+                "kernel {func}: block {b:?} has {threads} threads, more than {MAX_BLOCK_THREADS}"
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -166,6 +206,9 @@ impl ModuleCache {
         ptx: &'static str,
         func: &'static str,
     ) -> Result<Loaded> {
+        // cuModuleGetFunction uses the calling thread's context, which a module loaded by
+        // another thread has not bound here.
+        ctx.bind_to_thread().call("cuCtxSetCurrent")?;
         let mut functions = self
             .functions
             .lock()
@@ -184,10 +227,14 @@ impl ModuleCache {
                 Some(m) => m.clone(),
                 None => {
                     let m = ctx.load_module(Ptx::from_src(ptx)).map_err(|e| {
+                        let why = jit_error_log(ptx);
                         match super::result::driver_error("cuModuleLoadData", e) {
                             Error::Cuda { call, message } => Error::Cuda {
                                 call,
-                                message: format!("{message} (loading PTX module {module})"),
+                                message: format!(
+                                    "{message} (loading PTX module {module}){}",
+                                    why.map(|w| format!(": {w}")).unwrap_or_default()
+                                ),
                             },
                             other => other,
                         }
@@ -209,6 +256,51 @@ impl ModuleCache {
             .unwrap_or_else(PoisonError::into_inner)
             .len()
     }
+}
+
+/// The JIT compiler's error log for `ptx`, from loading it again with an error-log buffer
+/// (after a failed `cuModuleLoadData`, which says only that the PTX was invalid); `None` if the
+/// log is empty or the load now succeeds. The calling thread must have the context bound.
+pub(super) fn jit_error_log(ptx: &str) -> Option<String> {
+    const LOG: usize = 8192;
+    let src = std::ffi::CString::new(ptx).ok()?;
+    let mut log = vec![0u8; LOG];
+    let mut options = [
+        sys::CUjit_option::CU_JIT_ERROR_LOG_BUFFER,
+        sys::CUjit_option::CU_JIT_ERROR_LOG_BUFFER_SIZE_BYTES,
+    ];
+    // The size option's value is passed in the pointer slot itself, as the driver API defines.
+    let mut values = [log.as_mut_ptr().cast::<c_void>(), LOG as *mut c_void];
+    let mut module: sys::CUmodule = std::ptr::null_mut();
+    // SAFETY: `src` is a NUL-terminated PTX image; `options` and `values` have two entries each,
+    // the log buffer has the declared size and outlives the call.
+    let status = unsafe {
+        sys::cuModuleLoadDataEx(
+            &mut module,
+            src.as_ptr().cast(),
+            options.len() as u32,
+            options.as_mut_ptr(),
+            values.as_mut_ptr(),
+        )
+    };
+    if status == sys::CUresult::CUDA_SUCCESS {
+        // SAFETY: the module was just loaded and nothing else holds it.
+        let _ = unsafe { sys::cuModuleUnload(module) };
+        return None;
+    }
+    jit_log_text(&log)
+}
+
+/// The text of a NUL-terminated JIT log buffer, lines joined with "; " (errors are one line).
+fn jit_log_text(buf: &[u8]) -> Option<String> {
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    let text = String::from_utf8_lossy(&buf[..end]);
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    (!lines.is_empty()).then(|| lines.join("; "))
 }
 
 #[cfg(test)]
@@ -255,5 +347,52 @@ mod tests {
         assert!(err.contains("parameter 1"), "{err}");
         assert_eq!(KernelArg::F32(1.0).slot(), 0x3f80_0000);
         assert_eq!(KernelArg::I32(-1).slot(), 0xffff_ffff);
+    }
+
+    #[test]
+    fn dynamic_shared_memory_opts_in_when_static_plus_dynamic_exceeds_48_kib() {
+        // linear_big has 40 KiB static: 8 KiB of dynamic fit, 9 KiB do not.
+        assert!(!needs_shared_opt_in(40 * 1024, 8 * 1024));
+        assert!(needs_shared_opt_in(40 * 1024, 9 * 1024));
+        assert!(!needs_shared_opt_in(0, 48 * 1024));
+        assert!(needs_shared_opt_in(0, 48 * 1024 + 1));
+        assert!(
+            needs_shared_opt_in(44544, 8192),
+            "attention d160 has 43.5 KiB static"
+        );
+        assert!(!needs_shared_opt_in(64 * 1024, 0), "nothing to opt in");
+        assert!(needs_shared_opt_in(u32::MAX, u32::MAX));
+    }
+
+    #[test]
+    fn jit_logs_become_one_line() {
+        let log = b"ptxas application ptx input, line 9; error   : Unknown symbol 'x'\nptxas fatal   : Ptx assembly aborted due to errors\n\0garbage";
+        assert_eq!(
+            jit_log_text(log).as_deref(),
+            Some("ptxas application ptx input, line 9; error   : Unknown symbol 'x'; ptxas fatal   : Ptx assembly aborted due to errors")
+        );
+        assert_eq!(jit_log_text(&[0u8; 16]), None);
+    }
+
+    #[test]
+    fn launch_dims_are_checked_against_hardware_limits() {
+        let ok = |grid, block| LaunchDims {
+            grid,
+            block,
+            shared_mem: 0,
+        };
+        assert!(ok((i32::MAX as u32, 65535, 65535), (1024, 1, 1))
+            .check("k")
+            .is_ok());
+        for (grid, block) in [
+            ((0, 1, 1), (1, 1, 1)),
+            ((1, 1, 1), (1, 0, 1)),
+            ((1 << 31, 1, 1), (1, 1, 1)),
+            ((1, 65536, 1), (1, 1, 1)),
+            ((1, 1, 65536), (1, 1, 1)),
+            ((1, 1, 1), (32, 33, 1)),
+        ] {
+            assert!(ok(grid, block).check("k").is_err(), "{grid:?} {block:?}");
+        }
     }
 }

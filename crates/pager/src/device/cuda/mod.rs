@@ -30,7 +30,10 @@ mod result;
 
 use self::kernels::{LazyKernel, BUSY_KERNEL, BUSY_PTX};
 use self::launch::{check_args, ModuleCache};
-pub use self::launch::{check_launch_args, ptx_entry_params, KernelArg, LaunchDims, ParamKind};
+pub use self::launch::{
+    check_launch_args, needs_shared_opt_in, ptx_entry_params, KernelArg, LaunchDims, ParamKind,
+    DEFAULT_SHARED_LIMIT, MAX_BLOCK_THREADS, MAX_GRID,
+};
 use self::memory::{DeviceAlloc, HostAlloc, HostOrigin};
 use self::result::{check, driver_error, Call};
 use super::{Device, DeviceKind, DevicePtr, EventId, HostMemKind, HostPtr, MemInfo, StreamId};
@@ -336,15 +339,20 @@ impl CudaDevice {
                 self.device_range(ptr, bytes)?;
             }
         }
+        dims.check(func)?;
         let (g, b) = (dims.grid, dims.block);
-        if g.0 == 0 || g.1 == 0 || g.2 == 0 || b.0 == 0 || b.1 == 0 || b.2 == 0 {
-            return Err(Error::InvalidArgument(format!(
-                "kernel {func}: empty launch (grid {g:?}, block {b:?})"
-            )));
-        }
         self.ctx.bind_to_thread().call("cuCtxSetCurrent")?;
-        if dims.shared_mem > 48 * 1024 {
-            // Above 48 KiB a kernel must opt in to dynamic shared memory.
+        let static_smem = if dims.shared_mem > 0 {
+            f.get_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
+                .call("cuFuncGetAttribute")?
+        } else {
+            0
+        };
+        if needs_shared_opt_in(
+            u32::try_from(static_smem).unwrap_or(u32::MAX),
+            dims.shared_mem,
+        ) {
+            // Past 48 KiB of static plus dynamic shared memory a kernel must opt in.
             f.set_attribute(
                 sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 dims.shared_mem as i32,
@@ -641,6 +649,16 @@ impl Device for CudaDevice {
         let event = self
             .ctx
             .new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+            .call("cuEventCreate")?;
+        let id = EventId(self.new_id());
+        write(&self.events).insert(id, Arc::new(event));
+        Ok(id)
+    }
+
+    fn create_sync_event(&self) -> Result<EventId> {
+        let event = self
+            .ctx
+            .new_event(Some(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING))
             .call("cuEventCreate")?;
         let id = EventId(self.new_id());
         write(&self.events).insert(id, Arc::new(event));
