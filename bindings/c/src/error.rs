@@ -259,3 +259,39 @@ pub unsafe fn write_text(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn last() -> String {
+        // SAFETY: the pointer is the thread-local NUL-terminated message.
+        unsafe { CStr::from_ptr(last_error_ptr()) }
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    #[test]
+    fn a_panic_becomes_a_status_and_a_message() {
+        let s = guard(|| panic!("boom in the middle"));
+        assert_eq!(s, FerryStatus::Panic);
+        assert!(last().contains("boom in the middle"), "{}", last());
+        assert_eq!(guard(|| Ok(())), FerryStatus::Ok);
+        let s = guard(|| Err(invalid("with a\0nul")));
+        assert_eq!(s, FerryStatus::InvalidArgument);
+        assert_eq!(last(), "with a\\0nul");
+    }
+
+    #[test]
+    fn the_last_error_is_per_thread() {
+        guard(|| Err(invalid("main thread")));
+        std::thread::spawn(|| {
+            assert_eq!(last(), "");
+            guard(|| Err(invalid("other thread")));
+            assert_eq!(last(), "other thread");
+        })
+        .join()
+        .unwrap();
+        assert_eq!(last(), "main thread");
+    }
+}

@@ -339,3 +339,32 @@ fn traced_order_is_planned_after_the_first_pass() {
     ok(ferry_model_free(m));
     ok(ferry_device_free(dev));
 }
+
+#[test]
+fn concurrent_frees_succeed_exactly_once() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let before = live_handles();
+    let dev = sim();
+    let m = model(dev, 2, 64);
+    let s = scheduler(m, FerryMode::Auto, 1024) as usize;
+    let results: Vec<FerryStatus> = (0..8)
+        .map(|_| {
+            std::thread::spawn(move || {
+                // Some threads use the scheduler while others free it.
+                let _ = ferry_begin_pass(s as *const FerryScheduler);
+                ferry_scheduler_free(s as *mut FerryScheduler)
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|h| h.join().expect("no panic crosses the boundary"))
+        .collect();
+    let freed = results.iter().filter(|&&r| r == FerryStatus::Ok).count();
+    assert_eq!(freed, 1, "{results:?}");
+    assert!(results
+        .iter()
+        .all(|&r| r == FerryStatus::Ok || r == FerryStatus::InvalidHandle));
+    ok(ferry_model_free(m));
+    ok(ferry_device_free(dev));
+    assert_eq!(live_handles(), before);
+}
