@@ -7,10 +7,11 @@
 #include <stddef.h>
 #include <stdint.h>
 
-// Flag for `ferry_model_add_file` / `ferry_model_add_buffer`: use the caller's bytes in place
-// (page-locked where they are) instead of copying them into Ferry's pinned host tier. CUDA
-// only; the bytes must stay alive and unchanged until every scheduler built from the model is
-// freed.
+// Flag for `ferry_model_add_file` / `ferry_model_add_buffer`: use the bytes in place
+// (page-locked where they are) instead of copying them into Ferry's pinned host tier. Files:
+// where the device can register them (the simulated device; GPUs with read-only host
+// registration), the file must not change while the model's schedulers live. Buffers: CUDA
+// only; the bytes must stay alive and unchanged until every scheduler of the model is freed.
 #define FERRY_IN_PLACE 1
 
 // The result of every `ferry_` call that can fail; the message is in `ferry_last_error()`.

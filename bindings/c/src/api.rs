@@ -15,10 +15,11 @@ use std::ffi::{c_char, c_void};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
-/// Flag for `ferry_model_add_file` / `ferry_model_add_buffer`: use the caller's bytes in place
-/// (page-locked where they are) instead of copying them into Ferry's pinned host tier. CUDA
-/// only; the bytes must stay alive and unchanged until every scheduler built from the model is
-/// freed.
+/// Flag for `ferry_model_add_file` / `ferry_model_add_buffer`: use the bytes in place
+/// (page-locked where they are) instead of copying them into Ferry's pinned host tier. Files:
+/// where the device can register them (the simulated device; GPUs with read-only host
+/// registration), the file must not change while the model's schedulers live. Buffers: CUDA
+/// only; the bytes must stay alive and unchanged until every scheduler of the model is freed.
 pub const FERRY_IN_PLACE: u32 = 1;
 
 /// A device: a CUDA GPU or the simulated device. Opaque.

@@ -295,7 +295,38 @@ fn cuda_without_a_gpu_is_a_clean_error() {
     let mut dev = ptr::null_mut();
     // SAFETY: valid out-pointer.
     match unsafe { ferry_device_open_cuda(0, &mut dev) } {
-        FerryStatus::Ok => ok(ferry_device_free(dev)),
+        FerryStatus::Ok => {
+            // A GPU: the same pass through the caller-stream bridge (the legacy default stream).
+            let m = model(dev, 3, 1024);
+            let s = scheduler(m, FerryMode::Group, 12 << 10);
+            // SAFETY: null is the legacy default stream, valid in the primary context.
+            ok(unsafe { ferry_scheduler_set_stream(s, ptr::null_mut()) });
+            for _ in 0..3 {
+                ok(ferry_begin_pass(s));
+                for g in 0..3u32 {
+                    let mut v = [FerryTensor::default(); 2];
+                    let mut n = 0;
+                    let mut back = vec![0f32; 1024];
+                    // SAFETY: `v` holds 2; `back` holds 4096 bytes.
+                    unsafe {
+                        ok(ferry_acquire(s, g, v.as_mut_ptr(), 2, &mut n));
+                        ok(ferry_scheduler_read(
+                            s,
+                            v[1].ptr,
+                            back.as_mut_ptr().cast(),
+                            4096,
+                        ));
+                    }
+                    assert_eq!(back[7], (g as usize * 1000 + 100 + 7) as f32);
+                    ok(ferry_release(s, g));
+                }
+                ok(ferry_end_pass(s));
+            }
+            ok(ferry_scheduler_detach_stream(s));
+            ok(ferry_scheduler_free(s));
+            ok(ferry_model_free(m));
+            ok(ferry_device_free(dev));
+        }
         s => {
             assert_eq!(s, FerryStatus::NoDevice, "{}", last_error());
             assert!(dev.is_null());
