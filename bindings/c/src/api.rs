@@ -37,7 +37,7 @@ pub struct FerryScheduler {
     _private: [u8; 0],
 }
 
-/// How weights are paged.
+/// How weights are paged (passed as `uint32_t`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FerryMode {
@@ -53,7 +53,7 @@ pub enum FerryMode {
     Auto = 4,
 }
 
-/// Element type of a tensor given as a host buffer.
+/// Element type of a tensor given as a host buffer (passed as `uint32_t`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FerryDtype {
@@ -73,8 +73,8 @@ pub enum FerryDtype {
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct FerrySchedulerConfig {
-    /// Paging mode.
-    pub mode: FerryMode,
+    /// Paging mode: a `FerryMode` value (others are refused).
+    pub mode: u32,
     /// Hard device memory budget in bytes (weights + reserve).
     pub budget: u64,
     /// Bytes of the budget kept for the engine's activations (see `ferry_scheduler_workspace`).
@@ -263,14 +263,15 @@ fn scheduler(p: *const FerryScheduler) -> FfiResult<Arc<SchedObj>> {
     handles::get(Kind::Scheduler, token(p))
 }
 
-fn to_dtype(d: FerryDtype) -> DType {
-    match d {
-        FerryDtype::F32 => DType::F32,
-        FerryDtype::F16 => DType::F16,
-        FerryDtype::Bf16 => DType::BF16,
-        FerryDtype::I32 => DType::I32,
-        FerryDtype::I64 => DType::I64,
-    }
+fn to_dtype(d: u32) -> FfiResult<DType> {
+    Ok(match d {
+        d if d == FerryDtype::F32 as u32 => DType::F32,
+        d if d == FerryDtype::F16 as u32 => DType::F16,
+        d if d == FerryDtype::Bf16 as u32 => DType::BF16,
+        d if d == FerryDtype::I32 as u32 => DType::I32,
+        d if d == FerryDtype::I64 as u32 => DType::I64,
+        d => return Err(invalid(format!("dtype {d} is not a FerryDtype (0 to 4)"))),
+    })
 }
 
 /// The message of the last failed call on this thread ("" if none). Valid until the next
@@ -280,25 +281,44 @@ pub extern "C" fn ferry_last_error() -> *const c_char {
     last_error_ptr()
 }
 
-/// A static name for a status code, e.g. "FERRY_STATUS_INVALID_HANDLE".
+/// A static name for a status code, e.g. "FERRY_STATUS_INVALID_HANDLE" ("unknown status" for a
+/// value that is not a `FerryStatus`).
 #[no_mangle]
-pub extern "C" fn ferry_status_name(status: FerryStatus) -> *const c_char {
-    let s: &'static [u8] = match status {
-        FerryStatus::Ok => b"FERRY_STATUS_OK\0",
-        FerryStatus::NullPointer => b"FERRY_STATUS_NULL_POINTER\0",
-        FerryStatus::InvalidUtf8 => b"FERRY_STATUS_INVALID_UTF8\0",
-        FerryStatus::InvalidHandle => b"FERRY_STATUS_INVALID_HANDLE\0",
-        FerryStatus::InvalidArgument => b"FERRY_STATUS_INVALID_ARGUMENT\0",
-        FerryStatus::BufferTooSmall => b"FERRY_STATUS_BUFFER_TOO_SMALL\0",
-        FerryStatus::NoDevice => b"FERRY_STATUS_NO_DEVICE\0",
-        FerryStatus::BudgetTooSmall => b"FERRY_STATUS_BUDGET_TOO_SMALL\0",
-        FerryStatus::OutOfMemory => b"FERRY_STATUS_OUT_OF_MEMORY\0",
-        FerryStatus::Device => b"FERRY_STATUS_DEVICE\0",
-        FerryStatus::Io => b"FERRY_STATUS_IO\0",
-        FerryStatus::Unsupported => b"FERRY_STATUS_UNSUPPORTED\0",
-        FerryStatus::Panic => b"FERRY_STATUS_PANIC\0",
+pub extern "C" fn ferry_status_name(status: i32) -> *const c_char {
+    const ALL: [FerryStatus; 13] = [
+        FerryStatus::Ok,
+        FerryStatus::NullPointer,
+        FerryStatus::InvalidUtf8,
+        FerryStatus::InvalidHandle,
+        FerryStatus::InvalidArgument,
+        FerryStatus::BufferTooSmall,
+        FerryStatus::NoDevice,
+        FerryStatus::BudgetTooSmall,
+        FerryStatus::OutOfMemory,
+        FerryStatus::Device,
+        FerryStatus::Io,
+        FerryStatus::Unsupported,
+        FerryStatus::Panic,
+    ];
+    let Some(&status) = ALL.iter().find(|&&s| s as i32 == status) else {
+        return c"unknown status".as_ptr();
     };
-    s.as_ptr().cast()
+    let s: &'static std::ffi::CStr = match status {
+        FerryStatus::Ok => c"FERRY_STATUS_OK",
+        FerryStatus::NullPointer => c"FERRY_STATUS_NULL_POINTER",
+        FerryStatus::InvalidUtf8 => c"FERRY_STATUS_INVALID_UTF8",
+        FerryStatus::InvalidHandle => c"FERRY_STATUS_INVALID_HANDLE",
+        FerryStatus::InvalidArgument => c"FERRY_STATUS_INVALID_ARGUMENT",
+        FerryStatus::BufferTooSmall => c"FERRY_STATUS_BUFFER_TOO_SMALL",
+        FerryStatus::NoDevice => c"FERRY_STATUS_NO_DEVICE",
+        FerryStatus::BudgetTooSmall => c"FERRY_STATUS_BUDGET_TOO_SMALL",
+        FerryStatus::OutOfMemory => c"FERRY_STATUS_OUT_OF_MEMORY",
+        FerryStatus::Device => c"FERRY_STATUS_DEVICE",
+        FerryStatus::Io => c"FERRY_STATUS_IO",
+        FerryStatus::Unsupported => c"FERRY_STATUS_UNSUPPORTED",
+        FerryStatus::Panic => c"FERRY_STATUS_PANIC",
+    };
+    s.as_ptr()
 }
 
 /// Opens the simulated device with `capacity` bytes of device memory (0: 8 GiB). Its device
@@ -478,7 +498,7 @@ pub unsafe extern "C" fn ferry_model_add_file(
 pub unsafe extern "C" fn ferry_model_add_buffer(
     model: *const FerryModel,
     name: *const c_char,
-    dtype: FerryDtype,
+    dtype: u32,
     shape: *const u64,
     ndim: usize,
     data: *const c_void,
@@ -504,7 +524,7 @@ pub unsafe extern "C" fn ferry_model_add_buffer(
         if flags & !FERRY_IN_PLACE != 0 {
             return Err(invalid(format!("unknown flags {flags:#x}")));
         }
-        let dt = to_dtype(dtype);
+        let dt = to_dtype(dtype)?;
         let expected = ferry_pager::weights::byte_len(dt, &shape);
         if expected != Some(len) {
             return Err(invalid(format!(
@@ -631,10 +651,7 @@ pub unsafe extern "C" fn ferry_model_set_order(
 
 /// A configuration with the defaults: metrics on, no reserve, default depth and run-ahead.
 #[no_mangle]
-pub extern "C" fn ferry_scheduler_config_default(
-    mode: FerryMode,
-    budget: u64,
-) -> FerrySchedulerConfig {
+pub extern "C" fn ferry_scheduler_config_default(mode: u32, budget: u64) -> FerrySchedulerConfig {
     FerrySchedulerConfig {
         mode,
         budget,
@@ -666,17 +683,18 @@ pub unsafe extern "C" fn ferry_scheduler_new(
         // SAFETY: non-null and readable by the caller's contract; plain data.
         let c = unsafe { config.read() };
         let mode = match c.mode {
-            FerryMode::None => Mode::None,
-            FerryMode::Model => Mode::Model,
-            FerryMode::Sequential => Mode::Sequential,
-            FerryMode::Group => Mode::Group {
+            m if m == FerryMode::None as u32 => Mode::None,
+            m if m == FerryMode::Model as u32 => Mode::Model,
+            m if m == FerryMode::Sequential as u32 => Mode::Sequential,
+            m if m == FerryMode::Group as u32 => Mode::Group {
                 depth: if c.group_depth == 0 {
                     2
                 } else {
                     c.group_depth as usize
                 },
             },
-            FerryMode::Auto => Mode::Auto,
+            m if m == FerryMode::Auto as u32 => Mode::Auto,
+            m => return Err(invalid(format!("mode {m} is not a FerryMode (0 to 4)"))),
         };
         let (groups, order, store, in_place) = {
             let st = m.lock();

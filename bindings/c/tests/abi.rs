@@ -44,7 +44,7 @@ fn model(dev: *mut FerryDevice, groups: usize, n: usize) -> *mut FerryModel {
                 ferry_model_add_buffer(
                     m,
                     name.as_ptr(),
-                    FerryDtype::F32,
+                    FerryDtype::F32 as u32,
                     shape.as_ptr(),
                     1,
                     data.as_ptr().cast(),
@@ -77,7 +77,7 @@ fn model(dev: *mut FerryDevice, groups: usize, n: usize) -> *mut FerryModel {
 }
 
 fn scheduler(m: *mut FerryModel, mode: FerryMode, budget: u64) -> *mut FerryScheduler {
-    let cfg = ferry_scheduler_config_default(mode, budget);
+    let cfg = ferry_scheduler_config_default(mode as u32, budget);
     let mut s = ptr::null_mut();
     // SAFETY: valid handle, config and out-pointer.
     ok(unsafe { ferry_scheduler_new(m, &cfg, &mut s) });
@@ -174,7 +174,7 @@ fn bad_arguments_are_status_codes() {
             ferry_model_add_buffer(
                 m,
                 c"x".as_ptr(),
-                FerryDtype::F32,
+                FerryDtype::F32 as u32,
                 shape.as_ptr(),
                 1,
                 data.as_ptr().cast(),
@@ -188,7 +188,7 @@ fn bad_arguments_are_status_codes() {
             ferry_model_add_buffer(
                 m,
                 c"y".as_ptr(),
-                FerryDtype::F32,
+                FerryDtype::F32 as u32,
                 shape.as_ptr(),
                 1,
                 data.as_ptr().cast(),
@@ -204,7 +204,20 @@ fn bad_arguments_are_status_codes() {
         );
     }
     // Model mode needs the whole component resident.
-    let cfg = ferry_scheduler_config_default(FerryMode::Model, 300);
+    let cfg = ferry_scheduler_config_default(FerryMode::Model as u32, 300);
+    let mut s = ptr::null_mut();
+    let bad_mode = ferry_scheduler_config_default(9, 1 << 20);
+    // SAFETY: valid pointers.
+    assert_eq!(
+        unsafe { ferry_scheduler_new(m, &bad_mode, &mut s) },
+        FerryStatus::InvalidArgument
+    );
+    assert!(last_error().contains("not a FerryMode"), "{}", last_error());
+    // SAFETY: the name of any integer is a static string.
+    assert_eq!(
+        unsafe { CStr::from_ptr(ferry_status_name(77)) }.to_bytes(),
+        b"unknown status"
+    );
     let mut s = ptr::null_mut();
     // SAFETY: valid pointers.
     assert_eq!(
