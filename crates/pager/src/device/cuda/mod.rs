@@ -444,6 +444,45 @@ impl CudaDevice {
     fn new_id(&self) -> u32 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
+
+    /// Records `event` on a stream this device did not create (a raw `CUstream`, e.g. an
+    /// engine's own compute stream), so Ferry's streams can wait for that stream's work.
+    ///
+    /// # Safety
+    /// `stream` must be null (the legacy default stream) or a live stream of this device's
+    /// primary context.
+    pub unsafe fn record_event_on_raw(
+        &self,
+        event: EventId,
+        stream: *mut std::ffi::c_void,
+    ) -> Result<()> {
+        let e = self.event(event)?;
+        self.ctx.bind_to_thread().call("cuCtxSetCurrent")?;
+        // SAFETY: `e` is a live event of this context; `stream` is valid by the caller's contract.
+        check(
+            unsafe { sys::cuEventRecord(e.cu_event(), stream as sys::CUstream) },
+            "cuEventRecord",
+        )
+    }
+
+    /// Makes a stream this device did not create (a raw `CUstream`) wait for `event`; the host
+    /// does not wait.
+    ///
+    /// # Safety
+    /// As for [`CudaDevice::record_event_on_raw`].
+    pub unsafe fn wait_event_on_raw(
+        &self,
+        stream: *mut std::ffi::c_void,
+        event: EventId,
+    ) -> Result<()> {
+        let e = self.event(event)?;
+        self.ctx.bind_to_thread().call("cuCtxSetCurrent")?;
+        // SAFETY: as in `record_event_on_raw`; flags 0 is the only defined value.
+        check(
+            unsafe { sys::cuStreamWaitEvent(stream as sys::CUstream, e.cu_event(), 0) },
+            "cuStreamWaitEvent",
+        )
+    }
 }
 
 /// A host range page-locked in place by [`CudaDevice::register_mmap`] or
