@@ -1,0 +1,342 @@
+//! Real kernels of `kernels/ptx` run through the PTX interpreter of the simulated device, on
+//! small awkward shapes, against the CPU reference ops.
+
+use ferry_pager::device::sim::ptx::{launch, LaunchConfig, Limits, Module, ParamValue, VecMemory};
+use ferry_sd::ops;
+use ferry_sd::tensor::Tensor;
+use half::{bf16, f16};
+use std::sync::OnceLock;
+
+fn module(name: &str) -> &'static Module {
+    static MODS: OnceLock<Vec<(String, Module)>> = OnceLock::new();
+    let mods = MODS.get_or_init(|| {
+        ["layout", "elementwise", "norm"]
+            .iter()
+            .map(|n| {
+                let path = format!("{}/../../kernels/ptx/{n}.ptx", env!("CARGO_MANIFEST_DIR"));
+                let src = std::fs::read_to_string(&path).unwrap();
+                (n.to_string(), Module::parse(&src).unwrap())
+            })
+            .collect()
+    });
+    &mods.iter().find(|(n, _)| n == name).unwrap().1
+}
+
+fn run(
+    m: &str,
+    kernel: &str,
+    blocks: u32,
+    threads: u32,
+    mem: &mut VecMemory,
+    params: &[ParamValue],
+) {
+    let cfg = LaunchConfig {
+        grid: [blocks, 1, 1],
+        block: [threads, 1, 1],
+        dynamic_shared: 0,
+    };
+    launch(module(m), kernel, cfg, params, mem, Limits::default())
+        .unwrap_or_else(|e| panic!("{kernel}: {e}"));
+}
+
+fn blocks_for(n: usize) -> u32 {
+    n.div_ceil(256).clamp(1, 1 << 20) as u32
+}
+
+/// Deterministic awkward inputs: mixed signs and magnitudes.
+fn inputs(n: usize, seed: u32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(12345);
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            ((s >> 8) as f32 / (1u32 << 24) as f32 - 0.5) * 8.0
+        })
+        .collect()
+}
+
+fn assert_close(got: &[f32], want: &[f32], rel: f32, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let scale = want.iter().fold(0f32, |a, v| a.max(v.abs())).max(1e-30);
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(!g.is_nan(), "{what}[{i}]: NaN, want {w}");
+        let tol = rel * scale.max(w.abs()).min(scale) + rel * w.abs();
+        assert!(
+            (g - w).abs() <= tol.max(1e-30),
+            "{what}[{i}]: got {g}, want {w}"
+        );
+    }
+}
+
+fn t(shape: &[usize], data: Vec<f32>) -> Tensor {
+    Tensor::new(shape.to_vec(), data).unwrap()
+}
+
+#[test]
+fn silu_f32_f16_bf16() {
+    let n = 300;
+    let x = inputs(n, 1);
+    let want = ops::silu(&t(&[n], x.clone())).data().to_vec();
+    let mut mem = VecMemory::new();
+    let xa = mem.alloc_f32(&x);
+    let ya = mem.alloc(n * 4);
+    let p = [
+        ParamValue::Ptr(xa),
+        ParamValue::Ptr(ya),
+        ParamValue::U64(n as u64),
+    ];
+    run(
+        "elementwise",
+        "ferry_silu_f32",
+        blocks_for(n),
+        256,
+        &mut mem,
+        &p,
+    );
+    assert_close(&mem.f32s(ya), &want, 1e-5, "silu_f32");
+
+    let xh: Vec<u16> = x.iter().map(|v| f16::from_f32(*v).to_bits()).collect();
+    let xa = mem.alloc_u16(&xh);
+    let ya = mem.alloc(n * 2);
+    let p = [
+        ParamValue::Ptr(xa),
+        ParamValue::Ptr(ya),
+        ParamValue::U64(n as u64),
+    ];
+    run(
+        "elementwise",
+        "ferry_silu_f16",
+        blocks_for(n),
+        256,
+        &mut mem,
+        &p,
+    );
+    let got: Vec<f32> = mem
+        .u16s(ya)
+        .iter()
+        .map(|b| f16::from_bits(*b).to_f32())
+        .collect();
+    let xr: Vec<f32> = xh.iter().map(|b| f16::from_bits(*b).to_f32()).collect();
+    let want = ops::silu(&t(&[n], xr)).data().to_vec();
+    assert_close(&got, &want, 1e-2, "silu_f16");
+
+    let xb: Vec<u16> = x.iter().map(|v| bf16::from_f32(*v).to_bits()).collect();
+    let xa = mem.alloc_u16(&xb);
+    let ya = mem.alloc(n * 2);
+    let p = [
+        ParamValue::Ptr(xa),
+        ParamValue::Ptr(ya),
+        ParamValue::U64(n as u64),
+    ];
+    run(
+        "elementwise",
+        "ferry_silu_bf16",
+        blocks_for(n),
+        256,
+        &mut mem,
+        &p,
+    );
+    let got: Vec<f32> = mem
+        .u16s(ya)
+        .iter()
+        .map(|b| bf16::from_bits(*b).to_f32())
+        .collect();
+    let xr: Vec<f32> = xb.iter().map(|b| bf16::from_bits(*b).to_f32()).collect();
+    let want = ops::silu(&t(&[n], xr)).data().to_vec();
+    assert_close(&got, &want, 3e-2, "silu_bf16");
+}
+
+#[test]
+fn add_f32() {
+    let n = 257;
+    let (a, b) = (inputs(n, 2), inputs(n, 3));
+    let mut mem = VecMemory::new();
+    let (aa, ba, ya) = (mem.alloc_f32(&a), mem.alloc_f32(&b), mem.alloc(n * 4));
+    let p = [
+        ParamValue::Ptr(aa),
+        ParamValue::Ptr(ba),
+        ParamValue::Ptr(ya),
+        ParamValue::U64(n as u64),
+    ];
+    run(
+        "elementwise",
+        "ferry_add_f32",
+        blocks_for(n),
+        256,
+        &mut mem,
+        &p,
+    );
+    let want: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
+    assert_eq!(mem.f32s(ya), want);
+}
+
+#[test]
+fn transpose_f32_odd_shape() {
+    let (batch, rows, cols) = (2usize, 33usize, 45usize);
+    let n = batch * rows * cols;
+    let x = inputs(n, 4);
+    let mut mem = VecMemory::new();
+    let (xa, ya) = (mem.alloc_f32(&x), mem.alloc(n * 4));
+    let tiles = batch * rows.div_ceil(32) * cols.div_ceil(32);
+    let p = [
+        ParamValue::Ptr(xa),
+        ParamValue::Ptr(ya),
+        ParamValue::U64(batch as u64),
+        ParamValue::U32(rows as u32),
+        ParamValue::U32(cols as u32),
+    ];
+    run(
+        "layout",
+        "ferry_transpose_f32",
+        tiles as u32,
+        256,
+        &mut mem,
+        &p,
+    );
+    let y = mem.f32s(ya);
+    for b in 0..batch {
+        for r in 0..rows {
+            for c in 0..cols {
+                assert_eq!(
+                    y[b * rows * cols + c * rows + r],
+                    x[b * rows * cols + r * cols + c]
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn softmax_f32_rows() {
+    let (rows, len) = (3usize, 300usize);
+    let x = inputs(rows * len, 5);
+    let mut want = x.clone();
+    ops::softmax_rows_inplace(&mut want, len).unwrap();
+    let mut mem = VecMemory::new();
+    let (xa, ya) = (mem.alloc_f32(&x), mem.alloc(rows * len * 4));
+    let p = [
+        ParamValue::Ptr(xa),
+        ParamValue::Ptr(ya),
+        ParamValue::U64(rows as u64),
+        ParamValue::U32(len as u32),
+    ];
+    run(
+        "elementwise",
+        "ferry_softmax_f32",
+        rows as u32,
+        256,
+        &mut mem,
+        &p,
+    );
+    assert_close(&mem.f32s(ya), &want, 1e-5, "softmax_f32");
+}
+
+#[test]
+fn layer_norm_f32_with_affine() {
+    let (rows, d) = (3usize, 100usize);
+    let x = inputs(rows * d, 6);
+    let w = inputs(d, 7);
+    let b = inputs(d, 8);
+    let want = ops::layer_norm(
+        &t(&[rows, d], x.clone()),
+        Some(&t(&[d], w.clone())),
+        Some(&t(&[d], b.clone())),
+        1e-5,
+    )
+    .unwrap()
+    .data()
+    .to_vec();
+    let mut mem = VecMemory::new();
+    let (xa, ya, wa, ba) = (
+        mem.alloc_f32(&x),
+        mem.alloc(rows * d * 4),
+        mem.alloc_f32(&w),
+        mem.alloc_f32(&b),
+    );
+    let p = [
+        ParamValue::Ptr(xa),
+        ParamValue::Ptr(ya),
+        ParamValue::Ptr(wa),
+        ParamValue::Ptr(ba),
+        ParamValue::U64(rows as u64),
+        ParamValue::U32(d as u32),
+        ParamValue::F32(1e-5),
+    ];
+    run(
+        "norm",
+        "ferry_layer_norm_f32",
+        rows as u32,
+        128,
+        &mut mem,
+        &p,
+    );
+    assert_close(&mem.f32s(ya), &want, 1e-5, "layer_norm_f32");
+}
+
+#[test]
+fn group_norm_f32_silu_without_affine() {
+    let (n, c, groups, spatial) = (2usize, 8usize, 4usize, 37usize);
+    let x = inputs(n * c * spatial, 9);
+    let want = ops::group_norm(
+        &t(&[n, c, spatial], x.clone()),
+        groups,
+        None,
+        None,
+        1e-5,
+        true,
+    )
+    .unwrap()
+    .data()
+    .to_vec();
+    let mut mem = VecMemory::new();
+    let (xa, ya) = (mem.alloc_f32(&x), mem.alloc(x.len() * 4));
+    let p = [
+        ParamValue::Ptr(xa),
+        ParamValue::Ptr(ya),
+        ParamValue::Ptr(0),
+        ParamValue::Ptr(0),
+        ParamValue::U32(n as u32),
+        ParamValue::U32(c as u32),
+        ParamValue::U32(groups as u32),
+        ParamValue::U64(spatial as u64),
+        ParamValue::F32(1e-5),
+        ParamValue::U32(1),
+    ];
+    run(
+        "norm",
+        "ferry_group_norm_f32",
+        (n * groups) as u32,
+        256,
+        &mut mem,
+        &p,
+    );
+    assert_close(&mem.f32s(ya), &want, 1e-5, "group_norm_f32");
+}
+
+#[test]
+fn timestep_embedding_f32() {
+    let (count, dim) = (3usize, 64usize);
+    let ts = vec![0.0f32, 1.0, 999.0];
+    let want = ops::timestep_embedding(&ts, dim, true, 1.0)
+        .unwrap()
+        .data()
+        .to_vec();
+    let mut mem = VecMemory::new();
+    let (ta, ya) = (mem.alloc_f32(&ts), mem.alloc(count * dim * 4));
+    let p = [
+        ParamValue::Ptr(ta),
+        ParamValue::Ptr(ya),
+        ParamValue::U32(count as u32),
+        ParamValue::U32(dim as u32),
+        ParamValue::U32(1),
+        ParamValue::F32(1.0),
+    ];
+    run(
+        "elementwise",
+        "ferry_timestep_embedding_f32",
+        blocks_for(count * dim),
+        256,
+        &mut mem,
+        &p,
+    );
+    assert_close(&mem.f32s(ya), &want, 1e-5, "timestep_embedding_f32");
+}
