@@ -77,6 +77,23 @@ pub fn f32_to_bf16(x: f32) -> u16 {
     }
 }
 
+/// f64 → f16 (`bf = false`) or bf16 bits, round to nearest even: round to odd at f32 first
+/// (f32 keeps ≥ 2 more bits than either), then to nearest even, which gives one correct rounding.
+pub fn f64_to_half(f: f64, bf: bool) -> u16 {
+    if f.is_nan() {
+        return if bf { NANBF16 } else { NAN16 };
+    }
+    let mut c = float::round_f32(f, 0.0, Round::Rz);
+    if (c as f64) != f && c.is_finite() {
+        c = f32::from_bits(c.to_bits() | 1);
+    }
+    if bf {
+        bf16::from_f32(c).to_bits()
+    } else {
+        f16::from_f32(c).to_bits()
+    }
+}
+
 fn round_int(x: f64, r: Round) -> f64 {
     match r {
         Round::Rz => x.trunc(),
@@ -88,6 +105,10 @@ fn round_int(x: f64, r: Round) -> f64 {
 
 /// Integer value (as i128) → f32 or f64 bits in rounding mode `r`.
 fn int_to_float(x: i128, dst: Ty, r: Round) -> u64 {
+    if matches!(dst, Ty::F16 | Ty::Bf16) {
+        // |x| < 2^53 is exact in f64; anything larger overflows both types.
+        return f64_to_half(x as f64, dst == Ty::Bf16) as u64;
+    }
     if dst == Ty::F64 {
         let c = x as f64;
         let c = adjust(c, x, r, next_up64, |v| -next_up64(-v));
@@ -101,12 +122,6 @@ fn int_to_float(x: i128, dst: Ty, r: Round) -> u64 {
         |v| float::next_up(v as f32) as f64,
         |v| float::next_down(v as f32) as f64,
     );
-    if dst == Ty::F16 {
-        return f16::from_f64(c).to_bits() as u64;
-    }
-    if dst == Ty::Bf16 {
-        return bf16::from_f64(c).to_bits() as u64;
-    }
     (c as f32).to_bits() as u64
 }
 
@@ -212,20 +227,8 @@ pub fn convert(dst: Ty, src: Ty, m: &Mods, v: u64) -> u64 {
             let y = if m.ftz { float::ftz(y) } else { y };
             (if y.is_nan() { f32::from_bits(NAN32) } else { y }).to_bits() as u64
         }
-        Ty::F16 => {
-            if f.is_nan() {
-                NAN16 as u64
-            } else {
-                f16::from_f64(f).to_bits() as u64
-            }
-        }
-        Ty::Bf16 => {
-            if f.is_nan() {
-                NANBF16 as u64
-            } else {
-                bf16::from_f64(f).to_bits() as u64
-            }
-        }
+        Ty::F16 => f64_to_half(f, false) as u64,
+        Ty::Bf16 => f64_to_half(f, true) as u64,
         _ => 0,
     };
     if m.sat {
