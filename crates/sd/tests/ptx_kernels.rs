@@ -340,3 +340,272 @@ fn timestep_embedding_f32() {
     );
     assert_close(&mem.f32s(ya), &want, 1e-5, "timestep_embedding_f32");
 }
+
+/// A 16-bit float type's conversions and the tolerance the issue sets for it.
+#[derive(Clone, Copy)]
+struct Half {
+    suffix: &'static str,
+    to: fn(f32) -> u16,
+    from: fn(u16) -> f32,
+    tol: f32,
+}
+
+const F16: Half = Half {
+    suffix: "f16",
+    to: |v| f16::from_f32(v).to_bits(),
+    from: |b| f16::from_bits(b).to_f32(),
+    tol: 1e-2,
+};
+const BF16: Half = Half {
+    suffix: "bf16",
+    to: |v| bf16::from_f32(v).to_bits(),
+    from: |b| bf16::from_bits(b).to_f32(),
+    tol: 3e-2,
+};
+
+/// Rounds `x` through the 16-bit type (the kernel's input as it sees it).
+fn through(h: Half, x: &[f32]) -> (Vec<u16>, Vec<f32>) {
+    let bits: Vec<u16> = x.iter().map(|v| (h.to)(*v)).collect();
+    let back = bits.iter().map(|b| (h.from)(*b)).collect();
+    (bits, back)
+}
+
+#[test]
+fn activations_in_every_dtype() {
+    let n = 515;
+    let x = inputs(n, 11);
+    for (name, act) in [
+        ("gelu", ops::Activation::Gelu),
+        ("gelu_tanh", ops::Activation::GeluTanh),
+        ("quick_gelu", ops::Activation::QuickGelu),
+    ] {
+        let mut mem = VecMemory::new();
+        let want = act.forward(&t(&[n], x.clone())).data().to_vec();
+        let (xa, ya) = (mem.alloc_f32(&x), mem.alloc(n * 4));
+        let p = [
+            ParamValue::Ptr(xa),
+            ParamValue::Ptr(ya),
+            ParamValue::U64(n as u64),
+        ];
+        run(
+            "elementwise",
+            &format!("ferry_{name}_f32"),
+            blocks_for(n),
+            256,
+            &mut mem,
+            &p,
+        );
+        assert_close(&mem.f32s(ya), &want, 1e-5, name);
+        for h in [F16, BF16] {
+            let (bits, xr) = through(h, &x);
+            let want = act.forward(&t(&[n], xr)).data().to_vec();
+            let (xa, ya) = (mem.alloc_u16(&bits), mem.alloc(n * 2));
+            let p = [
+                ParamValue::Ptr(xa),
+                ParamValue::Ptr(ya),
+                ParamValue::U64(n as u64),
+            ];
+            let k = format!("ferry_{name}_{}", h.suffix);
+            run("elementwise", &k, blocks_for(n), 256, &mut mem, &p);
+            let got: Vec<f32> = mem.u16s(ya).iter().map(|b| (h.from)(*b)).collect();
+            assert_close(&got, &want, h.tol, &k);
+        }
+    }
+}
+
+#[test]
+fn softmax_and_layer_norm_in_half_types() {
+    let (rows, len) = (2usize, 77usize);
+    let x = inputs(rows * len, 12);
+    for h in [F16, BF16] {
+        let (bits, xr) = through(h, &x);
+        let mut want = xr.clone();
+        ops::softmax_rows_inplace(&mut want, len).unwrap();
+        let mut mem = VecMemory::new();
+        let (xa, ya) = (mem.alloc_u16(&bits), mem.alloc(rows * len * 2));
+        let p = [
+            ParamValue::Ptr(xa),
+            ParamValue::Ptr(ya),
+            ParamValue::U64(rows as u64),
+            ParamValue::U32(len as u32),
+        ];
+        let k = format!("ferry_softmax_{}", h.suffix);
+        run("elementwise", &k, rows as u32, 256, &mut mem, &p);
+        let got: Vec<f32> = mem.u16s(ya).iter().map(|b| (h.from)(*b)).collect();
+        assert_close(&got, &want, h.tol, &k);
+
+        let want = ops::layer_norm(&t(&[rows, len], xr), None, None, 1e-5)
+            .unwrap()
+            .data()
+            .to_vec();
+        let ya = mem.alloc(rows * len * 2);
+        let p = [
+            ParamValue::Ptr(xa),
+            ParamValue::Ptr(ya),
+            ParamValue::Ptr(0),
+            ParamValue::Ptr(0),
+            ParamValue::U64(rows as u64),
+            ParamValue::U32(len as u32),
+            ParamValue::F32(1e-5),
+        ];
+        let k = format!("ferry_layer_norm_{}", h.suffix);
+        run("norm", &k, rows as u32, 128, &mut mem, &p);
+        let got: Vec<f32> = mem.u16s(ya).iter().map(|b| (h.from)(*b)).collect();
+        assert_close(&got, &want, h.tol, &k);
+    }
+}
+
+#[test]
+fn group_norm_f16_with_affine() {
+    let (n, c, groups, spatial) = (1usize, 6usize, 3usize, 50usize);
+    let x = inputs(n * c * spatial, 13);
+    let (w, b) = (inputs(c, 14), inputs(c, 15));
+    let h = F16;
+    let (xb, xr) = through(h, &x);
+    let (wb, wr) = through(h, &w);
+    let (bb, br) = through(h, &b);
+    let want = ops::group_norm(
+        &t(&[n, c, spatial], xr),
+        groups,
+        Some(&t(&[c], wr)),
+        Some(&t(&[c], br)),
+        1e-6,
+        false,
+    )
+    .unwrap()
+    .data()
+    .to_vec();
+    let mut mem = VecMemory::new();
+    let (xa, ya, wa, ba) = (
+        mem.alloc_u16(&xb),
+        mem.alloc(x.len() * 2),
+        mem.alloc_u16(&wb),
+        mem.alloc_u16(&bb),
+    );
+    let p = [
+        ParamValue::Ptr(xa),
+        ParamValue::Ptr(ya),
+        ParamValue::Ptr(wa),
+        ParamValue::Ptr(ba),
+        ParamValue::U32(n as u32),
+        ParamValue::U32(c as u32),
+        ParamValue::U32(groups as u32),
+        ParamValue::U64(spatial as u64),
+        ParamValue::F32(1e-6),
+        ParamValue::U32(0),
+    ];
+    run(
+        "norm",
+        "ferry_group_norm_f16",
+        (n * groups) as u32,
+        256,
+        &mut mem,
+        &p,
+    );
+    let got: Vec<f32> = mem.u16s(ya).iter().map(|b| (h.from)(*b)).collect();
+    assert_close(&got, &want, h.tol, "group_norm_f16");
+}
+
+#[test]
+fn casts_round_to_nearest_even() {
+    // Ties, NaN-free awkward values, overflow to infinity in f16.
+    let x = vec![
+        1.0 + 1.0 / 2048.0,
+        1.0 + 3.0 / 2048.0,
+        -65520.0,
+        1e-8,
+        3.0,
+        -0.0,
+    ];
+    let n = x.len();
+    let mut mem = VecMemory::new();
+    let (xa, ya) = (mem.alloc_f32(&x), mem.alloc(n * 2));
+    let p = [
+        ParamValue::Ptr(xa),
+        ParamValue::Ptr(ya),
+        ParamValue::U64(n as u64),
+    ];
+    run("elementwise", "ferry_cast_f32_f16", 1, 256, &mut mem, &p);
+    assert_eq!(
+        mem.u16s(ya),
+        vec![0x3C00, 0x3C02, 0xFC00, 0x0000, 0x4200, 0x8000]
+    );
+    let ya = mem.alloc(n * 2);
+    let p = [
+        ParamValue::Ptr(xa),
+        ParamValue::Ptr(ya),
+        ParamValue::U64(n as u64),
+    ];
+    run("elementwise", "ferry_cast_f32_bf16", 1, 256, &mut mem, &p);
+    let want: Vec<u16> = x.iter().map(|v| bf16::from_f32(*v).to_bits()).collect();
+    assert_eq!(mem.u16s(ya), want);
+}
+
+#[test]
+fn resize_nearest_bf16() {
+    let (planes, ih, iw, oh, ow) = (3usize, 5usize, 7usize, 8usize, 3usize);
+    let x = inputs(planes * ih * iw, 16);
+    let (xb, xr) = through(BF16, &x);
+    let want = ops::resize_nearest(&t(&[1, planes, ih, iw], xr), oh, ow)
+        .unwrap()
+        .data()
+        .to_vec();
+    let mut mem = VecMemory::new();
+    let (xa, ya) = (mem.alloc_u16(&xb), mem.alloc(planes * oh * ow * 2));
+    let p = [
+        ParamValue::Ptr(xa),
+        ParamValue::Ptr(ya),
+        ParamValue::U64(planes as u64),
+        ParamValue::U32(ih as u32),
+        ParamValue::U32(iw as u32),
+        ParamValue::U32(oh as u32),
+        ParamValue::U32(ow as u32),
+        ParamValue::F32(ih as f32 / oh as f32),
+        ParamValue::F32(iw as f32 / ow as f32),
+    ];
+    run(
+        "layout",
+        "ferry_resize_nearest_bf16",
+        blocks_for(planes * oh * ow),
+        256,
+        &mut mem,
+        &p,
+    );
+    let got: Vec<f32> = mem
+        .u16s(ya)
+        .iter()
+        .map(|b| bf16::from_bits(*b).to_f32())
+        .collect();
+    assert_eq!(got, want);
+}
+
+#[test]
+fn timestep_embedding_large_arguments_take_the_slow_path() {
+    // Arguments of at least 2^31 rad go through `__internal_trig_reduction_slowpathd` (a .func
+    // call with .param buffers and a .local depot).
+    let (count, dim) = (2usize, 8usize);
+    let ts = vec![3.0e9f32, 5.0e10];
+    let want = ops::timestep_embedding(&ts, dim, false, 0.0)
+        .unwrap()
+        .data()
+        .to_vec();
+    let mut mem = VecMemory::new();
+    let (ta, ya) = (mem.alloc_f32(&ts), mem.alloc(count * dim * 4));
+    let p = [
+        ParamValue::Ptr(ta),
+        ParamValue::Ptr(ya),
+        ParamValue::U32(count as u32),
+        ParamValue::U32(dim as u32),
+        ParamValue::U32(0),
+        ParamValue::F32(0.0),
+    ];
+    run(
+        "elementwise",
+        "ferry_timestep_embedding_f32",
+        1,
+        256,
+        &mut mem,
+        &p,
+    );
+    assert_close(&mem.f32s(ya), &want, 1e-5, "timestep_embedding_slowpath");
+}
