@@ -259,10 +259,7 @@ fn bad_launches_are_one_line_errors() {
 
 #[test]
 fn unimplemented_and_malformed_ptx() {
-    let src = kernel(
-        "",
-        "ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%r1, %r2, %r3, %r4}, [%rd9];\n",
-    );
+    let src = kernel("", "atom.global.add.u32 %r1, [%rd9], 1;\n");
     let m = Module::parse(&src).unwrap();
     let mut mem = VecMemory::new();
     let cfg = LaunchConfig {
@@ -280,11 +277,9 @@ fn unimplemented_and_malformed_ptx() {
     )
     .unwrap_err();
     assert_eq!(e.kind, ErrorKind::Unimplemented);
-    let line = line_of(&src, "ldmatrix");
+    let line = line_of(&src, "atom.global");
     assert!(
-        e.message
-            .contains("ldmatrix.sync.aligned.m8n8.x4.shared.b16")
-            && e.message.contains(&format!("line {line}")),
+        e.message.contains("atom.global.add.u32") && e.message.contains(&format!("line {line}")),
         "{e}"
     );
     for bad in [

@@ -115,6 +115,10 @@ struct Thread {
     linear: u32,
     local: Vec<u8>,
     wait_line: u32,
+    /// `cp.async` copies not yet waited for: (group, shared offset, bytes); group `u32::MAX`
+    /// while uncommitted.
+    pending: Vec<(u32, u32, u32)>,
+    next_group: u32,
 }
 
 struct Ctx<'a> {
@@ -124,6 +128,7 @@ struct Ctx<'a> {
     ctaid: [u32; 3],
     shared: Vec<u8>,
     shared_init: Vec<bool>,
+    shared_pending: Vec<bool>,
     shared_offsets: &'a [u32],
     globals: &'a mut Vec<u8>,
     mem: &'a mut dyn GlobalMemory,
@@ -278,6 +283,7 @@ pub fn launch(
         ctaid: [0; 3],
         shared: Vec::new(),
         shared_init: Vec::new(),
+        shared_pending: Vec::new(),
         shared_offsets: &offsets,
         globals: &mut globals,
         mem,
@@ -292,6 +298,7 @@ pub fn launch(
                 ctx.ctaid = [x, y, z];
                 ctx.shared = vec![0; total_shared as usize];
                 ctx.shared_init = vec![false; total_shared as usize];
+                ctx.shared_pending = vec![false; total_shared as usize];
                 run_block(&mut ctx, fidx, &pbuf)?;
                 blocks += 1;
             }
@@ -352,6 +359,8 @@ fn run_block(ctx: &mut Ctx, fidx: u32, pbuf: &[u8]) -> Result<()> {
                     linear: x + bx * (y + by * z),
                     local: Vec::new(),
                     wait_line: 0,
+                    pending: Vec::new(),
+                    next_group: 0,
                 };
                 let fr = new_frame(ctx, &mut t, fidx, pbuf.to_vec(), Vec::new())?;
                 t.frames.push(fr);
@@ -404,10 +413,11 @@ fn run_block(ctx: &mut Ctx, fidx: u32, pbuf: &[u8]) -> Result<()> {
             .find(|t| t.st != St::Exited && t.st != w.st)
             .map(|t| format!(", thread {} waits at PTX line {}", dims(t.tid), t.wait_line))
             .unwrap_or_default();
-        let what = if w.st == St::Shfl {
-            "shfl.sync"
-        } else {
-            "bar.sync"
+        let what = match (w.st, cur_inst(ctx, w)?.op) {
+            (St::Bar, _) => "bar.sync",
+            (_, Op::Ldmatrix) => "ldmatrix",
+            (_, Op::Mma) => "mma.sync",
+            _ => "shfl.sync",
         };
         return Err(PtxError::new(
             ErrorKind::Deadlock,
@@ -434,6 +444,12 @@ fn fire_shfl(ctx: &mut Ctx, threads: &mut [Thread], w: usize) -> Result<bool> {
             continue;
         }
         let inst = cur_inst(ctx, t)?;
+        if inst.op != Op::Shfl {
+            if fire_matrix(ctx, threads, w, lane, inst)? {
+                fired = true;
+            }
+            continue;
+        }
         let mask = read(ctx, t, &inst.s[3], Ty::B32, inst.line)? as u32;
         if mask & (1 << lane) == 0 {
             return Err(ctx.err(
@@ -1085,7 +1101,7 @@ fn exec(ctx: &mut Ctx, t: &mut Thread, inst: &Inst) -> Result<Flow> {
             }
             return Ok(Flow::Block);
         }
-        Op::Shfl => {
+        Op::Shfl | Op::Ldmatrix | Op::Mma => {
             t.st = St::Shfl;
             t.wait_line = line;
             return Ok(Flow::Block);
@@ -1141,7 +1157,51 @@ fn exec(ctx: &mut Ctx, t: &mut Thread, inst: &Inst) -> Result<Flow> {
             t.frames.push(nf);
             return Ok(Flow::Jumped);
         }
+        Op::CpAsync => return exec_cp_async(ctx, t, inst),
+        Op::CpCommit => {
+            for p in t.pending.iter_mut().filter(|p| p.0 == u32::MAX) {
+                p.0 = t.next_group;
+            }
+            t.next_group += 1;
+            return Ok(Flow::Next);
+        }
+        Op::CpWait => {
+            let n = match inst.s.first() {
+                Some(o) => read(ctx, t, o, Ty::U32, line)? as u32,
+                None => {
+                    // wait_all: commit, then wait for everything.
+                    for p in t.pending.iter_mut().filter(|p| p.0 == u32::MAX) {
+                        p.0 = t.next_group;
+                    }
+                    t.next_group += 1;
+                    0
+                }
+            };
+            let done_below = t.next_group.saturating_sub(n);
+            let shared_pending = &mut ctx.shared_pending;
+            t.pending.retain(|&(g, off, len)| {
+                let done = g != u32::MAX && g < done_below;
+                if done {
+                    for b in &mut shared_pending[off as usize..(off + len) as usize] {
+                        *b = false;
+                    }
+                }
+                !done
+            });
+            return Ok(Flow::Next);
+        }
         Op::Ret | Op::Exit => {
+            if (inst.op == Op::Exit || t.frames.len() == 1) && !t.pending.is_empty() {
+                return Err(ctx.err(
+                    ErrorKind::Memory,
+                    t,
+                    line,
+                    format!(
+                        "exits with {} cp.async copies never waited for",
+                        t.pending.len()
+                    ),
+                ));
+            }
             if inst.op == Op::Exit || t.frames.len() == 1 {
                 t.st = St::Exited;
                 t.wait_line = line;
@@ -1331,6 +1391,9 @@ fn access(
                 ctx.shared[r.clone()].copy_from_slice(buf);
                 ctx.shared_init[r].iter_mut().for_each(|b| *b = true);
             } else {
+                if ctx.shared_pending[r.clone()].iter().any(|&b| b) {
+                    return Err(ctx.err(ErrorKind::Memory, t, line, format!("read of shared memory at offset {a:#x}, a cp.async destination, before its cp.async.wait_group")));
+                }
                 if let Some(i) = sanitize::first_unset(&ctx.shared_init[r.clone()]) {
                     return Err(ctx.err(
                         ErrorKind::Memory,
@@ -1429,4 +1492,226 @@ fn exec_st(ctx: &mut Ctx, t: &mut Thread, inst: &Inst) -> Result<Flow> {
     let space = inst.m.space.unwrap_or(Space::Generic);
     access(ctx, t, space, addr, &mut buf, true, inst.line)?;
     Ok(Flow::Next)
+}
+
+fn exec_cp_async(ctx: &mut Ctx, t: &mut Thread, inst: &Inst) -> Result<Flow> {
+    let line = inst.line;
+    let (dst, _) = address(ctx, t, &inst.s[0], line)?;
+    let (src, _) = address(ctx, t, &inst.s[1], line)?;
+    let size = read(ctx, t, &inst.s[2], Ty::U32, line)? as usize;
+    if !matches!(size, 4 | 8 | 16) {
+        return Err(PtxError::parse(
+            line,
+            format!("cp.async size {size} (must be 4, 8 or 16)"),
+        ));
+    }
+    let src_size = match inst.s.get(3) {
+        Some(o) => (read(ctx, t, o, Ty::U32, line)? as usize).min(size),
+        None => size,
+    };
+    if !src.is_multiple_of(size as u64) {
+        return Err(ctx.err(
+            ErrorKind::Memory,
+            t,
+            line,
+            format!("misaligned {size}-byte cp.async source at {src:#x}"),
+        ));
+    }
+    // The copy is done at issue (its completion may be any time before the wait); the
+    // destination stays marked pending until the wait so an early read is caught.
+    let mut buf = vec![0u8; size];
+    if src_size > 0 {
+        access(
+            ctx,
+            t,
+            Space::Global,
+            src,
+            &mut buf[..src_size],
+            false,
+            line,
+        )?;
+    }
+    access(ctx, t, Space::Shared, dst, &mut buf, true, line)?;
+    let off = (dst & 0xffff_ffff) as u32;
+    for b in &mut ctx.shared_pending[off as usize..off as usize + size] {
+        *b = true;
+    }
+    t.pending.push((u32::MAX, off, size as u32));
+    Ok(Flow::Next)
+}
+
+fn vec_regs(op: &Operand, line: u32) -> Result<Vec<u32>> {
+    let one = |o: &Operand| match o {
+        Operand::Reg(r) => Ok(*r),
+        _ => Err(PtxError::parse(line, "expected registers in a fragment")),
+    };
+    match op {
+        Operand::Vec(v) => v
+            .iter()
+            .map(|o| {
+                o.as_ref()
+                    .map_or(Err(PtxError::parse(line, "`_` in a fragment")), one)
+            })
+            .collect(),
+        o => Ok(vec![one(o)?]),
+    }
+}
+
+/// Fires `ldmatrix` / `mma.sync` for warp `w` once all its lanes are there (they are `.aligned`:
+/// the whole warp executes them together).
+fn fire_matrix(
+    ctx: &mut Ctx,
+    threads: &mut [Thread],
+    w: usize,
+    lane: usize,
+    inst: &Inst,
+) -> Result<bool> {
+    let lo = w * 32;
+    let name = if inst.op == Op::Mma {
+        "mma.sync"
+    } else {
+        "ldmatrix"
+    };
+    for j in 0..32 {
+        match threads.get(lo + j).map(|t| t.st) {
+            Some(St::Shfl) => {}
+            Some(St::Exited) | None => {
+                return Err(PtxError::new(
+                    ErrorKind::Deadlock,
+                    format!(
+                        "deadlock in kernel {}, block {}, warp {w}: thread {} waits at {name} (PTX line {}) for lane {j}, which {}",
+                        ctx.kernel,
+                        dims(ctx.ctaid),
+                        dims(threads[lo + lane].tid),
+                        inst.line,
+                        if lo + j < threads.len() { "has exited" } else { "does not exist" }
+                    ),
+                ))
+            }
+            _ => return Ok(false),
+        }
+    }
+    for j in 0..32 {
+        let ij = cur_inst(ctx, &threads[lo + j])?;
+        if ij.op != inst.op {
+            return Err(ctx.err(ErrorKind::Deadlock, &threads[lo + j], ij.line, format!("lane {j} reached a different warp collective than lane {lane} ({name}, PTX line {})", inst.line)));
+        }
+    }
+    let mut out = vec![Vec::new(); 32];
+    if inst.op == Op::Ldmatrix {
+        let num = inst.m.vec as usize;
+        // rows[i][r]: the 8 b16 elements of row r of matrix i, addressed by lane 8i + r.
+        let mut rows = vec![[[0u16; 8]; 8]; num];
+        for (i, mat) in rows.iter_mut().enumerate() {
+            for (r, row) in mat.iter_mut().enumerate() {
+                let t = &mut threads[lo + 8 * i + r];
+                let ij = cur_inst(ctx, t)?;
+                let (addr, _) = address(ctx, t, &ij.s[0], ij.line)?;
+                let mut buf = [0u8; 16];
+                access(ctx, t, Space::Shared, addr, &mut buf, false, ij.line)?;
+                for (c, v) in row.iter_mut().enumerate() {
+                    *v = u16::from_le_bytes([buf[2 * c], buf[2 * c + 1]]);
+                }
+            }
+        }
+        for (l, o) in out.iter_mut().enumerate() {
+            let (g, c) = (l / 4, 2 * (l % 4));
+            for mat in &rows {
+                let (a, b) = if inst.m.trans {
+                    (mat[c][g], mat[c + 1][g])
+                } else {
+                    (mat[g][c], mat[g][c + 1])
+                };
+                o.push(a as u64 | (b as u64) << 16);
+            }
+        }
+    } else {
+        let to_f = |bits: u16| -> f64 {
+            if inst.ty2 == Ty::Bf16 {
+                half::bf16::from_bits(bits).to_f64()
+            } else {
+                half::f16::from_bits(bits).to_f64()
+            }
+        };
+        let mut a = [[0f64; 16]; 16];
+        let mut b = [[0f64; 8]; 16];
+        let mut c = [[0f64; 8]; 16];
+        for l in 0..32 {
+            let t = &threads[lo + l];
+            let ij = cur_inst(ctx, t)?;
+            let (g, q) = (l / 4, 2 * (l % 4));
+            let ra = vec_regs(&ij.s[0], ij.line)?;
+            let rb = vec_regs(&ij.s[1], ij.line)?;
+            let rc = vec_regs(&ij.s[2], ij.line)?;
+            if ra.len() != 4
+                || rb.len() != 2
+                || rc.len() != 4
+                || vec_regs(&ij.d[0], ij.line)?.len() != 4
+            {
+                return Err(PtxError::parse(
+                    ij.line,
+                    "mma.m16n8k16 takes fragments of 4, 4, 2 and 4 registers",
+                ));
+            }
+            let fr = t
+                .frames
+                .last()
+                .ok_or_else(|| PtxError::launch("no frame"))?;
+            let reg = |r: u32| fr.regs[r as usize];
+            // A (row-major 16x16): {a0,a1} row g, {a2,a3} row g+8, {a4..a7} the same at k+8.
+            for (i, &r) in ra.iter().enumerate() {
+                let (row, col) = (g + 8 * (i & 1), q + 8 * (i >> 1));
+                let v = reg(r);
+                a[row][col] = to_f(v as u16);
+                a[row][col + 1] = to_f((v >> 16) as u16);
+            }
+            // B (16x8, column-major): {b0,b1} k = q, q+1 of column g; {b2,b3} k + 8.
+            for (i, &r) in rb.iter().enumerate() {
+                let v = reg(r);
+                b[q + 8 * i][g] = to_f(v as u16);
+                b[q + 8 * i + 1][g] = to_f((v >> 16) as u16);
+            }
+            for (i, &r) in rc.iter().enumerate() {
+                c[g + 8 * (i >> 1)][q + (i & 1)] = f32::from_bits(reg(r) as u32) as f64;
+            }
+        }
+        for (l, o) in out.iter_mut().enumerate() {
+            let (g, q) = (l / 4, 2 * (l % 4));
+            for i in 0..4 {
+                let (row, col) = (g + 8 * (i >> 1), q + (i & 1));
+                // Products of f16/bf16 are exact in f64; the sum is accumulated in f64 in k order
+                // and rounded once to f32.
+                let mut acc = c[row][col];
+                for (k, brow) in b.iter().enumerate() {
+                    acc += a[row][k] * brow[col];
+                }
+                o.push((acc as f32).to_bits() as u64);
+            }
+        }
+    }
+    for (l, vals) in out.into_iter().enumerate() {
+        let t = &mut threads[lo + l];
+        let ij = cur_inst(ctx, t)?;
+        let regs = vec_regs(&ij.d[0], ij.line)?;
+        if regs.len() != vals.len() {
+            return Err(PtxError::parse(
+                ij.line,
+                format!(
+                    "{name} writes {} registers, {} given",
+                    vals.len(),
+                    regs.len()
+                ),
+            ));
+        }
+        let fr = t
+            .frames
+            .last_mut()
+            .ok_or_else(|| PtxError::launch("no frame"))?;
+        for (r, v) in regs.iter().zip(vals) {
+            fr.regs[*r as usize] = v;
+        }
+        fr.pc += 1;
+        t.st = St::Ready;
+    }
+    Ok(true)
 }

@@ -296,6 +296,11 @@ pub enum Op {
     Cos,
     Tanh,
     Copysign,
+    Ldmatrix,
+    Mma,
+    CpAsync,
+    CpCommit,
+    CpWait,
 }
 
 /// Modifiers of one instruction.
@@ -325,6 +330,8 @@ pub struct Mods {
     pub vec: u8,
     /// Shuffle mode.
     pub shfl: Option<ShflMode>,
+    /// `ldmatrix.trans`.
+    pub trans: bool,
 }
 
 /// One instruction.

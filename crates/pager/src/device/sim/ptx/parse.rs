@@ -904,6 +904,70 @@ fn write_init(bytes: &mut [u8], ty: Ty, vals: &[Tok], line: u32) -> Result<()> {
     Ok(())
 }
 
+/// `ldmatrix`, `mma.sync` and `cp.async` forms; `None` when the form is not implemented.
+fn decode_warp_async(
+    parts: &[&str],
+    ops: Vec<Operand>,
+    guard: Option<(u32, bool)>,
+    line: u32,
+) -> Option<Result<Inst>> {
+    let mut m = Mods {
+        vec: 1,
+        ..Mods::default()
+    };
+    let bad = |n: usize| {
+        Some(Err(PtxError::parse(
+            line,
+            format!("`{}` takes {n} operands", parts.join(".")),
+        )))
+    };
+    let mut ty2 = Ty::B16;
+    let (op, ndst, nsrc): (Op, usize, &[usize]) = match parts {
+        ["ldmatrix", "sync", "aligned", "m8n8", num, rest @ ..] => {
+            m.vec = match *num {
+                "x1" => 1,
+                "x2" => 2,
+                "x4" => 4,
+                _ => return None,
+            };
+            match rest {
+                ["trans", "shared", "b16"] => m.trans = true,
+                ["shared", "b16"] => {}
+                _ => return None,
+            }
+            (Op::Ldmatrix, 1, &[1])
+        }
+        ["mma", "sync", "aligned", "m16n8k16", "row", "col", "f32", a, b, "f32"] if a == b => {
+            ty2 = match *a {
+                "f16" => Ty::F16,
+                "bf16" => Ty::Bf16,
+                _ => return None,
+            };
+            (Op::Mma, 1, &[3])
+        }
+        ["cp", "async", "cg" | "ca", "shared", "global"] => (Op::CpAsync, 0, &[3, 4]),
+        ["cp", "async", "commit_group"] => (Op::CpCommit, 0, &[0]),
+        ["cp", "async", "wait_group"] => (Op::CpWait, 0, &[1]),
+        ["cp", "async", "wait_all"] => (Op::CpWait, 0, &[0]),
+        _ => return None,
+    };
+    if ops.len() < ndst || !nsrc.contains(&(ops.len() - ndst)) {
+        return bad(ndst + nsrc[0]);
+    }
+    let mut s = ops;
+    let d: Vec<Operand> = s.drain(..ndst).collect();
+    Some(Ok(Inst {
+        op,
+        ty: Ty::B32,
+        ty2,
+        m,
+        guard,
+        d,
+        s,
+        line,
+    }))
+}
+
 fn cmp_of(s: &str) -> Option<Cmp> {
     Some(match s {
         "eq" => Cmp::Eq,
@@ -938,6 +1002,9 @@ fn decode(
     line: u32,
 ) -> Result<Inst> {
     let unimpl = || PtxError::unimplemented(line, format!("`{opcode}`"));
+    if matches!(parts[0], "ldmatrix" | "mma" | "cp") {
+        return decode_warp_async(parts, ops, guard, line).ok_or_else(unimpl)?;
+    }
     let op = match parts[0] {
         "add" => Op::Add,
         "sub" => Op::Sub,
