@@ -609,3 +609,110 @@ fn timestep_embedding_large_arguments_take_the_slow_path() {
     );
     assert_close(&mem.f32s(ya), &want, 1e-5, "timestep_embedding_slowpath");
 }
+
+fn gemm_module() -> &'static Module {
+    static M: OnceLock<Module> = OnceLock::new();
+    M.get_or_init(|| {
+        let path = format!("{}/../../kernels/ptx/gemm.ptx", env!("CARGO_MANIFEST_DIR"));
+        Module::parse(&std::fs::read_to_string(path).unwrap()).unwrap()
+    })
+}
+
+/// Runs a linear kernel `y [m, n] = x [m, k] · w [n, k]ᵀ + b` with 16-bit (or f32) data.
+#[allow(clippy::too_many_arguments)]
+fn linear_case(
+    kernel: &str,
+    h: Option<Half>,
+    m: usize,
+    n: usize,
+    k: usize,
+    tile: usize,
+    threads: u32,
+    seed: u32,
+) {
+    let x = inputs(m * k, seed);
+    let w: Vec<f32> = inputs(n * k, seed + 1).iter().map(|v| v * 0.25).collect();
+    let b = inputs(n, seed + 2);
+    let mut mem = VecMemory::new();
+    let (xa, wa, ba, ya, xr, wr, br) = match h {
+        Some(h) => {
+            let (xb, xr) = through(h, &x);
+            let (wb, wr) = through(h, &w);
+            let (bb, br) = through(h, &b);
+            (
+                mem.alloc_u16(&xb),
+                mem.alloc_u16(&wb),
+                mem.alloc_u16(&bb),
+                mem.alloc(m * n * 2),
+                xr,
+                wr,
+                br,
+            )
+        }
+        None => (
+            mem.alloc_f32(&x),
+            mem.alloc_f32(&w),
+            mem.alloc_f32(&b),
+            mem.alloc(m * n * 4),
+            x,
+            w,
+            b,
+        ),
+    };
+    let want = ops::linear(&t(&[m, k], xr), &t(&[n, k], wr), Some(&t(&[n], br)))
+        .unwrap()
+        .data()
+        .to_vec();
+    let p = [
+        ParamValue::Ptr(xa),
+        ParamValue::Ptr(wa),
+        ParamValue::Ptr(ba),
+        ParamValue::Ptr(ya),
+        ParamValue::I32(m as i32),
+        ParamValue::I32(n as i32),
+        ParamValue::I32(k as i32),
+    ];
+    let cfg = LaunchConfig {
+        grid: [n.div_ceil(tile) as u32, m.div_ceil(tile) as u32, 1],
+        block: [threads, 1, 1],
+        dynamic_shared: 0,
+    };
+    launch(gemm_module(), kernel, cfg, &p, &mut mem, Limits::default())
+        .unwrap_or_else(|e| panic!("{kernel}: {e}"));
+    let (got, tol) = match h {
+        Some(h) => (
+            mem.u16s(ya)
+                .iter()
+                .map(|b| (h.from)(*b))
+                .collect::<Vec<f32>>(),
+            h.tol,
+        ),
+        None => (mem.f32s(ya), 1e-5),
+    };
+    assert_close(&got, &want, tol, kernel);
+}
+
+#[test]
+fn linear_f32_tile_edges() {
+    linear_case("ferry_linear_f32", None, 37, 70, 45, 64, 256, 20);
+}
+
+#[test]
+fn linear_tensor_core_f16_and_bf16() {
+    linear_case("ferry_linear_f16", Some(F16), 37, 70, 40, 64, 128, 21);
+    linear_case("ferry_linear_bf16", Some(BF16), 19, 24, 56, 64, 128, 22);
+}
+
+#[test]
+fn linear_big_pipelined_bf16() {
+    linear_case(
+        "ferry_linear_big_bf16",
+        Some(BF16),
+        130,
+        136,
+        48,
+        128,
+        256,
+        23,
+    );
+}
