@@ -716,3 +716,132 @@ fn linear_big_pipelined_bf16() {
         23,
     );
 }
+
+fn attention_module() -> &'static Module {
+    static M: OnceLock<Module> = OnceLock::new();
+    M.get_or_init(|| {
+        let path = format!(
+            "{}/../../kernels/ptx/attention.ptx",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        Module::parse(&std::fs::read_to_string(path).unwrap()).unwrap()
+    })
+}
+
+/// Attention over `[batch, n, heads*d]` rows (packed strides), flash (tensor-core) or SIMT.
+#[allow(clippy::too_many_arguments)]
+fn attention_case(
+    kernel: &str,
+    h: Option<Half>,
+    simt: bool,
+    batch: usize,
+    heads: usize,
+    nq: usize,
+    nk: usize,
+    d: usize,
+) {
+    let hd = heads * d;
+    let q = inputs(batch * nq * hd, 31);
+    let k = inputs(batch * nk * hd, 32);
+    let v = inputs(batch * nk * hd, 33);
+    let mut mem = VecMemory::new();
+    let mut put = |x: &[f32]| match h {
+        Some(h) => {
+            let (b, r) = through(h, x);
+            (mem.alloc_u16(&b), r)
+        }
+        None => (mem.alloc_f32(x), x.to_vec()),
+    };
+    let (qa, qr) = put(&q);
+    let (ka, kr) = put(&k);
+    let (va, vr) = put(&v);
+    let esize = if h.is_some() { 2 } else { 4 };
+    let oa = mem.alloc(batch * nq * hd * esize);
+    let want = ops::scaled_dot_product_attention(
+        &t(&[batch, nq, hd], qr),
+        &t(&[batch, nk, hd], kr),
+        &t(&[batch, nk, hd], vr),
+        heads,
+    )
+    .unwrap()
+    .data()
+    .to_vec();
+    let mut p = vec![
+        ParamValue::Ptr(qa),
+        ParamValue::Ptr(ka),
+        ParamValue::Ptr(va),
+        ParamValue::Ptr(oa),
+        ParamValue::I32(nq as i32),
+        ParamValue::I32(nk as i32),
+    ];
+    if simt {
+        p.push(ParamValue::I32(d as i32));
+    }
+    p.extend([
+        ParamValue::U64(hd as u64),
+        ParamValue::U64(hd as u64),
+        ParamValue::U64(hd as u64),
+        ParamValue::U64(hd as u64),
+        ParamValue::F32(1.0 / (d as f32).sqrt()),
+        ParamValue::U32(0),
+    ]);
+    let rows_per_block = if simt { 4 } else { 64 };
+    let cfg = LaunchConfig {
+        grid: [
+            nq.div_ceil(rows_per_block) as u32,
+            heads as u32,
+            batch as u32,
+        ],
+        block: [128, 1, 1],
+        dynamic_shared: 0,
+    };
+    launch(
+        attention_module(),
+        kernel,
+        cfg,
+        &p,
+        &mut mem,
+        Limits::default(),
+    )
+    .unwrap_or_else(|e| panic!("{kernel}: {e}"));
+    let (got, tol) = match h {
+        Some(h) => (
+            mem.u16s(oa)
+                .iter()
+                .map(|b| (h.from)(*b))
+                .collect::<Vec<f32>>(),
+            h.tol,
+        ),
+        None => (mem.f32s(oa), 1e-5),
+    };
+    assert_close(&got, &want, tol, kernel);
+}
+
+#[test]
+fn attention_flash_f16_d40_and_bf16_d64() {
+    attention_case(
+        "ferry_attention_f16_d40",
+        Some(F16),
+        false,
+        2,
+        2,
+        70,
+        33,
+        40,
+    );
+    attention_case(
+        "ferry_attention_bf16_d64",
+        Some(BF16),
+        false,
+        1,
+        1,
+        17,
+        80,
+        64,
+    );
+}
+
+#[test]
+fn attention_simt_f32() {
+    attention_case("ferry_attention_simt_f32", None, true, 2, 3, 9, 21, 24);
+}
