@@ -1520,16 +1520,22 @@ fn exec_cp_async(ctx: &mut Ctx, t: &mut Thread, inst: &Inst) -> Result<Flow> {
     // The copy is done at issue (its completion may be any time before the wait); the
     // destination stays marked pending until the wait so an early read is caught.
     let mut buf = vec![0u8; size];
-    if src_size > 0 {
-        access(
-            ctx,
-            t,
-            Space::Global,
-            src,
-            &mut buf[..src_size],
-            false,
-            line,
-        )?;
+    // The source is aligned to the copy size (checked above); a partial source is read byte
+    // by byte so the alignment check does not apply to its odd length.
+    if src_size == size {
+        access(ctx, t, Space::Global, src, &mut buf, false, line)?;
+    } else {
+        for i in 0..src_size {
+            access(
+                ctx,
+                t,
+                Space::Global,
+                src + i as u64,
+                &mut buf[i..i + 1],
+                false,
+                line,
+            )?;
+        }
     }
     access(ctx, t, Space::Shared, dst, &mut buf, true, line)?;
     let off = (dst & 0xffff_ffff) as u32;

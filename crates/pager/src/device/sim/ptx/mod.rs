@@ -31,10 +31,14 @@
 //!   `call(.uni)` with `.param` buffers, `ret`, `exit`.
 //! - Special registers `%tid %ntid %ctaid %nctaid %laneid %warpid %nwarpid %globaltimer %clock
 //!   %clock64 %smid %lanemask_*`.
+//! - Warp-level matrix instructions: `ldmatrix.sync.aligned.m8n8.{x1,x2,x4}{.trans}.shared.b16`
+//!   and `mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32`, with the ISA's
+//!   fragment layouts; `cp.async.{cg,ca}.shared.global` (with src-size zero fill),
+//!   `cp.async.commit_group`, `cp.async.wait_group N`, `cp.async.wait_all`.
 //!
-//! Anything else — `ldmatrix`, `mma`, `cp.async`, atomics, textures, f16 arithmetic — is
-//! recorded at parse time as an unimplemented instruction naming the opcode and its line, and
-//! launching a kernel that can reach it is an error.
+//! Anything else — other `mma` shapes, atomics, textures, f16 arithmetic, `bar.sync` with a
+//! thread count — is recorded at parse time as an unimplemented instruction naming the opcode
+//! and its line ([`Module::unsupported`]), and launching a kernel that can reach it is an error.
 //!
 //! # Choices where the ISA leaves results open
 //! - Integer division by zero: quotient all ones (what NVIDIA hardware gives for unsigned; used
@@ -49,12 +53,21 @@
 //! - `bar.sync`: threads that have exited count as arrived (as on hardware).
 //! - `shfl.sync` reading a lane outside the member mask is reported as an error (undefined in the
 //!   ISA); a lane of the mask that has exited or does not exist is a deadlock.
+//! - `mma.sync`: f16/bf16 products are exact in f64; the sum over k (in k order) plus C is
+//!   accumulated in f64 and rounded once to f32. Hardware accumulates with limited internal
+//!   precision, so results can differ from a GPU in the last bits.
+//! - `cp.async` copies at issue (the ISA allows completion any time before the wait); its
+//!   destination stays marked pending until the matching `wait_group`, so an early read is
+//!   reported. A thread that exits with copies not waited for is reported too.
+//! - `ldmatrix`/`mma.sync` are `.aligned`: all 32 lanes of the warp must reach the same
+//!   instruction kind; a lane that exits first is a deadlock.
 //! - `%globaltimer` is virtual: 10⁹ ns plus one per instruction executed so far in the launch.
 //!
 //! # Sanitizer
 //! Every launch checks: global accesses inside a live allocation (via [`GlobalMemory`]) or a
 //! module variable, shared and local accesses in bounds, natural alignment of every access
-//! (vector accesses: the whole vector), reads of shared memory never written in this CTA,
+//! (vector accesses: the whole vector), reads of shared memory never written in this CTA, reads
+//! of `cp.async` destinations before their wait,
 //! deadlocks at barriers and collectives, and a per-launch instruction budget. Each finding is
 //! one line naming kernel, block, thread, address and PTX line.
 
