@@ -294,3 +294,28 @@ fn unimplemented_and_malformed_ptx() {
         assert!(e.message.starts_with("PTX line "), "{e}");
     }
 }
+
+#[test]
+fn missing_barrier_is_a_shared_race() {
+    let pre = ".shared .align 4 .b8 buf[256];";
+    let body = "mov.u64 %rd1, buf;\nmul.wide.u32 %rd2, %r0, 4;\nadd.s64 %rd3, %rd1, %rd2;\n\
+        st.shared.u32 [%rd3], %r0;\nsetp.eq.u32 %p1, %r0, 0;\n@%p1 bra $L_end;\n\
+        ld.shared.u32 %r2, [%rd3+-4];\n$L_end:\n";
+    let src = kernel(pre, body);
+    let e = go(&src, 64, 1, Limits::default()).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Memory);
+    let (st, ld) = (line_of(&src, "st.shared"), line_of(&src, "ld.shared"));
+    assert!(
+        e.message.contains("thread (1,0,0)") && e.message.contains("shared-memory race"),
+        "{e}"
+    );
+    assert!(
+        e.message
+            .contains(&format!("thread (0,0,0) wrote at PTX line {st}")),
+        "{e}"
+    );
+    assert!(e.message.contains(&format!("(PTX line {ld})")), "{e}");
+    // With the barrier it is clean.
+    let fixed = kernel(pre, &body.replace("setp.eq", "bar.sync 0;\nsetp.eq"));
+    go(&fixed, 64, 1, Limits::default()).unwrap();
+}

@@ -129,6 +129,7 @@ struct Ctx<'a> {
     shared: Vec<u8>,
     shared_init: Vec<bool>,
     shared_pending: Vec<bool>,
+    races: sanitize::SharedRaces,
     shared_offsets: &'a [u32],
     globals: &'a mut Vec<u8>,
     mem: &'a mut dyn GlobalMemory,
@@ -284,6 +285,7 @@ pub fn launch(
         shared: Vec::new(),
         shared_init: Vec::new(),
         shared_pending: Vec::new(),
+        races: sanitize::SharedRaces::default(),
         shared_offsets: &offsets,
         globals: &mut globals,
         mem,
@@ -299,6 +301,7 @@ pub fn launch(
                 ctx.shared = vec![0; total_shared as usize];
                 ctx.shared_init = vec![false; total_shared as usize];
                 ctx.shared_pending = vec![false; total_shared as usize];
+                ctx.races = sanitize::SharedRaces::new(total_shared as usize);
                 run_block(&mut ctx, fidx, &pbuf)?;
                 blocks += 1;
             }
@@ -395,6 +398,7 @@ fn run_block(ctx: &mut Ctx, fidx: u32, pbuf: &[u8]) -> Result<()> {
                     t.st = St::Ready;
                 }
             }
+            ctx.races.barrier();
             continue;
         }
         // Nothing can move: a deadlock.
@@ -1387,6 +1391,26 @@ fn access(
                 return Err(ctx.err(ErrorKind::Memory, t, line, format!("out-of-bounds shared {verb} of {n} bytes at offset {a:#x} (shared size {len})")));
             }
             let r = a as usize..a as usize + n;
+            if let Some(race) = ctx.races.access(t.linear, r.clone(), store, line) {
+                let [bx, by, _] = ctx.cfg.block;
+                let o = race.other.thread;
+                let other = if o == sanitize::MANY {
+                    "several threads".to_string()
+                } else {
+                    format!("thread {}", dims([o % bx, (o / bx) % by, o / (bx * by)]))
+                };
+                return Err(ctx.err(
+                    ErrorKind::Memory,
+                    t,
+                    line,
+                    format!(
+                        "shared-memory race: {verb} of offset {:#x}, which {other} {} at PTX line {} with no bar.sync between",
+                        race.offset,
+                        if race.other_wrote { "wrote" } else { "read" },
+                        race.other.line
+                    ),
+                ));
+            }
             if store {
                 ctx.shared[r.clone()].copy_from_slice(buf);
                 ctx.shared_init[r].iter_mut().for_each(|b| *b = true);

@@ -66,8 +66,9 @@
 //! # Sanitizer
 //! Every launch checks: global accesses inside a live allocation (via [`GlobalMemory`]) or a
 //! module variable, shared and local accesses in bounds, natural alignment of every access
-//! (vector accesses: the whole vector), reads of shared memory never written in this CTA, reads
-//! of `cp.async` destinations before their wait,
+//! (vector accesses: the whole vector), shared-memory races (two threads touch the same byte
+//! between two barriers, at least one writing; warp collectives do not order memory), reads of
+//! shared memory never written in this CTA, reads of `cp.async` destinations before their wait,
 //! deadlocks at barriers and collectives, and a per-launch instruction budget. Each finding is
 //! one line naming kernel, block, thread, address and PTX line.
 
