@@ -845,3 +845,149 @@ fn attention_flash_f16_d40_and_bf16_d64() {
 fn attention_simt_f32() {
     attention_case("ferry_attention_simt_f32", None, true, 2, 3, 9, 21, 24);
 }
+
+/// Implicit-GEMM conv2d `x [n, c, h, w]` * `w [o, c, kh, kw]` with asymmetric padding.
+#[allow(clippy::too_many_arguments)]
+fn conv_case(
+    h16: Option<Half>,
+    xs: [usize; 4],
+    ws: [usize; 4],
+    stride: (usize, usize),
+    pad: [usize; 4],
+    seed: u32,
+) {
+    let [n, c, hh, ww] = xs;
+    let [o, _, kh, kw] = ws;
+    let params = ops::Conv2dParams {
+        stride,
+        padding: pad,
+    };
+    let ho = (hh + pad[0] + pad[1] - kh) / stride.0 + 1;
+    let wo = (ww + pad[2] + pad[3] - kw) / stride.1 + 1;
+    let x = inputs(n * c * hh * ww, seed);
+    let w: Vec<f32> = inputs(o * c * kh * kw, seed + 1)
+        .iter()
+        .map(|v| v * 0.1)
+        .collect();
+    let b = inputs(o, seed + 2);
+    let mut mem = VecMemory::new();
+    let mut put = |v: &[f32]| match h16 {
+        Some(h) => {
+            let (bits, r) = through(h, v);
+            (mem.alloc_u16(&bits), r)
+        }
+        None => (mem.alloc_f32(v), v.to_vec()),
+    };
+    let (xa, xr) = put(&x);
+    let (wa, wr) = put(&w);
+    let (ba, br) = put(&b);
+    let esize = if h16.is_some() { 2 } else { 4 };
+    let ya = mem.alloc(n * o * ho * wo * esize);
+    let want = ops::conv2d(&t(&xs, xr), &t(&ws, wr), Some(&t(&[o], br)), params)
+        .unwrap()
+        .data()
+        .to_vec();
+    let mut p = vec![
+        ParamValue::Ptr(xa),
+        ParamValue::Ptr(wa),
+        ParamValue::Ptr(ba),
+        ParamValue::Ptr(ya),
+    ];
+    for v in [
+        n, c, hh, ww, o, kh, kw, stride.0, stride.1, pad[0], pad[2], ho, wo,
+    ] {
+        p.push(ParamValue::I32(v as i32));
+    }
+    let m = n * ho * wo;
+    let (kernel, threads, tol) = match h16 {
+        Some(h) if h.suffix == "f16" => ("ferry_conv2d_f16", 128, h.tol),
+        Some(h) => ("ferry_conv2d_bf16", 128, h.tol),
+        None => ("ferry_conv2d_f32", 256, 1e-5),
+    };
+    let cfg = LaunchConfig {
+        grid: [o.div_ceil(64) as u32, m.div_ceil(64) as u32, 1],
+        block: [threads, 1, 1],
+        dynamic_shared: 0,
+    };
+    launch(gemm_module(), kernel, cfg, &p, &mut mem, Limits::default())
+        .unwrap_or_else(|e| panic!("{kernel}: {e}"));
+    let got = match h16 {
+        Some(h) => mem
+            .u16s(ya)
+            .iter()
+            .map(|b| (h.from)(*b))
+            .collect::<Vec<f32>>(),
+        None => mem.f32s(ya),
+    };
+    assert_close(&got, &want, tol, kernel);
+}
+
+#[test]
+fn conv2d_f32_f16_bf16_with_stride_and_asymmetric_padding() {
+    conv_case(None, [2, 3, 9, 7], [5, 3, 3, 3], (1, 1), [1, 1, 1, 1], 40);
+    conv_case(
+        Some(F16),
+        [1, 5, 8, 9],
+        [9, 5, 3, 3],
+        (2, 2),
+        [0, 1, 0, 1],
+        41,
+    );
+    conv_case(
+        Some(BF16),
+        [2, 4, 6, 5],
+        [3, 4, 1, 1],
+        (1, 1),
+        [0, 0, 0, 0],
+        42,
+    );
+}
+
+#[test]
+fn attention_flash_d80_d160_and_simt_half_types() {
+    attention_case(
+        "ferry_attention_f16_d80",
+        Some(F16),
+        false,
+        1,
+        1,
+        65,
+        16,
+        80,
+    );
+    attention_case(
+        "ferry_attention_bf16_d160",
+        Some(BF16),
+        false,
+        1,
+        1,
+        10,
+        70,
+        160,
+    );
+    attention_case("ferry_attention_simt_f16", Some(F16), true, 1, 2, 5, 13, 40);
+    attention_case(
+        "ferry_attention_simt_bf16",
+        Some(BF16),
+        true,
+        1,
+        1,
+        7,
+        9,
+        72,
+    );
+}
+
+#[test]
+fn linear_big_f16_with_k_tail_rows() {
+    linear_case(
+        "ferry_linear_big_f16",
+        Some(F16),
+        129,
+        130,
+        40,
+        128,
+        256,
+        24,
+    );
+}
