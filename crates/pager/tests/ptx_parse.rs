@@ -49,3 +49,61 @@ fn unimplemented_forms_are_named_with_their_line() {
         assert_eq!(e.kind, ErrorKind::Unimplemented);
     }
 }
+
+#[test]
+fn mutated_and_truncated_ptx_never_panics() {
+    let src = load("layout");
+    let bytes = src.as_bytes();
+    // Truncations at many points.
+    for cut in (0..bytes.len()).step_by(bytes.len() / 97 + 1) {
+        if src.is_char_boundary(cut) {
+            let _ = Module::parse(&src[..cut]);
+        }
+    }
+    // Single-character edits at pseudo-random places.
+    let alphabet = b"{}()[];,.%<>-+0123456789fdx@!|_ \n";
+    let mut s: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut next = || {
+        s = s
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (s >> 33) as usize
+    };
+    for _ in 0..300 {
+        let mut m = bytes.to_vec();
+        let pos = next() % m.len();
+        let c = alphabet[next() % alphabet.len()];
+        match next() % 3 {
+            0 => m[pos] = c,
+            1 => m.insert(pos, c),
+            _ => {
+                m.remove(pos);
+            }
+        }
+        if let Ok(text) = String::from_utf8(m) {
+            if let Err(e) = Module::parse(&text) {
+                assert!(e.message.starts_with("PTX line "), "{e}");
+                assert!(!e.message.contains('\n'), "{e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn oversized_declarations_are_refused_not_allocated() {
+    let head = ".version 8.4\n.target sm_80\n.address_size 64\n";
+    for body in [
+        ".global .align 4 .b8 huge[4000000000];\n".to_string(),
+        ".visible .entry k()\n{\n.reg .b32 %r<4000000000>;\nret;\n}\n".to_string(),
+        ".visible .entry k()\n{\n.local .align 4 .b8 d[3000000000];\nret;\n}\n".to_string(),
+        ".visible .entry k(.param .align 4 .b8 p[4000000000])\n{\nret;\n}\n".to_string(),
+        format!(
+            ".visible .entry k()\n{}ret;\n{}",
+            "{\n".repeat(300),
+            "}\n".repeat(300)
+        ),
+    ] {
+        let e = Module::parse(&format!("{head}{body}")).unwrap_err();
+        assert!(e.message.starts_with("PTX line "), "{e}");
+    }
+}

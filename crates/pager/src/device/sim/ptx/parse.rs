@@ -38,7 +38,21 @@ struct FnCtx {
 
 fn align_up(v: u32, a: u32) -> u32 {
     let a = a.max(1);
-    v.div_ceil(a) * a
+    v.div_ceil(a).saturating_mul(a)
+}
+
+/// Largest register file, parameter area, local depot or module-globals size accepted: larger
+/// declarations are refused rather than allocated.
+const MAX_DECL: u32 = 64 << 20;
+
+fn check_size(v: u32, what: &str, line: u32) -> Result<u32> {
+    if v > MAX_DECL {
+        return Err(PtxError::unimplemented(
+            line,
+            format!("{what} of {v} (more than {MAX_DECL})"),
+        ));
+    }
+    Ok(v)
 }
 
 /// Parses a whole PTX module.
@@ -286,7 +300,11 @@ impl Parser {
             init = Some(vals);
         }
         self.expect_punct(';')?;
-        let size = ty.size() * vec * count;
+        let size = check_size(
+            ty.size().saturating_mul(vec).saturating_mul(count),
+            "variable size",
+            line,
+        )?;
         let align = if align == 0 { ty.size() * vec } else { align };
         Ok((name, size, align, ty, init, unsized_))
     }
@@ -314,6 +332,11 @@ impl Parser {
                     write_init(&mut bytes, ty, &vals, line)?;
                 }
                 self.globals.extend_from_slice(&bytes);
+                check_size(
+                    self.globals.len().min(u32::MAX as usize) as u32,
+                    "module globals",
+                    line,
+                )?;
                 self.module_syms
                     .insert(name, (Symbol::Global(GLOBALS_BASE + off as u64), size));
             }
@@ -344,7 +367,7 @@ impl Parser {
             }
             let (name, size, align, _, _, _) = self.var_decl_no_semi()?;
             let off = align_up(ctx.param_size, align.max(1));
-            ctx.param_size = off + size;
+            ctx.param_size = check_size(off.saturating_add(size), "parameter area", line)?;
             ctx.scopes[0].insert(name.clone(), Entry::Sym(Symbol::Param(off), size));
             out.push(ParamDecl {
                 name,
@@ -381,9 +404,13 @@ impl Parser {
         }
         let ty = ty.ok_or_else(|| PtxError::parse(line, "parameter without a type"))?;
         let name = self.word()?;
-        let mut count = 1;
+        let mut count: u32 = 1;
         while self.eat_punct('[') {
-            count *= self.u32_val()?;
+            count = check_size(
+                count.saturating_mul(self.u32_val()?),
+                "parameter size",
+                line,
+            )?;
             self.expect_punct(']')?;
         }
         let align = if align == 0 { ty.size() } else { align };
@@ -501,6 +528,12 @@ impl Parser {
 
     /// Parses statements until the `}` closing the current scope.
     fn block(&mut self, ctx: &mut FnCtx, fidx: u32) -> Result<()> {
+        if ctx.scopes.len() > 256 {
+            return Err(PtxError::parse(
+                self.line(),
+                "blocks nested more than 256 deep",
+            ));
+        }
         loop {
             let line = self.line();
             let t = self.next()?;
@@ -561,10 +594,12 @@ impl Parser {
                         let n = self.u32_val()?;
                         self.expect_punct('>')?;
                         scope.insert(name, Entry::Range(ctx.nregs, n));
-                        ctx.nregs += n;
+                        ctx.nregs =
+                            check_size(ctx.nregs.saturating_add(n), "register count", line)?;
                     } else {
                         scope.insert(name, Entry::Reg(ctx.nregs));
-                        ctx.nregs += 1;
+                        ctx.nregs =
+                            check_size(ctx.nregs.saturating_add(1), "register count", line)?;
                     }
                     if !self.eat_punct(',') {
                         break;
@@ -575,7 +610,7 @@ impl Parser {
             ".param" => {
                 let (name, size, align, _, _, _) = self.var_decl()?;
                 let off = align_up(ctx.param_size, align.max(1));
-                ctx.param_size = off + size;
+                ctx.param_size = check_size(off.saturating_add(size), "parameter area", line)?;
                 if let Some(s) = ctx.scopes.last_mut() {
                     s.insert(name, Entry::Sym(Symbol::Param(off), size));
                 }
@@ -587,7 +622,7 @@ impl Parser {
                     return Err(PtxError::unimplemented(line, "initialised .local variable"));
                 }
                 let off = align_up(ctx.local_size, align.max(1));
-                ctx.local_size = off + size;
+                ctx.local_size = check_size(off.saturating_add(size), "local depot", line)?;
                 ctx.local_align = ctx.local_align.max(align);
                 if let Some(s) = ctx.scopes.last_mut() {
                     s.insert(name, Entry::Sym(Symbol::Local(off), size));
