@@ -1387,7 +1387,7 @@ fn access(
         }
         Target::Shared(a) => {
             let len = ctx.shared.len() as u64;
-            if a + n as u64 > len {
+            if a.saturating_add(n as u64) > len {
                 return Err(ctx.err(ErrorKind::Memory, t, line, format!("out-of-bounds shared {verb} of {n} bytes at offset {a:#x} (shared size {len})")));
             }
             let r = a as usize..a as usize + n;
@@ -1435,7 +1435,7 @@ fn access(
         }
         Target::Local(a) => {
             let len = t.local.len() as u64;
-            if a + n as u64 > len {
+            if a.saturating_add(n as u64) > len {
                 return Err(ctx.err(ErrorKind::Memory, t, line, format!("out-of-bounds local {verb} of {n} bytes at offset {a:#x} (local size {len})")));
             }
             let r = a as usize..a as usize + n;
@@ -1452,7 +1452,7 @@ fn access(
                 .last_mut()
                 .ok_or_else(|| PtxError::launch("no frame"))?;
             let len = fr.params.len() as u64;
-            if a + n as u64 > len {
+            if a.saturating_add(n as u64) > len {
                 return Err(ctx.err(
                     ErrorKind::Memory,
                     t,
