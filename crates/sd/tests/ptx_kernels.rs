@@ -991,3 +991,210 @@ fn linear_big_f16_with_k_tail_rows() {
         24,
     );
 }
+
+#[test]
+fn layout_and_elementwise_odds_and_ends_f32() {
+    let mut mem = VecMemory::new();
+    // add_channel_bias: x [2, 3, 5], bias of c = 3.
+    let (n, c, s) = (2usize, 3usize, 5usize);
+    let x = inputs(n * c * s, 50);
+    let b = inputs(c, 51);
+    let want = ops::add_channel_bias(&t(&[n, c, s, 1], x.clone()), &t(&[c], b.clone()))
+        .unwrap()
+        .data()
+        .to_vec();
+    let (xa, ba, ya) = (mem.alloc_f32(&x), mem.alloc_f32(&b), mem.alloc(x.len() * 4));
+    let p = [
+        ParamValue::Ptr(xa),
+        ParamValue::Ptr(ba),
+        ParamValue::Ptr(ya),
+        ParamValue::U64(x.len() as u64),
+        ParamValue::U64(s as u64),
+        ParamValue::U64(c as u64),
+    ];
+    run(
+        "elementwise",
+        "ferry_add_channel_f32",
+        blocks_for(x.len()),
+        256,
+        &mut mem,
+        &p,
+    );
+    assert_eq!(mem.f32s(ya), want);
+
+    // scale.
+    let ya = mem.alloc(x.len() * 4);
+    let p = [
+        ParamValue::Ptr(xa),
+        ParamValue::Ptr(ya),
+        ParamValue::F32(-0.3),
+        ParamValue::U64(x.len() as u64),
+    ];
+    run("elementwise", "ferry_scale_f32", 1, 256, &mut mem, &p);
+    assert_eq!(
+        mem.f32s(ya),
+        ops::scale(&t(&[x.len()], x.clone()), -0.3).data().to_vec()
+    );
+
+    // Nearest upsample ×2 of [planes 3, h 5, w 2].
+    let (planes, h, w) = (3usize, 5usize, 2usize);
+    let xu = inputs(planes * h * w, 52);
+    let want = ops::upsample_nearest2x(&t(&[1, planes, h, w], xu.clone()))
+        .unwrap()
+        .data()
+        .to_vec();
+    let (xa, ya) = (mem.alloc_f32(&xu), mem.alloc(xu.len() * 16));
+    let p = [
+        ParamValue::Ptr(xa),
+        ParamValue::Ptr(ya),
+        ParamValue::U64(planes as u64),
+        ParamValue::U32(h as u32),
+        ParamValue::U32(w as u32),
+    ];
+    run(
+        "elementwise",
+        "ferry_upsample2x_f32",
+        blocks_for(xu.len() * 4),
+        256,
+        &mut mem,
+        &p,
+    );
+    assert_eq!(mem.f32s(ya), want);
+
+    // cat along channels: a [2, 3, 4], b [2, 1, 4].
+    let (a, b) = (inputs(24, 53), inputs(8, 54));
+    let want = ops::cat_channels(&[&t(&[2, 3, 4], a.clone()), &t(&[2, 1, 4], b.clone())])
+        .unwrap()
+        .data()
+        .to_vec();
+    let (aa, ba, ya) = (mem.alloc_f32(&a), mem.alloc_f32(&b), mem.alloc(32 * 4));
+    let p = [
+        ParamValue::Ptr(aa),
+        ParamValue::Ptr(ba),
+        ParamValue::Ptr(ya),
+        ParamValue::U64(2),
+        ParamValue::U64(12),
+        ParamValue::U64(4),
+    ];
+    run("elementwise", "ferry_cat2_f32", 1, 256, &mut mem, &p);
+    assert_eq!(mem.f32s(ya), want);
+
+    // GEGLU gate: h [3, 2*7] -> [3, 7].
+    let hh = inputs(3 * 14, 55);
+    let want = ops::geglu_gate(&t(&[3, 14], hh.clone()))
+        .unwrap()
+        .data()
+        .to_vec();
+    let (ha, ya) = (mem.alloc_f32(&hh), mem.alloc(21 * 4));
+    let p = [
+        ParamValue::Ptr(ha),
+        ParamValue::Ptr(ya),
+        ParamValue::U64(3),
+        ParamValue::U32(7),
+    ];
+    run("elementwise", "ferry_geglu_f32", 1, 256, &mut mem, &p);
+    assert_close(&mem.f32s(ya), &want, 1e-5, "geglu_f32");
+
+    // Gather rows 2, 0, 2 of a [3, 5] table.
+    let table = inputs(15, 56);
+    let ids: Vec<u8> = [2u32, 0, 2].iter().flat_map(|v| v.to_le_bytes()).collect();
+    let (ta, ia, ya) = (
+        mem.alloc_f32(&table),
+        mem.alloc_bytes(&ids),
+        mem.alloc(15 * 4),
+    );
+    let p = [
+        ParamValue::Ptr(ta),
+        ParamValue::Ptr(ia),
+        ParamValue::Ptr(ya),
+        ParamValue::U64(3),
+        ParamValue::U32(5),
+        ParamValue::U32(3),
+    ];
+    run("layout", "ferry_gather_f32", 1, 256, &mut mem, &p);
+    let want: Vec<f32> = [2usize, 0, 2]
+        .iter()
+        .flat_map(|&r| table[r * 5..r * 5 + 5].to_vec())
+        .collect();
+    assert_eq!(mem.f32s(ya), want);
+}
+
+#[test]
+fn half_casts_and_bf16_embedding_and_group_norm() {
+    let x = inputs(40, 60);
+    let mut mem = VecMemory::new();
+    let (xb, xr) = through(F16, &x);
+    let (xa, ya) = (mem.alloc_u16(&xb), mem.alloc(80));
+    let p = [
+        ParamValue::Ptr(xa),
+        ParamValue::Ptr(ya),
+        ParamValue::U64(40),
+    ];
+    run("elementwise", "ferry_cast_f16_bf16", 1, 256, &mut mem, &p);
+    let want: Vec<u16> = xr.iter().map(|v| bf16::from_f32(*v).to_bits()).collect();
+    assert_eq!(mem.u16s(ya), want);
+
+    let ts = vec![7.0f32, 501.0];
+    let want = ops::timestep_embedding(&ts, 32, true, 1.0)
+        .unwrap()
+        .data()
+        .to_vec();
+    let (ta, ya) = (mem.alloc_f32(&ts), mem.alloc(64 * 2));
+    let p = [
+        ParamValue::Ptr(ta),
+        ParamValue::Ptr(ya),
+        ParamValue::U32(2),
+        ParamValue::U32(32),
+        ParamValue::U32(1),
+        ParamValue::F32(1.0),
+    ];
+    run(
+        "elementwise",
+        "ferry_timestep_embedding_bf16",
+        1,
+        256,
+        &mut mem,
+        &p,
+    );
+    let got: Vec<f32> = mem
+        .u16s(ya)
+        .iter()
+        .map(|b| bf16::from_bits(*b).to_f32())
+        .collect();
+    assert_close(&got, &want, BF16.tol, "timestep_embedding_bf16");
+
+    let (n, c, groups, spatial) = (2usize, 4usize, 2usize, 33usize);
+    let x = inputs(n * c * spatial, 61);
+    let (xb, xr) = through(BF16, &x);
+    let want = ops::group_norm(&t(&[n, c, spatial], xr), groups, None, None, 1e-5, true)
+        .unwrap()
+        .data()
+        .to_vec();
+    let (xa, ya) = (mem.alloc_u16(&xb), mem.alloc(x.len() * 2));
+    let p = [
+        ParamValue::Ptr(xa),
+        ParamValue::Ptr(ya),
+        ParamValue::Ptr(0),
+        ParamValue::Ptr(0),
+        ParamValue::U32(n as u32),
+        ParamValue::U32(c as u32),
+        ParamValue::U32(groups as u32),
+        ParamValue::U64(spatial as u64),
+        ParamValue::F32(1e-5),
+        ParamValue::U32(1),
+    ];
+    run(
+        "norm",
+        "ferry_group_norm_bf16",
+        (n * groups) as u32,
+        256,
+        &mut mem,
+        &p,
+    );
+    let got: Vec<f32> = mem
+        .u16s(ya)
+        .iter()
+        .map(|b| bf16::from_bits(*b).to_f32())
+        .collect();
+    assert_close(&got, &want, BF16.tol, "group_norm_bf16");
+}
