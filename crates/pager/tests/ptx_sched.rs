@@ -319,3 +319,46 @@ fn missing_barrier_is_a_shared_race() {
     let fixed = kernel(pre, &body.replace("setp.eq", "bar.sync 0;\nsetp.eq"));
     go(&fixed, 64, 1, Limits::default()).unwrap();
 }
+
+#[test]
+fn busy_kernel_spins_on_the_advancing_globaltimer() {
+    let path = format!("{}/../../kernels/ptx/busy.ptx", env!("CARGO_MANIFEST_DIR"));
+    let m = Module::parse(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut mem = VecMemory::new();
+    let cfg = LaunchConfig {
+        grid: [2, 1, 1],
+        block: [32, 1, 1],
+        dynamic_shared: 0,
+    };
+    let rep = launch(
+        &m,
+        "ferry_busy",
+        cfg,
+        &[ParamValue::U64(5_000)],
+        &mut mem,
+        Limits::default(),
+    )
+    .unwrap();
+    // Virtual time advances one nanosecond per instruction, and each thread runs alone until it
+    // blocks: each of the 64 threads spins about 5000 instructions.
+    assert!(
+        (64 * 5_000..64 * 5_100).contains(&rep.instructions),
+        "{rep:?}"
+    );
+    // Spinning for ever ends at the budget instead of hanging.
+    let limits = Limits {
+        instruction_budget: 200_000,
+        ..Limits::default()
+    };
+    let e = launch(
+        &m,
+        "ferry_busy",
+        cfg,
+        &[ParamValue::U64(u64::MAX)],
+        &mut mem,
+        limits,
+    )
+    .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Budget);
+    assert!(e.message.contains("ferry_busy"), "{e}");
+}

@@ -1198,3 +1198,71 @@ fn half_casts_and_bf16_embedding_and_group_norm() {
         .collect();
     assert_close(&got, &want, BF16.tol, "group_norm_bf16");
 }
+
+#[test]
+fn attention_flash_remaining_head_sizes() {
+    attention_case("ferry_attention_f16_d64", Some(F16), false, 1, 2, 9, 64, 64);
+    attention_case(
+        "ferry_attention_f16_d160",
+        Some(F16),
+        false,
+        1,
+        1,
+        3,
+        5,
+        160,
+    );
+    attention_case(
+        "ferry_attention_bf16_d40",
+        Some(BF16),
+        false,
+        2,
+        1,
+        66,
+        7,
+        40,
+    );
+    attention_case(
+        "ferry_attention_bf16_d80",
+        Some(BF16),
+        false,
+        1,
+        1,
+        1,
+        129,
+        80,
+    );
+}
+
+#[test]
+fn transpose_half_types() {
+    let (batch, rows, cols) = (1usize, 40usize, 7usize);
+    let n = batch * rows * cols;
+    for h in [F16, BF16] {
+        let (xb, _) = through(h, &inputs(n, 70));
+        let mut mem = VecMemory::new();
+        let (xa, ya) = (mem.alloc_u16(&xb), mem.alloc(n * 2));
+        let p = [
+            ParamValue::Ptr(xa),
+            ParamValue::Ptr(ya),
+            ParamValue::U64(batch as u64),
+            ParamValue::U32(rows as u32),
+            ParamValue::U32(cols as u32),
+        ];
+        let tiles = (batch * rows.div_ceil(32) * cols.div_ceil(32)) as u32;
+        run(
+            "layout",
+            &format!("ferry_transpose_{}", h.suffix),
+            tiles,
+            256,
+            &mut mem,
+            &p,
+        );
+        let y = mem.u16s(ya);
+        for r in 0..rows {
+            for c in 0..cols {
+                assert_eq!(y[c * rows + r], xb[r * cols + c]);
+            }
+        }
+    }
+}
