@@ -1266,3 +1266,163 @@ fn transpose_half_types() {
         }
     }
 }
+
+#[test]
+fn remaining_half_type_variants() {
+    let n = 300;
+    let (a, b) = (inputs(n, 80), inputs(n, 81));
+    for h in [F16, BF16] {
+        let mut mem = VecMemory::new();
+        let (ab, ar) = through(h, &a);
+        let (bb, br) = through(h, &b);
+        let (aa, ba) = (mem.alloc_u16(&ab), mem.alloc_u16(&bb));
+        let decode = |mem: &VecMemory, y: u64| {
+            mem.u16s(y)
+                .iter()
+                .map(|v| (h.from)(*v))
+                .collect::<Vec<f32>>()
+        };
+        // add
+        let ya = mem.alloc(n * 2);
+        let p = [
+            ParamValue::Ptr(aa),
+            ParamValue::Ptr(ba),
+            ParamValue::Ptr(ya),
+            ParamValue::U64(n as u64),
+        ];
+        run(
+            "elementwise",
+            &format!("ferry_add_{}", h.suffix),
+            blocks_for(n),
+            256,
+            &mut mem,
+            &p,
+        );
+        let want: Vec<f32> = ar.iter().zip(&br).map(|(x, y)| x + y).collect();
+        assert_close(&decode(&mem, ya), &want, h.tol, "add");
+        // scale
+        let ya = mem.alloc(n * 2);
+        let p = [
+            ParamValue::Ptr(aa),
+            ParamValue::Ptr(ya),
+            ParamValue::F32(1.5),
+            ParamValue::U64(n as u64),
+        ];
+        run(
+            "elementwise",
+            &format!("ferry_scale_{}", h.suffix),
+            blocks_for(n),
+            256,
+            &mut mem,
+            &p,
+        );
+        let want: Vec<f32> = ar.iter().map(|x| x * 1.5).collect();
+        assert_close(&decode(&mem, ya), &want, h.tol, "scale");
+        // cast to f32 is exact
+        let ya = mem.alloc(n * 4);
+        let p = [
+            ParamValue::Ptr(aa),
+            ParamValue::Ptr(ya),
+            ParamValue::U64(n as u64),
+        ];
+        run(
+            "elementwise",
+            &format!("ferry_cast_{}_f32", h.suffix),
+            blocks_for(n),
+            256,
+            &mut mem,
+            &p,
+        );
+        assert_eq!(mem.f32s(ya), ar);
+        // gather rows 1, 0 of a [2, 150] table: a bit copy
+        let ids: Vec<u8> = [1u32, 0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let (ia, ya) = (mem.alloc_bytes(&ids), mem.alloc(n * 2));
+        let p = [
+            ParamValue::Ptr(aa),
+            ParamValue::Ptr(ia),
+            ParamValue::Ptr(ya),
+            ParamValue::U64(2),
+            ParamValue::U32(150),
+            ParamValue::U32(2),
+        ];
+        run(
+            "layout",
+            &format!("ferry_gather_{}", h.suffix),
+            blocks_for(n),
+            256,
+            &mut mem,
+            &p,
+        );
+        let want: Vec<u16> = ab[150..].iter().chain(&ab[..150]).copied().collect();
+        assert_eq!(mem.u16s(ya), want);
+    }
+    // bf16 -> f16 cast, f16 timestep embedding, f32/f16 resize.
+    let mut mem = VecMemory::new();
+    let (ab, ar) = through(BF16, &a);
+    let (aa, ya) = (mem.alloc_u16(&ab), mem.alloc(n * 2));
+    let p = [
+        ParamValue::Ptr(aa),
+        ParamValue::Ptr(ya),
+        ParamValue::U64(n as u64),
+    ];
+    run(
+        "elementwise",
+        "ferry_cast_bf16_f16",
+        blocks_for(n),
+        256,
+        &mut mem,
+        &p,
+    );
+    let want: Vec<u16> = ar.iter().map(|v| f16::from_f32(*v).to_bits()).collect();
+    assert_eq!(mem.u16s(ya), want);
+
+    let ts = vec![3.0f32, 999.0, 0.5];
+    let want = ops::timestep_embedding(&ts, 20, false, 0.0)
+        .unwrap()
+        .data()
+        .to_vec();
+    let (ta, ya) = (mem.alloc_f32(&ts), mem.alloc(60 * 2));
+    let p = [
+        ParamValue::Ptr(ta),
+        ParamValue::Ptr(ya),
+        ParamValue::U32(3),
+        ParamValue::U32(20),
+        ParamValue::U32(0),
+        ParamValue::F32(0.0),
+    ];
+    run(
+        "elementwise",
+        "ferry_timestep_embedding_f16",
+        1,
+        256,
+        &mut mem,
+        &p,
+    );
+    let got: Vec<f32> = mem
+        .u16s(ya)
+        .iter()
+        .map(|b| f16::from_bits(*b).to_f32())
+        .collect();
+    assert_close(&got, &want, F16.tol, "timestep_embedding_f16");
+
+    let (planes, ih, iw, oh, ow) = (2usize, 3usize, 4usize, 7usize, 9usize);
+    let x = inputs(planes * ih * iw, 82);
+    let want = ops::resize_nearest(&t(&[1, planes, ih, iw], x.clone()), oh, ow)
+        .unwrap()
+        .data()
+        .to_vec();
+    let (xa, ya) = (mem.alloc_f32(&x), mem.alloc(planes * oh * ow * 4));
+    let p = [
+        ParamValue::Ptr(xa),
+        ParamValue::Ptr(ya),
+        ParamValue::U64(planes as u64),
+        ParamValue::U32(ih as u32),
+        ParamValue::U32(iw as u32),
+        ParamValue::U32(oh as u32),
+        ParamValue::U32(ow as u32),
+        ParamValue::F32(ih as f32 / oh as f32),
+        ParamValue::F32(iw as f32 / ow as f32),
+    ];
+    run("layout", "ferry_resize_nearest_f32", 1, 256, &mut mem, &p);
+    assert_eq!(mem.f32s(ya), want);
+}
