@@ -97,6 +97,14 @@ impl Module {
         self.functions.iter().flat_map(|f| &f.unsupported).collect()
     }
 
+    /// The kernel or device function called `name` (its parameters give a launcher the
+    /// expected argument sizes).
+    pub fn function(&self, name: &str) -> Option<&ir::Function> {
+        self.by_name
+            .get(name)
+            .and_then(|&i| self.functions.get(i as usize))
+    }
+
     /// Names of the kernel entries.
     pub fn kernels(&self) -> Vec<&str> {
         self.functions
