@@ -26,6 +26,7 @@
 
 pub mod faults;
 mod kernel;
+pub mod ptx;
 mod race;
 
 pub use faults::{FaultCounts, FaultOp, FaultPlan, SimResources};
