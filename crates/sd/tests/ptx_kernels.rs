@@ -672,11 +672,7 @@ fn linear_case(
         ParamValue::I32(n as i32),
         ParamValue::I32(k as i32),
     ];
-    let cfg = LaunchConfig {
-        grid: [n.div_ceil(tile) as u32, m.div_ceil(tile) as u32, 1],
-        block: [threads, 1, 1],
-        dynamic_shared: 0,
-    };
+    let cfg = production_grid(m, n, tile, threads);
     launch(gemm_module(), kernel, cfg, &p, &mut mem, Limits::default())
         .unwrap_or_else(|e| panic!("{kernel}: {e}"));
     let (got, tol) = match h {
@@ -904,11 +900,7 @@ fn conv_case(
         Some(h) => ("ferry_conv2d_bf16", 128, h.tol),
         None => ("ferry_conv2d_f32", 256, 1e-5),
     };
-    let cfg = LaunchConfig {
-        grid: [o.div_ceil(64) as u32, m.div_ceil(64) as u32, 1],
-        block: [threads, 1, 1],
-        dynamic_shared: 0,
-    };
+    let cfg = production_grid(m, o, 64, threads);
     launch(gemm_module(), kernel, cfg, &p, &mut mem, Limits::default())
         .unwrap_or_else(|e| panic!("{kernel}: {e}"));
     let got = match h16 {
@@ -1425,4 +1417,15 @@ fn remaining_half_type_variants() {
     ];
     run("layout", "ferry_resize_nearest_f32", 1, 256, &mut mem, &p);
     assert_eq!(mem.f32s(ya), want);
+}
+
+/// The GEMM / conv launch geometry the CUDA backend uses (`ferry_sd::cuda::gemm_dims`), so the
+/// interpreted launches check the kernels as they are really launched.
+fn production_grid(m: usize, n: usize, tile: usize, threads: u32) -> LaunchConfig {
+    let d = ferry_sd::cuda::gemm_dims(m, n, tile, threads).expect("gemm launch geometry");
+    LaunchConfig {
+        grid: [d.grid.0, d.grid.1, d.grid.2],
+        block: [d.block.0, d.block.1, d.block.2],
+        dynamic_shared: d.shared_mem,
+    }
 }
