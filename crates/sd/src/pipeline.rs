@@ -635,6 +635,11 @@ impl Pipeline {
         races_error(self.races())
     }
 
+    /// The scheduler a run with `--scheduler name` uses (`None`: the model's own).
+    pub fn scheduler_kind(&self, name: Option<&str>) -> Result<schedulers::SchedulerKind> {
+        Ok(schedulers::build(name, false, &self.scheduler_config)?.kind())
+    }
+
     /// The default image size: the UNet's sample size times the VAE's scale factor.
     pub fn default_size(&self) -> (usize, usize) {
         let f = self.vae.scale_factor();

@@ -411,6 +411,8 @@ fn unicode_prompt_is_kept_exactly_in_the_png() {
         params.starts_with(&format!("{prompt}\nSteps: 2")),
         "{params}"
     );
+    // sd15's own scheduler is PNDM, which AUTOMATIC1111 calls PLMS.
+    assert!(params.contains("Sampler: PLMS,"), "{params}");
     // A valid PNG: the pixels decode at the requested size.
     let mut r = png::Decoder::new(std::io::Cursor::new(&bytes[..]))
         .read_info()

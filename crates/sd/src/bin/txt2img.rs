@@ -300,7 +300,8 @@ fn run(args: &Args) -> Result<(), BoxError> {
         npy::write_f32(p, &out.latents)?;
     }
     let (w, h) = out.size;
-    let sampler = args.scheduler.as_deref().unwrap_or("model default");
+    // A1111's sampler names, so web UIs and image browsers read the parameters back.
+    let sampler = pipe.scheduler_kind(args.scheduler.as_deref())?.a1111_name();
     for i in 0..args.batch {
         let mut parameters = args.prompt.clone();
         if let Some(n) = &args.negative_prompt {

@@ -126,6 +126,17 @@ impl SchedulerKind {
         }
     }
 
+    /// The sampler name AUTOMATIC1111 writes in a PNG's `parameters` text.
+    pub fn a1111_name(self) -> &'static str {
+        match self {
+            SchedulerKind::Ddim => "DDIM",
+            SchedulerKind::Pndm => "PLMS",
+            SchedulerKind::Euler => "Euler",
+            SchedulerKind::EulerAncestral => "Euler a",
+            SchedulerKind::DpmSolverMultistep => "DPM++ 2M",
+        }
+    }
+
     /// Whether diffusers' class has `use_karras_sigmas`.
     pub fn supports_karras(self) -> bool {
         matches!(
