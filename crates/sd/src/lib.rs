@@ -16,6 +16,7 @@ pub mod npy;
 pub mod ops;
 pub mod output;
 pub mod pipeline;
+pub mod ptx_runner;
 pub mod rng;
 pub mod schedulers;
 pub mod tensor;
