@@ -20,49 +20,10 @@ use ferry_sd::tokenizer::ClipTokenizer;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 use serde_json::{json, Value};
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::time::{Duration, Instant};
 
-/// Counts the bytes this thread has live and the most it had since the last reset.
-struct Counting;
-
-thread_local! {
-    static LIVE: Cell<isize> = const { Cell::new(0) };
-    static PEAK: Cell<isize> = const { Cell::new(0) };
-}
-
-fn note(delta: isize) {
-    // `try_with`: the thread-locals may be gone while a thread shuts down.
-    let _ = LIVE.try_with(|l| {
-        let now = l.get() + delta;
-        l.set(now);
-        let _ = PEAK.try_with(|p| p.set(p.get().max(now)));
-    });
-}
-
-// SAFETY: every call is forwarded unchanged to the system allocator; the bookkeeping only touches
-// const-initialised thread-locals without destructors, and never allocates.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        note(layout.size() as isize);
-        // SAFETY: forwarded with the caller's layout.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        note(-(layout.size() as isize));
-        // SAFETY: `ptr` came from `System.alloc` with this layout.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        note(new_size as isize - layout.size() as isize);
-        // SAFETY: forwarded with the caller's arguments.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static ALLOC: Counting = Counting;
+#[path = "../../pager/tests/counting_alloc/mod.rs"]
+mod counting_alloc;
 
 /// Peak heap bytes per case may be at most `BOUND_FACTOR` × input bytes + [`BOUND_BASE`]. JSON
 /// becomes a `serde_json::Value` tree (a 2-byte `[]` or `0,` costs a 32-byte node plus vector
@@ -86,12 +47,11 @@ fn bounded<R>(what: &str, input_len: usize, f: impl FnOnce() -> R) -> R {
 
 /// [`bounded`] with another fixed allowance.
 fn bounded_with<R>(what: &str, input_len: usize, base: usize, f: impl FnOnce() -> R) -> R {
-    let start = LIVE.with(Cell::get);
-    PEAK.with(|p| p.set(start));
+    let start = counting_alloc::start();
     let t = Instant::now();
     let r = f();
     let elapsed = t.elapsed();
-    let peak = (PEAK.with(Cell::get) - start).max(0) as usize;
+    let peak = counting_alloc::peak_since(start);
     let bound = BOUND_FACTOR * input_len + base;
     assert!(
         peak <= bound,
