@@ -9,6 +9,7 @@ pub mod cuda;
 pub mod null;
 pub mod sim;
 
+pub use self::cuda::{KernelArg, LaunchDims};
 use crate::error::{Error, Result};
 use memmap2::Mmap;
 use std::fmt;
@@ -215,4 +216,36 @@ pub trait Device: Send + Sync + fmt::Debug {
     /// Enqueues a kernel that occupies `stream` for `duration` and touches no memory (a spin kernel
     /// on CUDA): the stand-in for compute in benchmarks and scheduler tests.
     fn busy(&self, stream: StreamId, duration: Duration) -> Result<()>;
+
+    /// Whether [`Device::launch_ptx`] runs kernels on this device.
+    fn can_launch_ptx(&self) -> bool {
+        false
+    }
+
+    /// Enqueues kernel `func` of the PTX module `module` (text `ptx`, cached by `module`) on
+    /// `stream`: on CUDA a real launch, on the simulator an interpreted one.
+    ///
+    /// The arguments are checked against the kernel's PTX parameter list and every
+    /// [`KernelArg::Buf`] range against the live device allocations before anything runs.
+    ///
+    /// # Safety
+    /// The kernel must access only the [`KernelArg::Buf`] ranges it is given, and the values must
+    /// mean what the kernel expects; buffers it writes must not be used by other streams until
+    /// an event recorded after this launch completes. (The simulator checks all of this and
+    /// reports a violation as an error, but a real GPU does not.)
+    unsafe fn launch_ptx(
+        &self,
+        stream: StreamId,
+        module: &'static str,
+        ptx: &'static str,
+        func: &'static str,
+        dims: LaunchDims,
+        args: &[KernelArg],
+    ) -> Result<()> {
+        let _ = (stream, ptx, dims, args);
+        Err(Error::InvalidArgument(format!(
+            "{} cannot launch kernel '{func}' of module '{module}': it does not execute PTX",
+            self.name()
+        )))
+    }
 }

@@ -561,6 +561,23 @@ impl Device for CudaDevice {
         DeviceKind::Cuda
     }
 
+    fn can_launch_ptx(&self) -> bool {
+        true
+    }
+
+    unsafe fn launch_ptx(
+        &self,
+        stream: StreamId,
+        module: &'static str,
+        ptx: &'static str,
+        func: &'static str,
+        dims: LaunchDims,
+        args: &[KernelArg],
+    ) -> Result<()> {
+        // SAFETY: the caller upholds `launch`'s contract, which is this method's.
+        unsafe { self.launch(stream, module, ptx, func, dims, args) }
+    }
+
     fn name(&self) -> String {
         self.name.clone()
     }
