@@ -28,7 +28,7 @@ pub enum FaultOp {
     /// [`crate::Device::copy_h2d`], [`crate::Device::copy_h2d_pageable`] and
     /// [`crate::Device::copy_d2h`].
     Copy,
-    /// [`super::SimDevice::launch`] and [`crate::Device::busy`].
+    /// [`super::SimDevice::launch`], [`crate::Device::busy`] and [`crate::Device::launch_ptx`].
     Launch,
 }
 

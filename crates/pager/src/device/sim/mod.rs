@@ -20,6 +20,11 @@
 //! [`SimConfig::host_capacity`], and are reported apart ([`SimDevice::host_bytes_allocated`],
 //! [`SimDevice::host_bytes_registered`]).
 //!
+//! **Interpreted PTX** ([`Device::launch_ptx`]): a launch is an ordinary kernel operation whose
+//! body is the PTX interpreter ([`ptx`]), run at the kernel's start against memory as of then;
+//! its race checks use the bytes it really touched, once it has run (see `race::PtxWatch`), and
+//! its duration comes from the cost model in [`SimConfig::kernel_overhead`].
+//!
 //! **Fault injection** ([`faults`]): a [`FaultPlan`] set with [`SimDevice::set_fault_plan`] makes
 //! the k-th allocation, copy, event call, sync or launch fail with [`Error::Injected`], and
 //! [`SimDevice::resources`] reports what is live (allocations, events, streams) for leak checks.
@@ -1134,13 +1139,14 @@ impl Device for SimDevice {
         dims: LaunchDims,
         args: &[KernelArg],
     ) -> Result<()> {
+        // Counted first, as every other launch; the checks below have no effect either.
+        self.lock().faults.check(FaultOp::Launch)?;
         let m = self.ptx_module(module, ptx_text)?;
         ptx::check_kernel(&m, func)
             .map_err(|e| Error::InvalidArgument(format!("PTX module {module}: {e}")))?;
         check_launch_args(ptx_text, func, args)?;
         dims.check(func)?;
         let mut st = self.lock();
-        st.faults.check(FaultOp::Launch)?;
         let mut bufs = Vec::new();
         for arg in args {
             if let KernelArg::Buf { ptr, bytes } = *arg {
