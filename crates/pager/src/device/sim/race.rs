@@ -419,3 +419,38 @@ impl State {
             .retain(|_, w| w.ran.is_none() || w.access.end > horizon);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spans(s: &RangeSet) -> Vec<(u64, u64)> {
+        s.ranges().iter().map(|r| (r.ptr.0, r.end())).collect()
+    }
+
+    #[test]
+    fn footprints_coalesce_adjacent_and_overlapping_accesses_only() {
+        let mut s = RangeSet::default();
+        for i in (0..16u64).rev() {
+            s.insert(4 * i, 4 * i + 4);
+        }
+        assert_eq!(spans(&s), [(0, 64)]);
+        s.insert(100, 104);
+        s.insert(70, 80);
+        assert_eq!(spans(&s), [(0, 64), (70, 80), (100, 104)]);
+        s.insert(10, 20);
+        s.insert(5, 5);
+        assert_eq!(spans(&s), [(0, 64), (70, 80), (100, 104)]);
+        // Bridges two ranges and touches the third.
+        s.insert(60, 100);
+        assert_eq!(spans(&s), [(0, 104)]);
+    }
+
+    #[test]
+    fn intersections_are_the_common_bytes() {
+        let r = |a, b| DeviceRange::new(DevicePtr(a), b - a);
+        assert_eq!(intersect(&r(0, 10), &r(5, 20)), Some(r(5, 10)));
+        assert_eq!(intersect(&r(0, 10), &r(10, 20)), None);
+        assert_eq!(intersect(&r(3, 4), &r(0, 20)), Some(r(3, 4)));
+    }
+}
