@@ -324,3 +324,87 @@ fn globaltimer_advances() {
     );
     assert!(r[0] > 0 || r[1] > 0);
 }
+
+/// `op` applied to f16 bit patterns in `.b16` registers; the result's bits.
+fn h16op(op: &str, args: &[u16]) -> u16 {
+    let mut body = String::new();
+    let mut names = Vec::new();
+    for (i, a) in args.iter().enumerate() {
+        body += &format!("mov.b16 %rs{}, {a};\n", i + 1);
+        names.push(format!("%rs{}", i + 1));
+    }
+    body += &format!(
+        "{op} %rs0, {};\nst.global.b16 [%rd9], %rs0;\n",
+        names.join(", ")
+    );
+    run(&body)[0] as u16
+}
+
+#[test]
+fn f16_arithmetic_rounds_once_to_nearest_even() {
+    // f16: 1 sign, 5 exponent (bias 15), 10 fraction bits. 0x3C00 = 1, 0x3C01 = 1 + 2^-10,
+    // 0x3C02 = 1 + 2^-9, 0x1000 = 2^-11, 0x4000 = 2, 0x4001 = 2 + 2^-9, 0x7BFF = 65504.
+    // 1 + 2^-11 is the midpoint of 1 and 1 + 2^-10: ties to the even 1.
+    assert_eq!(h16op("add.rn.f16", &[0x3C00, 0x1000]), 0x3C00);
+    // 1 + 2^-10 + 2^-11: midpoint of 0x3C01 and 0x3C02, ties to the even 0x3C02.
+    assert_eq!(h16op("add.f16", &[0x3C01, 0x1000]), 0x3C02);
+    assert_eq!(
+        h16op("sub.rn.f16", &[0x3C02, 0x3C00]),
+        0x1800,
+        "2^-9 exactly"
+    );
+    // 65504 · 2 overflows to +inf; +inf + −inf is NaN.
+    assert_eq!(h16op("mul.rn.f16", &[0x7BFF, 0x4000]), 0x7C00);
+    let nan = h16op("add.rn.f16", &[0x7C00, 0xFC00]);
+    assert!(
+        nan & 0x7C00 == 0x7C00 && nan & 0x03FF != 0,
+        "NaN, got {nan:#06x}"
+    );
+    // 2^-14 (0x0400, smallest normal) · 0.5 (0x3800) = 2^-15, subnormal 0x0200; .ftz flushes
+    // it to a zero of the product's sign.
+    assert_eq!(h16op("mul.rn.f16", &[0x0400, 0x3800]), 0x0200);
+    assert_eq!(h16op("mul.rn.ftz.f16", &[0x0400, 0x3800]), 0x0000);
+    assert_eq!(h16op("mul.rn.ftz.f16", &[0x8400, 0x3800]), 0x8000);
+    // .ftz flushes subnormal inputs too: 2^-24 (0x0001) + 0 is 0.
+    assert_eq!(h16op("add.rn.f16", &[0x0001, 0x0000]), 0x0001);
+    assert_eq!(h16op("add.rn.ftz.f16", &[0x0001, 0x0000]), 0x0000);
+    // .sat: 1.5 · 1.5 = 2.25 → 1; −1 · 0.5 → +0; NaN → +0.
+    assert_eq!(h16op("mul.rn.sat.f16", &[0x3E00, 0x3E00]), 0x3C00);
+    assert_eq!(h16op("mul.rn.sat.f16", &[0xBC00, 0x3800]), 0x0000);
+    assert_eq!(h16op("add.rn.sat.f16", &[0x7C00, 0xFC00]), 0x0000);
+}
+
+#[test]
+fn f16_fma_rounds_the_exact_sum_once() {
+    // (1 + 2^-10)(2 − 2^-10) = 2 + 2^-10 − 2^-20; + 17·2^-24 (0x0011) = 2 + 2^-10 + 2^-24,
+    // just above the midpoint of 2 (0x4000) and 2 + 2^-9 (0x4001): 0x4001. Rounding to f32
+    // first (ulp 2^-22 there) would land on the midpoint and then tie to the even 0x4000.
+    assert_eq!(h16op("fma.rn.f16", &[0x3C01, 0x3FFF, 0x0011]), 0x4001);
+    // Without the 2^-24: 2 + 2^-10 − 2^-20 + 2^-20 = the midpoint itself, ties to 0x4000.
+    assert_eq!(h16op("fma.rn.f16", &[0x3C01, 0x3FFF, 0x0010]), 0x4000);
+    // 1 · 1 + (−1) = +0 under round to nearest.
+    assert_eq!(h16op("fma.rn.f16", &[0x3C00, 0x3C00, 0xBC00]), 0x0000);
+    // The ISA has only .rn for f16 arithmetic; other modes stay unimplemented, named.
+    let m = Module::parse(
+        ".version 8.4\n.target sm_80\n.address_size 64\n.visible .entry k()\n{\n\
+         .reg .b16 %rs<3>;\nadd.rz.f16 %rs0, %rs1, %rs2;\nret;\n}\n",
+    )
+    .unwrap();
+    let uns: Vec<String> = m.unsupported().iter().map(|e| e.to_string()).collect();
+    assert!(uns.len() == 1 && uns[0].contains("add.rz.f16"), "{uns:?}");
+}
+
+#[test]
+fn f16x2_arithmetic_works_lane_by_lane() {
+    // Low half is element 0. {1, −2} + {1, 2} = {2, +0}; {1, −2} · {1 + 2^-10, 2} = {0x3C01, −4}.
+    let r = run(
+        "mov.b32 %r1, 0xC0003C00;\nmov.b32 %r2, 0x40003C00;\nmov.b32 %r3, 0x40003C01;\n\
+         add.rn.f16x2 %r4, %r1, %r2;\nmul.rn.f16x2 %r5, %r1, %r3;\n\
+         fma.rn.f16x2 %r6, %r1, %r2, %r2;\n\
+         st.global.b32 [%rd9], %r4;\nst.global.b32 [%rd9+4], %r5;\nst.global.b32 [%rd9+8], %r6;\n",
+    );
+    assert_eq!(r[0], 0x0000_4000);
+    assert_eq!(r[1], 0xC400_3C01);
+    // {1·1 + 1, −2·2 + 2} = {2, −2}.
+    assert_eq!(r[2], 0xC000_4000);
+}

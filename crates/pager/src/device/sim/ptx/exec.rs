@@ -724,6 +724,18 @@ fn exec(ctx: &mut Ctx, t: &mut Thread, inst: &Inst) -> Result<Flow> {
     let signed = ty.signed();
     let r = |ctx: &Ctx, t: &Thread, i: usize| read(ctx, t, &inst.s[i], ty, line);
     let v: u64 = match inst.op {
+        Op::Add | Op::Sub | Op::Mul | Op::Fma if matches!(ty, Ty::F16 | Ty::F16x2) => {
+            let ops = (0..inst.s.len())
+                .map(|i| r(ctx, t, i))
+                .collect::<Result<Vec<u64>>>()?;
+            let lanes = if ty == Ty::F16x2 { 2 } else { 1 };
+            let mut out = 0u64;
+            for l in 0..lanes {
+                let x: Vec<u16> = ops.iter().map(|&o| (o >> (16 * l)) as u16).collect();
+                out |= u64::from(float::half_arith(inst.op, &x, m.ftz, m.sat)) << (16 * l);
+            }
+            out
+        }
         Op::Add | Op::Sub if ty == Ty::F32 => {
             let (a, b) = (f32v(r(ctx, t, 0)?), f32v(r(ctx, t, 1)?));
             let f = if inst.op == Op::Add {

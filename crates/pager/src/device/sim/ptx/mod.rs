@@ -19,6 +19,8 @@
 //! - Float (f32, f64): `add sub mul fma` with `.rn/.rz/.rm/.rp` (f32: correctly rounded in every
 //!   mode via exact f64 intermediates and TwoSum; f64: `.rn` only), `.ftz`, `.sat`; `div` (`.rn`,
 //!   `.full`, `.approx`), `min max abs neg copysign`, `rcp sqrt rsqrt ex2 lg2 sin cos tanh`.
+//! - f16 and f16x2 (lane by lane, element 0 in the low half): `add sub mul fma` with `.rn`,
+//!   `.ftz`, `.sat`, correctly rounded (exact f64 intermediates, one rounding).
 //! - `setp` (all integer and float comparisons incl. unordered `equ neu ltu leu gtu geu num nan`,
 //!   `.and/.or/.xor` combining, `p|q` destinations), `selp`, predicate `and or xor not`.
 //! - `mov` incl. vector pack/unpack and variable addresses; `cvt` int↔int (widen, narrow,
@@ -36,8 +38,8 @@
 //!   fragment layouts; `cp.async.{cg,ca}.shared.global` (with src-size zero fill),
 //!   `cp.async.commit_group`, `cp.async.wait_group N`, `cp.async.wait_all`.
 //!
-//! Anything else — other `mma` shapes, atomics, textures, f16 arithmetic, `bar.sync` with a
-//! thread count — is recorded at parse time as an unimplemented instruction naming the opcode
+//! Anything else — other `mma` shapes, atomics, textures, other f16/bf16 arithmetic, `bar.sync`
+//! with a thread count — is recorded at parse time as an unimplemented instruction naming the opcode
 //! and its line ([`Module::unsupported`]), and launching a kernel that can reach it is an error.
 //!
 //! # Choices where the ISA leaves results open
@@ -45,7 +47,8 @@
 //!   for signed too), remainder = dividend. `MIN / -1` = `MIN`, `MIN % -1` = 0.
 //! - `sub.cc`/`subc` treat CC.CF as a borrow: `subc d, a, b` is `a - (b + CF)`.
 //! - f32 arithmetic returning NaN gives the canonical NaN `0x7fffffff`; f16/bf16 conversions of
-//!   NaN give `0x7fff`. f64 NaN payloads are whatever the host produces.
+//!   NaN give `0x7fff`, and so does f16 arithmetic returning NaN. f64 NaN payloads are whatever
+//!   the host produces.
 //! - `min`/`max`: one NaN operand gives the other, two give the canonical NaN; −0 < +0.
 //! - `.approx` functions (`rcp ex2 lg2 rsqrt sqrt sin cos tanh`, `div.approx/.full`) are computed in
 //!   f64 and rounded to nearest f32: within 0.5 ulp of the exact value, tighter than the ISA's

@@ -1208,7 +1208,15 @@ fn decode(
     }
     // Checks on what the executor implements.
     let float_ok = |t: Ty| matches!(t, Ty::F32 | Ty::F64);
+    let half = matches!(ty, Ty::F16 | Ty::F16x2);
     match op {
+        // f16 / f16x2 arithmetic: add, sub, mul, fma, round to nearest only.
+        Op::Add | Op::Sub | Op::Mul | Op::Fma
+            if half && (!matches!(m.round, Round::Rn | Round::None) || m.approx) =>
+        {
+            return Err(unimpl())
+        }
+        Op::Add | Op::Sub | Op::Mul | Op::Fma if half => {}
         Op::Add | Op::Sub | Op::Mul | Op::Fma | Op::Div | Op::Min | Op::Max | Op::Abs | Op::Neg
             if ty.float() && !float_ok(ty) =>
         {

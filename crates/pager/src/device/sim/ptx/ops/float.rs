@@ -254,3 +254,46 @@ pub fn unary64(op: super::super::ir::Op, v: f64) -> f64 {
         _ => f64::NAN,
     }
 }
+
+/// An f16 operand as f64 (exact), subnormals flushed to a signed zero with `.ftz`.
+fn half_in(bits: u16, ftz_: bool) -> f64 {
+    let b = if ftz_ && bits & 0x7c00 == 0 {
+        bits & 0x8000
+    } else {
+        bits
+    };
+    half::f16::from_bits(b).to_f64()
+}
+
+/// `add sub mul fma` `.rn{.ftz}{.sat}.f16` on f16 bit patterns (`x` holds 2 or 3 operands),
+/// correctly rounded to nearest even: sums and products of f16 are exact in f64 and `fma`'s sum
+/// is carried exactly by TwoSum; the exact value goes to f32 with round-to-odd (24 bits ≥ 11 + 2,
+/// so no double rounding), then to f16 to nearest even. A NaN result is the canonical
+/// `0x7fff` (as for conversions); `.ftz` flushes subnormal inputs and results to a signed zero;
+/// `.sat` clamps to [0, 1] with NaN → +0.
+pub fn half_arith(op: super::super::ir::Op, x: &[u16], ftz_: bool, sat: bool) -> u16 {
+    use super::super::ir::Op;
+    let v = |i: usize| x.get(i).map_or(0.0, |&b| half_in(b, ftz_));
+    let (s, e) = match op {
+        Op::Add => two_sum(v(0), v(1)),
+        Op::Sub => two_sum(v(0), -v(1)),
+        Op::Mul => (v(0) * v(1), 0.0),
+        _ => two_sum(v(0) * v(1), v(2)),
+    };
+    if s.is_nan() {
+        return if sat { 0 } else { super::cvt::NAN16 };
+    }
+    let mut c = round_f32(s, e, Round::Rz);
+    if c.is_finite() && ((c as f64) != s || e != 0.0) {
+        // Round to odd: keeps the inexactness visible to the final rounding.
+        c = f32::from_bits(c.to_bits() | 1);
+    }
+    let mut h = half::f16::from_f32(c);
+    if ftz_ && h.to_bits() & 0x7c00 == 0 {
+        h = half::f16::from_bits(h.to_bits() & 0x8000);
+    }
+    if sat {
+        h = half::f16::from_f32(h.to_f32().clamp(0.0, 1.0));
+    }
+    h.to_bits()
+}
