@@ -1,7 +1,9 @@
 //! Instruction semantics, one family at a time, against values derived by hand from the PTX ISA
 //! and IEEE 754 (bit patterns written out here, never produced by the interpreter).
 
-use ferry_pager::device::sim::ptx::{launch, LaunchConfig, Limits, Module, ParamValue, VecMemory};
+use ferry_pager::device::sim::ptx::{
+    launch, ErrorKind, LaunchConfig, Limits, Module, ParamValue, PtxError, VecMemory,
+};
 
 /// Runs `body` in a one-thread kernel whose `%rd9` points at 64 output bytes; returns them as
 /// u32 words.
@@ -407,4 +409,93 @@ fn f16x2_arithmetic_works_lane_by_lane() {
     assert_eq!(r[1], 0xC400_3C01);
     // {1·1 + 1, −2·2 + 2} = {2, −2}.
     assert_eq!(r[2], 0xC000_4000);
+}
+
+/// Runs `body` in a kernel of `threads` threads (one CTA) with a 256-byte shared `buf`, `%r0` =
+/// `%tid.x`, `%rd9` = output of one u32 per thread; returns the output.
+fn block(body: &str, threads: u32) -> Result<Vec<u32>, PtxError> {
+    let src = format!(
+        ".version 8.4\n.target sm_80\n.address_size 64\n.shared .align 4 .b8 buf[256];\n\
+         .visible .entry k(.param .u64 k_out)\n{{\n\
+         .reg .pred %p<8>;\n.reg .b32 %r<16>;\n.reg .b64 %rd<16>;\n\
+         ld.param.u64 %rd9, [k_out];\nmov.u32 %r0, %tid.x;\n{body}\nret;\n}}\n"
+    );
+    let m = Module::parse(&src)?;
+    assert!(m.unsupported().is_empty(), "{:?}", m.unsupported());
+    let mut mem = VecMemory::new();
+    let out = mem.alloc(4 * threads as usize);
+    let cfg = LaunchConfig {
+        grid: [1, 1, 1],
+        block: [threads, 1, 1],
+        dynamic_shared: 0,
+    };
+    launch(
+        &m,
+        "k",
+        cfg,
+        &[ParamValue::Ptr(out)],
+        &mut mem,
+        Limits::default(),
+    )?;
+    Ok(mem
+        .bytes(out)
+        .unwrap_or(&[])
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
+}
+
+#[test]
+fn bar_sync_with_a_thread_count_waits_for_that_many_threads() {
+    // Warps 0 and 1 exchange values through shared memory at barrier 1 (64 threads); warp 2
+    // meets alone at barrier 2 (32 threads). Barrier 1 must not wait for warp 2.
+    let body = "mov.u64 %rd1, buf;\nmul.wide.u32 %rd2, %r0, 4;\nadd.s64 %rd6, %rd9, %rd2;\n\
+        setp.ge.u32 %p1, %r0, 64;\n@%p1 bra $L_third;\n\
+        add.s64 %rd3, %rd1, %rd2;\nst.shared.u32 [%rd3], %r0;\nbar.sync 1, 64;\n\
+        add.s32 %r1, %r0, 32;\nrem.u32 %r1, %r1, 64;\nmul.wide.u32 %rd4, %r1, 4;\n\
+        add.s64 %rd5, %rd1, %rd4;\nld.shared.u32 %r2, [%rd5];\nst.global.u32 [%rd6], %r2;\n\
+        bra $L_end;\n$L_third:\nbar.sync 2, 32;\nadd.s32 %r2, %r0, 1000;\n\
+        st.global.u32 [%rd6], %r2;\n$L_end:";
+    let w = block(body, 96).unwrap();
+    let want: Vec<u32> = (0..96)
+        .map(|i| if i < 64 { (i + 32) % 64 } else { 1000 + i })
+        .collect();
+    assert_eq!(w, want);
+}
+
+#[test]
+fn counted_barriers_do_not_count_exited_threads() {
+    // Warp 1 exits at once. Without a count, barrier 1 completes (exited threads count as
+    // arrived); with a count of 64 only 32 threads ever arrive: a deadlock.
+    let exit_warp1 = "setp.ge.u32 %p1, %r0, 32;\n@%p1 bra $L_end;\n";
+    let w = block(&format!("{exit_warp1}bar.sync 1;\n$L_end:"), 64).unwrap();
+    assert_eq!(w.len(), 64);
+    let e = block(&format!("{exit_warp1}bar.sync 1, 64;\n$L_end:"), 64).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Deadlock, "{e}");
+    assert!(e.message.contains("bar.sync"), "{e}");
+}
+
+#[test]
+fn bad_barrier_numbers_and_counts_are_errors() {
+    for (bar, why) in [
+        ("bar.sync 1, 48;", "multiple of 32"),
+        ("bar.sync 1, 96;", "multiple of 32"),
+        ("bar.sync 16;", "0..=15"),
+    ] {
+        let e = block(bar, 64).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Launch, "{bar}: {e}");
+        assert!(
+            e.message.contains(why) && e.message.contains("PTX line"),
+            "{e}"
+        );
+    }
+    // Two warps giving barrier 1 different counts.
+    let e = block(
+        "setp.ge.u32 %p1, %r0, 32;\n@%p1 bra $L_b;\nbar.sync 1, 64;\nbra $L_end;\n\
+         $L_b:\nbar.sync 1, 32;\n$L_end:",
+        64,
+    )
+    .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Launch, "{e}");
+    assert!(e.message.contains("bar.sync 1 with"), "{e}");
 }

@@ -122,6 +122,8 @@ struct Thread {
     linear: u32,
     local: Vec<u8>,
     wait_line: u32,
+    /// The barrier it waits at and the thread count given (0: the whole CTA).
+    bar: (u32, u32),
     /// `cp.async` copies not yet waited for: (group, shared offset, bytes); group `u32::MAX`
     /// while uncommitted.
     pending: Vec<(u32, u32, u32)>,
@@ -371,6 +373,53 @@ fn new_frame(
     })
 }
 
+/// A barrier that every thread it waits for has reached, if any: without a thread count all
+/// threads of the CTA (those that exited count as arrived, as on hardware), else that many
+/// threads waiting at it. Threads giving one barrier different counts are an error.
+fn complete_barrier(ctx: &Ctx, threads: &[Thread]) -> Result<Option<u32>> {
+    let exited = threads.iter().filter(|t| t.st == St::Exited).count();
+    let mut ids: Vec<u32> = threads
+        .iter()
+        .filter(|t| t.st == St::Bar)
+        .map(|t| t.bar.0)
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    for id in ids {
+        let mut waiting = threads.iter().filter(|t| t.st == St::Bar && t.bar.0 == id);
+        let Some(first) = waiting.next() else {
+            continue;
+        };
+        let count = first.bar.1;
+        let mut arrived = 1;
+        for t in waiting {
+            if t.bar.1 != count {
+                return Err(ctx.err(
+                    ErrorKind::Launch,
+                    t,
+                    t.wait_line,
+                    format!(
+                        "bar.sync {id} with {} threads, but thread {} gave {count} (PTX line {})",
+                        t.bar.1,
+                        dims(first.tid),
+                        first.wait_line
+                    ),
+                ));
+            }
+            arrived += 1;
+        }
+        let done = if count == 0 {
+            arrived + exited == threads.len()
+        } else {
+            arrived >= count as usize
+        };
+        if done {
+            return Ok(Some(id));
+        }
+    }
+    Ok(None)
+}
+
 fn run_block(ctx: &mut Ctx, fidx: u32, pbuf: &[u8]) -> Result<()> {
     let [bx, by, bz] = ctx.cfg.block;
     let mut threads = Vec::with_capacity((bx * by * bz) as usize);
@@ -385,6 +434,7 @@ fn run_block(ctx: &mut Ctx, fidx: u32, pbuf: &[u8]) -> Result<()> {
                     linear: x + bx * (y + by * z),
                     local: Vec::new(),
                     wait_line: 0,
+                    bar: (0, 0),
                     pending: Vec::new(),
                     next_group: 0,
                 };
@@ -414,13 +464,15 @@ fn run_block(ctx: &mut Ctx, fidx: u32, pbuf: &[u8]) -> Result<()> {
         if threads.iter().all(|t| t.st == St::Exited) {
             return Ok(());
         }
-        // Threads that exited count as arrived at a barrier, as on hardware.
-        if threads.iter().all(|t| matches!(t.st, St::Bar | St::Exited)) {
+        if let Some(id) = complete_barrier(ctx, &threads)? {
             for t in threads.iter_mut() {
-                if t.st == St::Bar {
+                if t.st == St::Bar && t.bar.0 == id {
                     t.st = St::Ready;
                 }
             }
+            // Orders every thread's earlier shared accesses before later ones, also for a
+            // barrier of part of the CTA: races across it between threads that did not take part
+            // are not reported.
             ctx.races.barrier();
             continue;
         }
@@ -990,12 +1042,34 @@ fn exec(ctx: &mut Ctx, t: &mut Thread, inst: &Inst) -> Result<Flow> {
         Op::St => return exec_st(ctx, t, inst),
         Op::Bar => {
             let id = r(ctx, t, 0)?;
-            if id != 0 {
-                return Err(PtxError::unimplemented(
+            if id > 15 {
+                return Err(ctx.err(
+                    ErrorKind::Launch,
+                    t,
                     line,
-                    format!("barrier {id} (only barrier 0)"),
+                    format!("barrier {id} (barriers are 0..=15)"),
                 ));
             }
+            let count = match inst.s.get(1) {
+                None => 0,
+                Some(c) => {
+                    let n = read(ctx, t, c, Ty::U32, line)?;
+                    let total = ctx.cfg.block.iter().map(|&b| u64::from(b)).product::<u64>();
+                    if n == 0 || n % 32 != 0 || n > total.div_ceil(32) * 32 {
+                        return Err(ctx.err(
+                            ErrorKind::Launch,
+                            t,
+                            line,
+                            format!(
+                                "bar.sync {id}, {n}: the thread count must be a non-zero \
+                                 multiple of 32 within the CTA"
+                            ),
+                        ));
+                    }
+                    n as u32
+                }
+            };
+            t.bar = (id as u32, count);
             t.st = St::Bar;
             t.wait_line = line;
             if let Some(fr) = t.frames.last_mut() {

@@ -29,8 +29,9 @@
 //!   f32/f64→f16/bf16 `.rn` (ties to even), f16/bf16→f32/f64, `cvt.rn.{f16,bf16}x2.f32 d, a, b`
 //!   (`a` in the upper half); `cvta` / `cvta.to` for global, shared and local.
 //! - `ld`/`st` on param, global (incl. `.nc`), shared, local, const and generic addresses, `.v2`
-//!   and `.v4`; `bar.sync 0`; `shfl.sync.{up,down,bfly,idx}.b32` (with `d|p`); `bra(.uni)`,
-//!   `call(.uni)` with `.param` buffers, `ret`, `exit`.
+//!   and `.v4`; `bar.sync a{, b}` (barriers 0–15, optional thread count);
+//!   `shfl.sync.{up,down,bfly,idx}.b32` (with `d|p`); `bra(.uni)`, `call(.uni)` with `.param`
+//!   buffers, `ret`, `exit`.
 //! - Special registers `%tid %ntid %ctaid %nctaid %laneid %warpid %nwarpid %globaltimer %clock
 //!   %clock64 %smid %lanemask_*`.
 //! - Warp-level matrix instructions: `ldmatrix.sync.aligned.m8n8.{x1,x2,x4}{.trans}.shared.b16`
@@ -38,9 +39,9 @@
 //!   fragment layouts; `cp.async.{cg,ca}.shared.global` (with src-size zero fill),
 //!   `cp.async.commit_group`, `cp.async.wait_group N`, `cp.async.wait_all`.
 //!
-//! Anything else — other `mma` shapes, atomics, textures, other f16/bf16 arithmetic, `bar.sync`
-//! with a thread count — is recorded at parse time as an unimplemented instruction naming the opcode
-//! and its line ([`Module::unsupported`]), and launching a kernel that can reach it is an error.
+//! Anything else — other `mma` shapes, atomics, textures, other f16/bf16 arithmetic,
+//! `bar.arrive`/`bar.red` — is recorded at parse time as an unimplemented instruction naming the
+//! opcode and its line ([`Module::unsupported`]), and launching a kernel that can reach it is an error.
 //!
 //! # Choices where the ISA leaves results open
 //! - Integer division by zero: quotient all ones (what NVIDIA hardware gives for unsigned; used
@@ -53,7 +54,11 @@
 //! - `.approx` functions (`rcp ex2 lg2 rsqrt sqrt sin cos tanh`, `div.approx/.full`) are computed in
 //!   f64 and rounded to nearest f32: within 0.5 ulp of the exact value, tighter than the ISA's
 //!   bounds, so results may differ from a GPU in the last bit.
-//! - `bar.sync`: threads that have exited count as arrived (as on hardware).
+//! - `bar.sync` without a count: threads that have exited count as arrived (as on hardware). With
+//!   a count `b`, the barrier completes once `b` threads wait at it (exited threads do not
+//!   count); `b` must be a non-zero multiple of 32 within the CTA, and threads giving one barrier
+//!   different counts are an error. Any completed barrier orders all threads' shared accesses for
+//!   the race check, so a race across a partial barrier between threads not taking part is missed.
 //! - `shfl.sync` reading a lane outside the member mask is reported as an error (undefined in the
 //!   ISA); a lane of the mask that has exited or does not exist is a deadlock.
 //! - `mma.sync`: f16/bf16 products are exact in f64; the sum over k (in k order) plus C is

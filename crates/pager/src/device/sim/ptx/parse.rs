@@ -1190,13 +1190,9 @@ fn decode(
         Op::St => 2,
         _ => 2,
     };
-    if s.len() != want {
-        if op == Op::Bar && s.len() == 2 {
-            return Err(PtxError::unimplemented(
-                line,
-                "bar.sync with a thread count",
-            ));
-        }
+    // `bar.sync a{, b}`: an optional thread count.
+    let bar_count = op == Op::Bar && s.len() == 2;
+    if s.len() != want && !bar_count {
         return Err(PtxError::parse(
             line,
             format!(
