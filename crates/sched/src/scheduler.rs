@@ -6,6 +6,7 @@ use crate::core::{CopyOp, Core, Timeline};
 use crate::error::{Error, Result};
 use crate::metrics::{CopyRecord, PassRecord, RunMetrics, UseRecord};
 use crate::plan::{plan, CostModel, GroupDesc, GroupId, Layout, Mode, PlanSummary, Problem};
+use ferry_pager::disk::{DiskRead, DiskTier};
 use ferry_pager::{Device, DevicePtr, DeviceRange, EventId, StreamId};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -48,6 +49,8 @@ struct DeviceTimeline {
     created: Vec<EventId>,
     metrics: bool,
     copies: Vec<CopyRecord>,
+    /// Where copies from the disk tier's handle go (three-tier runs only).
+    disk: Option<Arc<DiskTier>>,
 }
 
 impl DeviceTimeline {
@@ -103,10 +106,23 @@ impl Timeline for DeviceTimeline {
         } else {
             None
         };
+        let disk_handle = self.disk.as_ref().map(|d| d.host_handle());
+        let mut reads = Vec::new();
         for op in ops {
             let dst = self.arena.offset(base + op.dev_offset);
-            self.dev
-                .copy_h2d(stream, dst, op.host, op.host_offset, op.len)?;
+            if Some(op.host) == disk_handle {
+                reads.push(DiskRead {
+                    file_offset: op.host_offset,
+                    len: op.len,
+                    dst,
+                });
+            } else {
+                self.dev
+                    .copy_h2d(stream, dst, op.host, op.host_offset, op.len)?;
+            }
+        }
+        if let (Some(disk), false) = (&self.disk, reads.is_empty()) {
+            disk.load(stream, &reads)?;
         }
         let ready = self.mark(stream)?;
         if let Some(start) = start {
@@ -427,6 +443,30 @@ impl Scheduler {
         order: Vec<GroupId>,
         cfg: SchedulerConfig,
     ) -> Result<Scheduler> {
+        Self::build(dev, groups, order, cfg, None)
+    }
+
+    /// Like [`Scheduler::new`], with some tensors left on disk: a tensor whose source is
+    /// `disk.host_handle()` at offset *o* is read from byte *o* of the disk tier's file through
+    /// its staging ring (see `ferry_pager::disk`), then copied like a pinned one. Which groups
+    /// to leave on disk is chosen by [`crate::tiers::plan_tiers`].
+    pub fn with_disk(
+        dev: Arc<dyn Device>,
+        groups: Vec<GroupDesc>,
+        order: Vec<GroupId>,
+        cfg: SchedulerConfig,
+        disk: Arc<DiskTier>,
+    ) -> Result<Scheduler> {
+        Self::build(dev, groups, order, cfg, Some(disk))
+    }
+
+    fn build(
+        dev: Arc<dyn Device>,
+        groups: Vec<GroupDesc>,
+        order: Vec<GroupId>,
+        cfg: SchedulerConfig,
+        disk: Option<Arc<DiskTier>>,
+    ) -> Result<Scheduler> {
         let problem = Problem {
             groups,
             order,
@@ -473,6 +513,7 @@ impl Scheduler {
             created: Vec::new(),
             metrics: cfg.metrics,
             copies: Vec::new(),
+            disk,
         };
         // The time origin of the metrics. The copy stream waits for it, so that no event of
         // either stream can complete before it (events on two streams are otherwise unordered,

@@ -44,6 +44,9 @@ pub const DEFAULT_CHUNK_BYTES: u64 = 32 << 20;
 pub const DEFAULT_REQUEST_BYTES: u64 = 4 << 20;
 /// Default number of reader threads.
 pub const DEFAULT_READERS: usize = 2;
+/// High bits of [`DiskTier::host_handle`] values: no device hands out host handles this high.
+const DISK_HANDLE_BASE: u64 = 0xFFFF_0000_0000_0000;
+static NEXT_HANDLE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 /// Largest gap between two requested ranges that is read through rather than split into two spans.
 const MAX_GAP: u64 = 1 << 20;
 
@@ -446,6 +449,7 @@ struct State {
 /// Streams file ranges to the device through a ring of pinned staging chunks (module docs).
 pub struct DiskTier {
     dev: Arc<dyn Device>,
+    handle: HostPtr,
     file: Arc<DiskFile>,
     cfg: DiskConfig,
     chunks: Vec<HostPtr>,
@@ -596,6 +600,9 @@ impl DiskTier {
         let n = cfg.chunks;
         Ok(DiskTier {
             dev,
+            handle: HostPtr(
+                DISK_HANDLE_BASE | NEXT_HANDLE.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            ),
             file,
             cfg,
             chunks,
@@ -616,6 +623,13 @@ impl DiskTier {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A handle that stands for this tier's file where a host location is expected (e.g. a
+    /// scheduler's tensor sources): (handle, file offset). It is not a host allocation; the
+    /// scheduler routes copies from it through [`DiskTier::load`].
+    pub fn host_handle(&self) -> HostPtr {
+        self.handle
     }
 
     /// The file being streamed.

@@ -1,0 +1,261 @@
+//! The scheduler with a disk tier on the simulated device: what kernels see is bit-identical to
+//! the all-in-RAM run, budgets hold, chunk reuse is fenced (race checkers clean), and the
+//! three-tier predictor matches the simulated pass.
+
+use ferry_pager::device::sim::{KernelSpec, SimConfig, SimDevice};
+use ferry_pager::disk::{DiskConfig, DiskTier, SimDiskConfig};
+use ferry_pager::{Device, HostMemKind};
+use ferry_sched::plan::plan;
+use ferry_sched::tiers::{plan_tiers, predict_tiers, DiskCost, Tier};
+use ferry_sched::{
+    CostModel, GroupDesc, GroupId, Mode, Problem, Scheduler, SchedulerConfig, TensorSource,
+};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const KIB: u64 = 1 << 10;
+/// Bytes before the first tensor: odd, so no tensor offset is aligned.
+const PREFIX: u64 = 101;
+
+struct Model {
+    /// Tensor sizes per group.
+    sizes: Vec<Vec<u64>>,
+    /// Tensor bytes per group.
+    data: Vec<Vec<Vec<u8>>>,
+    /// File offset of each tensor.
+    offsets: Vec<Vec<u64>>,
+    compute: Vec<Duration>,
+}
+
+fn bytes(seed: u64, n: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+fn write_model(path: &Path, groups: usize, compute: Duration) -> Model {
+    let mut blob = bytes(999, PREFIX);
+    let (mut sizes, mut data, mut offsets) = (Vec::new(), Vec::new(), Vec::new());
+    for g in 0..groups as u64 {
+        let s = vec![300 * KIB + 13 * g, 7 * KIB + 1, 900 * KIB + 3 * g];
+        let mut d = Vec::new();
+        let mut o = Vec::new();
+        for (t, &b) in s.iter().enumerate() {
+            o.push(blob.len() as u64);
+            let v = bytes(g * 10 + t as u64, b);
+            blob.extend_from_slice(&v);
+            d.push(v);
+        }
+        sizes.push(s);
+        data.push(d);
+        offsets.push(o);
+    }
+    std::fs::write(path, &blob).unwrap();
+    Model {
+        sizes,
+        data,
+        offsets,
+        compute: vec![compute; groups],
+    }
+}
+
+fn sim() -> Arc<SimDevice> {
+    SimDevice::new(SimConfig {
+        capacity: 256 << 20,
+        ..SimConfig::default()
+    })
+}
+
+fn disk_cfg() -> (DiskConfig, SimDiskConfig) {
+    (
+        DiskConfig {
+            chunks: 4,
+            chunk_bytes: 1 << 20,
+            request_bytes: 256 * KIB,
+            readers: 2,
+            ..DiskConfig::default()
+        },
+        SimDiskConfig {
+            bandwidth: 2e9,
+            latency: Duration::from_micros(80),
+            queue_depth: 4,
+        },
+    )
+}
+
+/// Groups whose tensors are pinned on `dev` (tier `Pinned`, or every group when `tiers` is
+/// `None`) or left in the file behind `handle`.
+fn groups(
+    m: &Model,
+    dev: &SimDevice,
+    tiers: Option<&[Tier]>,
+    handle: ferry_pager::HostPtr,
+) -> Vec<GroupDesc> {
+    (0..m.sizes.len())
+        .map(|g| {
+            let pinned = tiers.is_none_or(|t| t[g] == Tier::Pinned);
+            let tensors = m.sizes[g]
+                .iter()
+                .enumerate()
+                .map(|(t, &b)| {
+                    let (host, offset) = if pinned {
+                        let h = dev.alloc_host(b, HostMemKind::Upload).unwrap();
+                        dev.host_write(h, 0, &m.data[g][t]).unwrap();
+                        (h, 0)
+                    } else {
+                        (handle, m.offsets[g][t])
+                    };
+                    TensorSource {
+                        name: format!("g{g}.t{t}"),
+                        host,
+                        offset,
+                        bytes: b,
+                    }
+                })
+                .collect();
+            GroupDesc {
+                name: format!("block{g}"),
+                component: "unet".into(),
+                tensors,
+                compute: m.compute[g],
+            }
+        })
+        .collect()
+}
+
+fn cfg(dev: &SimDevice, budget: u64) -> SchedulerConfig {
+    SchedulerConfig {
+        mode: Mode::Auto,
+        budget,
+        reserve: 0,
+        run_ahead: 64,
+        metrics: true,
+        cost: CostModel::of_sim(dev.config()),
+    }
+}
+
+/// Runs `passes` passes, each use a kernel reading the group; returns what kernels saw and the
+/// last pass time (virtual ns).
+fn run(
+    dev: &Arc<SimDevice>,
+    s: &Scheduler,
+    n: usize,
+    budget: u64,
+    passes: usize,
+) -> (Vec<Vec<u8>>, f64) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    for _ in 0..passes {
+        s.begin_pass().unwrap();
+        for g in 0..n {
+            let view = s.acquire(GroupId(g)).unwrap();
+            let mut spec = KernelSpec::new(format!("block{g}"), Duration::from_micros(400));
+            for r in &view.tensors {
+                spec = spec.reads(*r);
+            }
+            let ranges = view.tensors.clone();
+            let out = seen.clone();
+            dev.launch(s.compute_stream(), spec, move |mem| {
+                let mut all = Vec::new();
+                for r in ranges {
+                    all.extend(mem.read(r)?);
+                }
+                out.lock().unwrap().push(all);
+                Ok(())
+            })
+            .unwrap();
+            s.release(GroupId(g)).unwrap();
+            assert!(dev.device_bytes_allocated() <= budget);
+        }
+        s.end_pass().unwrap();
+    }
+    s.synchronize().unwrap();
+    let t = s.metrics().unwrap().passes.last().unwrap().time_ns;
+    let v = seen.lock().unwrap().clone();
+    (v, t)
+}
+
+#[test]
+fn disk_tier_run_is_bit_identical_within_budgets_and_matches_the_prediction() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("weights.bin");
+    let n = 8;
+    let m = write_model(&path, n, Duration::from_micros(400));
+    let total: u64 = m
+        .sizes
+        .iter()
+        .flatten()
+        .map(|b| b.div_ceil(256) * 256)
+        .sum();
+    let budget = total / 3;
+
+    // All in RAM.
+    let dev_a = sim();
+    let ga = groups(&m, &dev_a, None, ferry_pager::HostPtr(0));
+    let order: Vec<GroupId> = (0..n).map(GroupId).collect();
+    let sa = Scheduler::new(dev_a.clone(), ga, order.clone(), cfg(&dev_a, budget)).unwrap();
+    let (seen_a, _) = run(&dev_a, &sa, n, budget, 3);
+    dev_a.check_races().unwrap();
+
+    let (dcfg, sdisk) = disk_cfg();
+    let cost = DiskCost::of_sim(sdisk, dcfg.clone());
+    for host_budget in [dcfg.host_bytes() + total / 2, dcfg.host_bytes()] {
+        let dev = sim();
+        let tier = Arc::new(DiskTier::open_sim(dev.clone(), &path, dcfg.clone(), sdisk).unwrap());
+        // Plan on the problem as the scheduler will see it (sources do not change costs).
+        let probe = groups(&m, &dev, Some(&[Tier::Disk; 8]), tier.host_handle());
+        let p = Problem {
+            groups: probe,
+            order: order.clone(),
+            reserve: 0,
+            cost: CostModel::of_sim(dev.config()),
+            run_ahead: 64,
+        };
+        let (layout, _) = plan(&p, Mode::Auto, budget).unwrap();
+        let tp = plan_tiers(&p, &layout, host_budget, &cost).unwrap();
+        assert!(tp.host_bytes() <= host_budget, "{tp}");
+        assert!(tp.count(Tier::Disk) > 0, "{tp}");
+        let gb = groups(&m, &dev, Some(&tp.tiers), tier.host_handle());
+        let host_pinned = dev.host_bytes_allocated();
+        let ring_pinned = dcfg.ring_bytes();
+        assert!(host_pinned <= tp.pinned_bytes + ring_pinned + 256 * 24);
+        let sb = Scheduler::with_disk(
+            dev.clone(),
+            gb,
+            order.clone(),
+            cfg(&dev, budget),
+            tier.clone(),
+        )
+        .unwrap();
+        let (seen_b, actual) = run(&dev, &sb, n, budget, 3);
+        assert_eq!(
+            seen_a, seen_b,
+            "disk-tier run saw different bytes ({host_budget})"
+        );
+        dev.check_races().unwrap();
+        assert!(tier.reuse_races().is_empty());
+        assert!(dev.device_bytes_peak() <= budget);
+        let (pred, disk_bytes) = predict_tiers(&p, &layout, &tp.tiers, &cost);
+        let err = (pred.pass_ns - actual).abs() / actual;
+        eprintln!(
+            "host budget {host_budget}: {} disk groups, simulated pass {actual} ns, predicted {} ns ({:.1} %), disk {disk_bytes} B/pass\n{tp}",
+            tp.count(Tier::Disk),
+            pred.pass_ns,
+            err * 100.0
+        );
+        assert!(
+            err <= 0.05,
+            "predicted {} ns vs simulated {actual} ns",
+            pred.pass_ns
+        );
+        drop(sb);
+        drop(tier);
+        assert_eq!(dev.resources().events, 0);
+    }
+}
