@@ -103,6 +103,8 @@ struct Inner {
 pub struct HostStore {
     dev: Arc<dyn Device>,
     max_chunk: u64,
+    /// Most pinned bytes the store may hold ([`u64::MAX`]: no limit).
+    budget: std::sync::atomic::AtomicU64,
     inner: RwLock<Inner>,
 }
 
@@ -131,8 +133,45 @@ impl HostStore {
         HostStore {
             dev,
             max_chunk: max_chunk.max(HOST_ALIGN),
+            budget: std::sync::atomic::AtomicU64::new(u64::MAX),
             inner: RwLock::new(Inner::default()),
         }
+    }
+
+    /// Limits the pinned bytes (copies and in-place registrations together) to `budget`;
+    /// `None` removes the limit. A registration that would exceed it is refused whole. Bytes
+    /// already registered stay.
+    pub fn set_host_budget(&self, budget: Option<u64>) {
+        self.budget.store(
+            budget.unwrap_or(u64::MAX),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    /// The limit set with [`HostStore::set_host_budget`].
+    pub fn host_budget(&self) -> Option<u64> {
+        match self.budget.load(std::sync::atomic::Ordering::Relaxed) {
+            u64::MAX => None,
+            b => Some(b),
+        }
+    }
+
+    fn check_budget(&self, inner: &Inner, adding: u64, what: &str) -> Result<()> {
+        let Some(budget) = self.host_budget() else {
+            return Ok(());
+        };
+        let used = inner.chunks.iter().map(|c| c.size).sum::<u64>()
+            + inner
+                .registrations
+                .iter()
+                .map(|r| r.map.len() as u64)
+                .sum::<u64>();
+        if used.saturating_add(adding) > budget {
+            return Err(Error::InvalidArgument(format!(
+                "host budget of {budget} bytes exceeded: {what} of {adding} bytes with {used}                  bytes already pinned; leave the rest on disk (the disk tier)"
+            )));
+        }
+        Ok(())
     }
 
     /// The device whose pinned memory holds the weights.
@@ -266,6 +305,7 @@ impl HostStore {
         let ptr = match known {
             Some(p) => p,
             None => {
+                self.check_budget(&inner, map.len() as u64, "registering a file in place")?;
                 let ptr = self.dev.register_host_file(map.clone())?;
                 inner.registrations.push(Registration {
                     ptr,
@@ -368,6 +408,8 @@ impl HostStore {
             sizes[last] = cursor;
             places.push((last, at));
         }
+        let adding: u64 = sizes.iter().map(|&s| s.max(1)).sum();
+        self.check_budget(&inner, adding, "pinning tensors")?;
         let mut ptrs: Vec<HostPtr> = Vec::with_capacity(sizes.len());
         let result = (|| {
             for &s in &sizes {

@@ -371,3 +371,69 @@ fn drop_frees_ring_and_events() {
     let r = dev.resources();
     assert_eq!((r.host_allocs, r.host_bytes, r.events), (0, 0, 0), "{r:?}");
 }
+
+#[test]
+fn host_store_never_pins_past_its_budget() {
+    use ferry_pager::{DType, HostStore};
+    let dev = sim();
+    let store = HostStore::new(dev.clone());
+    store.set_host_budget(Some(10_000));
+    assert_eq!(store.host_budget(), Some(10_000));
+    let a = bytes(1, 6000);
+    store.register_bytes("a", DType::F32, &[1500], &a).unwrap();
+    let b = bytes(2, 6000);
+    let err = store
+        .register_bytes("b", DType::F32, &[1500], &b)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("host budget of 10000 bytes exceeded"), "{err}");
+    // Refused whole: nothing allocated, the first tensor intact.
+    assert_eq!(store.len(), 1);
+    assert!(store.pinned_bytes() <= 10_000);
+    assert_eq!(dev.resources().host_bytes, store.pinned_bytes());
+    assert_eq!(store.read(store.id("a").unwrap()).unwrap(), a);
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(32))]
+    /// Whatever the ring shape and the relative speeds of disk and bus, every chunk reuse is
+    /// fenced (neither race checker fires), the bytes are exact and the ring is all the pinned
+    /// memory the tier takes.
+    #[test]
+    fn chunk_reuse_is_always_fenced(
+        chunks in 1usize..5,
+        chunk_kib in 4u64..96,
+        request_kib in 4u64..64,
+        readers in 1usize..4,
+        h2d_mbps in 20u64..30_000,
+        disk_mbps in 100u64..5_000,
+        depth in 1usize..6,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        let want = write_model(&path);
+        let dev = SimDevice::new(SimConfig {
+            capacity: 64 << 20,
+            h2d_bandwidth: h2d_mbps as f64 * 1e6,
+            ..SimConfig::default()
+        });
+        let cfg = DiskConfig {
+            chunks,
+            chunk_bytes: chunk_kib << 10,
+            request_bytes: request_kib << 10,
+            readers,
+            ..DiskConfig::default()
+        };
+        let disk = SimDiskConfig {
+            bandwidth: disk_mbps as f64 * 1e6,
+            latency: Duration::from_micros(50),
+            queue_depth: depth,
+        };
+        let tier = DiskTier::open_sim(dev.clone(), &path, cfg.clone(), disk).unwrap();
+        proptest::prop_assert_eq!(dev.host_bytes_allocated(), cfg.ring_bytes());
+        let got = load_all(&dev, &tier, &path);
+        proptest::prop_assert_eq!(got, want);
+        proptest::prop_assert!(tier.reuse_races().is_empty(), "{:?}", tier.reuse_races());
+        proptest::prop_assert!(dev.check_races().is_ok());
+    }
+}
