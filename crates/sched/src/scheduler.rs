@@ -49,8 +49,8 @@ struct DeviceTimeline {
     created: Vec<EventId>,
     metrics: bool,
     copies: Vec<CopyRecord>,
-    /// Where copies from the disk tier's handle go (three-tier runs only).
-    disk: Option<Arc<DiskTier>>,
+    /// Where copies from a disk tier's handle go (three-tier runs only; one tier per file).
+    disks: Vec<Arc<DiskTier>>,
 }
 
 impl DeviceTimeline {
@@ -106,23 +106,24 @@ impl Timeline for DeviceTimeline {
         } else {
             None
         };
-        let disk_handle = self.disk.as_ref().map(|d| d.host_handle());
-        let mut reads = Vec::new();
+        let mut reads: Vec<Vec<DiskRead>> = vec![Vec::new(); self.disks.len()];
         for op in ops {
             let dst = self.arena.offset(base + op.dev_offset);
-            if Some(op.host) == disk_handle {
-                reads.push(DiskRead {
+            match self.disks.iter().position(|d| d.host_handle() == op.host) {
+                Some(i) => reads[i].push(DiskRead {
                     file_offset: op.host_offset,
                     len: op.len,
                     dst,
-                });
-            } else {
-                self.dev
-                    .copy_h2d(stream, dst, op.host, op.host_offset, op.len)?;
+                }),
+                None => self
+                    .dev
+                    .copy_h2d(stream, dst, op.host, op.host_offset, op.len)?,
             }
         }
-        if let (Some(disk), false) = (&self.disk, reads.is_empty()) {
-            disk.load(stream, &reads)?;
+        for (disk, r) in self.disks.iter().zip(&reads) {
+            if !r.is_empty() {
+                disk.load(stream, r)?;
+            }
         }
         let ready = self.mark(stream)?;
         if let Some(start) = start {
@@ -443,7 +444,7 @@ impl Scheduler {
         order: Vec<GroupId>,
         cfg: SchedulerConfig,
     ) -> Result<Scheduler> {
-        Self::build(dev, groups, order, cfg, None)
+        Self::build(dev, groups, order, cfg, Vec::new())
     }
 
     /// Like [`Scheduler::new`], with some tensors left on disk: a tensor whose source is
@@ -457,7 +458,19 @@ impl Scheduler {
         cfg: SchedulerConfig,
         disk: Arc<DiskTier>,
     ) -> Result<Scheduler> {
-        Self::build(dev, groups, order, cfg, Some(disk))
+        Self::build(dev, groups, order, cfg, vec![disk])
+    }
+
+    /// Like [`Scheduler::with_disk`] with several files (a model split into components), each
+    /// behind its own tier and handle.
+    pub fn with_disks(
+        dev: Arc<dyn Device>,
+        groups: Vec<GroupDesc>,
+        order: Vec<GroupId>,
+        cfg: SchedulerConfig,
+        disks: Vec<Arc<DiskTier>>,
+    ) -> Result<Scheduler> {
+        Self::build(dev, groups, order, cfg, disks)
     }
 
     fn build(
@@ -465,7 +478,7 @@ impl Scheduler {
         groups: Vec<GroupDesc>,
         order: Vec<GroupId>,
         cfg: SchedulerConfig,
-        disk: Option<Arc<DiskTier>>,
+        disks: Vec<Arc<DiskTier>>,
     ) -> Result<Scheduler> {
         let problem = Problem {
             groups,
@@ -513,7 +526,7 @@ impl Scheduler {
             created: Vec::new(),
             metrics: cfg.metrics,
             copies: Vec::new(),
-            disk,
+            disks,
         };
         // The time origin of the metrics. The copy stream waits for it, so that no event of
         // either stream can complete before it (events on two streams are otherwise unordered,

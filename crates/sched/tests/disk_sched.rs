@@ -259,3 +259,50 @@ fn disk_tier_run_is_bit_identical_within_budgets_and_matches_the_prediction() {
         assert_eq!(dev.resources().events, 0);
     }
 }
+
+#[test]
+fn groups_from_two_files_each_behind_its_own_tier_are_bit_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("unet.bin");
+    let n = 6;
+    let m = write_model(&a, n, Duration::from_micros(200));
+    let b = dir.path().join("copy.bin");
+    std::fs::copy(&a, &b).unwrap();
+    let total: u64 = m
+        .sizes
+        .iter()
+        .flatten()
+        .map(|b| b.div_ceil(256) * 256)
+        .sum();
+    let budget = total / 2;
+    let order: Vec<GroupId> = (0..n).map(GroupId).collect();
+
+    let dev_a = sim();
+    let ga = groups(&m, &dev_a, None, ferry_pager::HostPtr(0));
+    let sa = Scheduler::new(dev_a.clone(), ga, order.clone(), cfg(&dev_a, budget)).unwrap();
+    let (seen_a, _) = run(&dev_a, &sa, n, budget, 2);
+
+    let dev = sim();
+    let (dcfg, sdisk) = disk_cfg();
+    let ta = Arc::new(DiskTier::open_sim(dev.clone(), &a, dcfg.clone(), sdisk).unwrap());
+    let tb = Arc::new(DiskTier::open_sim(dev.clone(), &b, dcfg, sdisk).unwrap());
+    let mut gs = groups(&m, &dev, Some(&[Tier::Disk; 6]), ta.host_handle());
+    for g in &mut gs[n / 2..] {
+        for t in &mut g.tensors {
+            t.host = tb.host_handle();
+        }
+    }
+    let s = Scheduler::with_disks(
+        dev.clone(),
+        gs,
+        order,
+        cfg(&dev, budget),
+        vec![ta.clone(), tb.clone()],
+    )
+    .unwrap();
+    let (seen_b, _) = run(&dev, &s, n, budget, 2);
+    assert_eq!(seen_a, seen_b);
+    assert!(ta.stats().loads > 0 && tb.stats().loads > 0);
+    dev.check_races().unwrap();
+    assert!(ta.reuse_races().is_empty() && tb.reuse_races().is_empty());
+}

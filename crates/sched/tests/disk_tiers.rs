@@ -180,3 +180,28 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn calibration_reads_the_file_and_reports_how() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("w.bin");
+    let data: Vec<u8> = (0..(8 * MIB) as u32).map(|i| (i * 31) as u8).collect();
+    std::fs::write(&path, &data).unwrap();
+    let d = DiskCost::calibrate(&path, DiskConfig::default(), 8 * MIB).unwrap();
+    assert!(
+        d.disk.bandwidth.is_finite() && d.disk.bandwidth > 1e6,
+        "{d:?}"
+    );
+    assert!(
+        d.read_mode.starts_with("O_DIRECT") || d.read_mode.starts_with("buffered"),
+        "{}",
+        d.read_mode
+    );
+    assert_eq!(d.disk.queue_depth, DiskConfig::default().readers);
+    let empty = dir.path().join("empty.bin");
+    std::fs::write(&empty, b"").unwrap();
+    let err = DiskCost::calibrate(&empty, DiskConfig::default(), MIB)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("empty file"), "{err}");
+}
