@@ -333,6 +333,73 @@ impl HostStore {
         Ok(ids)
     }
 
+    /// Registers tensors of `file` that stay on disk: each tensor's host location is
+    /// (`disk.host_handle()`, its offset in the file), no host memory is used, and a scheduler
+    /// built with that tier (`ferry_sched::Scheduler::with_disk`) streams them through it.
+    /// `disk` must read the same file. Refused when `opts.convert_to` would convert a selected
+    /// tensor (the bytes are used as stored). [`HostStore::read`] cannot read these tensors.
+    pub fn register_on_disk(
+        &self,
+        file: &WeightsFile,
+        opts: &LoadOptions,
+        disk: &crate::disk::DiskTier,
+    ) -> Result<Vec<TensorId>> {
+        let same = std::fs::canonicalize(file.path()).ok()
+            == std::fs::canonicalize(disk.file().path()).ok();
+        if !same || disk.file().len() != file.mmap().len() as u64 {
+            return Err(Error::InvalidArgument(format!(
+                "{}: the disk tier reads {} instead",
+                file.path().display(),
+                disk.file().path().display()
+            )));
+        }
+        let selected = Self::select(file, opts)?;
+        if let Some(to) = opts.convert_to {
+            if let Some(t) = selected
+                .iter()
+                .find(|t| t.dtype.is_float() && to.is_float() && to != t.dtype)
+            {
+                return Err(Error::InvalidArgument(format!(
+                    "{}: tensor '{}' is {} but {to} was asked; tensors left on disk are used as \
+                     stored (load_weights copies and converts)",
+                    file.path().display(),
+                    t.name,
+                    t.dtype
+                )));
+            }
+        }
+        let mut inner = self.write_inner();
+        let names: Vec<String> = selected
+            .iter()
+            .map(|t| format!("{}{}", opts.prefix, t.name))
+            .collect();
+        let mut seen = std::collections::HashSet::new();
+        for n in &names {
+            if inner.by_name.contains_key(n) || !seen.insert(n.as_str()) {
+                return Err(Error::InvalidArgument(format!(
+                    "tensor '{n}' is already registered"
+                )));
+            }
+        }
+        let first = inner.tensors.len();
+        let mut ids = Vec::with_capacity(selected.len());
+        for (i, (t, name)) in selected.into_iter().zip(names).enumerate() {
+            let id = TensorId((first + i) as u32);
+            inner.weight_bytes += t.len as u64;
+            inner.by_name.insert(name.clone(), id);
+            inner.tensors.push(HostTensor {
+                name,
+                dtype: t.dtype,
+                shape: t.shape.clone(),
+                len: t.len as u64,
+                host: disk.host_handle(),
+                offset: file.data_start() + t.offset as u64,
+            });
+            ids.push(id);
+        }
+        Ok(ids)
+    }
+
     /// Registers one tensor from bytes. Many small tensors are better registered together with
     /// [`HostStore::register_batch`], which packs them into shared chunks.
     pub fn register_bytes(

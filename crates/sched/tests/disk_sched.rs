@@ -306,3 +306,116 @@ fn groups_from_two_files_each_behind_its_own_tier_are_bit_identical() {
     dev.check_races().unwrap();
     assert!(ta.reuse_races().is_empty() && tb.reuse_races().is_empty());
 }
+
+/// Writes a safetensors file of F32 tensors `l{g}.w{t}` with the given element counts.
+fn write_safetensors(path: &Path, counts: &[Vec<u64>]) -> Vec<Vec<Vec<u8>>> {
+    let mut parts = Vec::new();
+    let mut blob = Vec::new();
+    let mut data = Vec::new();
+    for (g, ts) in counts.iter().enumerate() {
+        let mut d = Vec::new();
+        for (t, &c) in ts.iter().enumerate() {
+            let v = bytes((g * 7 + t) as u64, c * 4);
+            parts.push(format!(
+                "\"l{g}.w{t}\":{{\"dtype\":\"F32\",\"shape\":[{c}],\"data_offsets\":[{},{}]}}",
+                blob.len(),
+                blob.len() + v.len()
+            ));
+            blob.extend_from_slice(&v);
+            d.push(v);
+        }
+        data.push(d);
+    }
+    let header = format!("{{{}}}", parts.join(","));
+    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(header.as_bytes());
+    out.extend_from_slice(&blob);
+    std::fs::write(path, out).unwrap();
+    data
+}
+
+#[test]
+fn host_store_tensors_left_on_disk_stream_through_the_scheduler() {
+    use ferry_pager::{HostStore, LoadOptions, WeightsFile};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.safetensors");
+    let counts: Vec<Vec<u64>> = (0..6u64)
+        .map(|g| vec![75_001 + g, 33, 160_000 + 5 * g])
+        .collect();
+    let data = write_safetensors(&path, &counts);
+    let dev = sim();
+    let (dcfg, sdisk) = disk_cfg();
+    let tier = Arc::new(DiskTier::open_sim(dev.clone(), &path, dcfg, sdisk).unwrap());
+    let file = WeightsFile::open(&path).unwrap();
+    let store = HostStore::new(dev.clone());
+    // Groups 0, 2, 4 pinned (used every pass), the rest left on disk.
+    let names = |gs: &[usize]| -> Vec<String> {
+        gs.iter()
+            .flat_map(|&g| (0..3).map(move |t| format!("l{g}.w{t}")))
+            .collect()
+    };
+    let pinned = LoadOptions {
+        names: Some(names(&[0, 2, 4])),
+        ..LoadOptions::default()
+    };
+    let on_disk = LoadOptions {
+        names: Some(names(&[1, 3, 5])),
+        ..LoadOptions::default()
+    };
+    store.load_weights(&file, &pinned).unwrap();
+    store.register_on_disk(&file, &on_disk, &tier).unwrap();
+    // Only the pinned half takes host memory.
+    let half: u64 = [0, 2, 4].iter().flat_map(|&g| &counts[g]).map(|c| c * 4).sum();
+    assert!(store.pinned_bytes() >= half && store.pinned_bytes() < half + 256 * 9);
+    assert_eq!(dev.host_bytes_allocated(), store.pinned_bytes() + 4 * (1 << 20));
+    let descs: Vec<GroupDesc> = (0..6)
+        .map(|g| GroupDesc {
+            name: format!("l{g}"),
+            component: "unet".into(),
+            tensors: (0..3)
+                .map(|t| {
+                    let id = store.id(&format!("l{g}.w{t}")).unwrap();
+                    let h = store.tensor(id).unwrap();
+                    TensorSource {
+                        name: h.name,
+                        host: h.host,
+                        offset: h.offset,
+                        bytes: h.len,
+                    }
+                })
+                .collect(),
+            compute: Duration::from_micros(300),
+        })
+        .collect();
+    let on_disk_groups = descs
+        .iter()
+        .filter(|d| d.tensors[0].host == tier.host_handle())
+        .count();
+    assert_eq!(on_disk_groups, 3);
+    let total: u64 = descs.iter().map(|d| d.device_bytes()).sum();
+    let budget = total / 2;
+    let s = Scheduler::with_disk(
+        dev.clone(),
+        descs,
+        (0..6).map(GroupId).collect(),
+        cfg(&dev, budget),
+        tier.clone(),
+    )
+    .unwrap();
+    let (seen, _) = run(&dev, &s, 6, budget, 2);
+    let want: Vec<Vec<u8>> = (0..2)
+        .flat_map(|_| data.iter().map(|d| d.concat()))
+        .collect();
+    assert_eq!(seen, want);
+    dev.check_races().unwrap();
+    assert!(tier.stats().loads > 0);
+    // A second file is not the tier's: refused.
+    let other = dir.path().join("other.safetensors");
+    write_safetensors(&other, &counts);
+    let f2 = WeightsFile::open(&other).unwrap();
+    let err = store
+        .register_on_disk(&f2, &LoadOptions::default(), &tier)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("the disk tier reads"), "{err}");
+}
