@@ -365,9 +365,16 @@ fn host_store_tensors_left_on_disk_stream_through_the_scheduler() {
     store.load_weights(&file, &pinned).unwrap();
     store.register_on_disk(&file, &on_disk, &tier).unwrap();
     // Only the pinned half takes host memory.
-    let half: u64 = [0, 2, 4].iter().flat_map(|&g| &counts[g]).map(|c| c * 4).sum();
+    let half: u64 = [0, 2, 4]
+        .iter()
+        .flat_map(|&g| &counts[g])
+        .map(|c| c * 4)
+        .sum();
     assert!(store.pinned_bytes() >= half && store.pinned_bytes() < half + 256 * 9);
-    assert_eq!(dev.host_bytes_allocated(), store.pinned_bytes() + 4 * (1 << 20));
+    assert_eq!(
+        dev.host_bytes_allocated(),
+        store.pinned_bytes() + 4 * (1 << 20)
+    );
     let descs: Vec<GroupDesc> = (0..6)
         .map(|g| GroupDesc {
             name: format!("l{g}"),
