@@ -563,8 +563,19 @@ impl DiskTier {
                 .name(format!("ferry-disk-{i}"))
                 .spawn(move || {
                     for job in rx.iter() {
-                        let result = rfile.read_range(job.file_off, job.len, &mut buf, |b, at| {
-                            rdev.host_write(job.chunk, job.chunk_off + at, b)
+                        // A panicking reader still answers, so `load` never waits forever.
+                        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            rfile.read_range(job.file_off, job.len, &mut buf, |b, at| {
+                                rdev.host_write(job.chunk, job.chunk_off + at, b)
+                            })
+                        }))
+                        .unwrap_or_else(|_| {
+                            Err(Error::InvalidArgument(format!(
+                                "disk reader panicked reading {} bytes at offset {} of {}",
+                                job.len,
+                                job.file_off,
+                                rfile.path.display()
+                            )))
                         });
                         if tx
                             .send(Done {
