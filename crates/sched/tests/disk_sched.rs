@@ -426,3 +426,94 @@ fn host_store_tensors_left_on_disk_stream_through_the_scheduler() {
         .to_string();
     assert!(err.contains("the disk tier reads"), "{err}");
 }
+
+/// Predicted vs simulated pass over compute times, disk speeds and host budgets.
+#[test]
+fn three_tier_prediction_is_within_five_percent_across_costs() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("weights.bin");
+    let n = 8;
+    let mut worst: f64 = 0.0;
+    for compute_us in [100u64, 400, 2000] {
+        let m = write_model(&path, n, Duration::from_micros(compute_us));
+        let total: u64 = m
+            .sizes
+            .iter()
+            .flatten()
+            .map(|b| b.div_ceil(256) * 256)
+            .sum();
+        let budget = total / 3;
+        let order: Vec<GroupId> = (0..n).map(GroupId).collect();
+        for disk_gbps in [0.5, 2.0, 8.0] {
+            let (dcfg, mut sdisk) = disk_cfg();
+            sdisk.bandwidth = disk_gbps * 1e9;
+            let cost = DiskCost::of_sim(sdisk, dcfg.clone());
+            for host_budget in [dcfg.host_bytes(), dcfg.host_bytes() + total / 2] {
+                let dev = sim();
+                let tier =
+                    Arc::new(DiskTier::open_sim(dev.clone(), &path, dcfg.clone(), sdisk).unwrap());
+                let probe = groups(&m, &dev, Some(&[Tier::Disk; 8]), tier.host_handle());
+                let p = Problem {
+                    groups: probe,
+                    order: order.clone(),
+                    reserve: 0,
+                    cost: CostModel::of_sim(dev.config()),
+                    run_ahead: 64,
+                };
+                let (layout, _) = plan(&p, Mode::Auto, budget).unwrap();
+                let tp = plan_tiers(&p, &layout, host_budget, &cost).unwrap();
+                let gb = groups(&m, &dev, Some(&tp.tiers), tier.host_handle());
+                let s = Scheduler::with_disk(
+                    dev.clone(),
+                    gb,
+                    order.clone(),
+                    cfg(&dev, budget),
+                    tier.clone(),
+                )
+                .unwrap();
+                let (_, actual) = run_with_compute(&dev, &s, n, budget, 3, compute_us);
+                let predicted = tp.predicted_pass.as_nanos() as f64;
+                let err = (predicted - actual).abs() / actual;
+                eprintln!(
+                    "compute {compute_us} us, disk {disk_gbps} GB/s, host {host_budget}: \
+                     {} on disk, simulated {actual:.0} ns, predicted {predicted:.0} ns ({:.2} %)",
+                    tp.count(Tier::Disk),
+                    err * 100.0
+                );
+                worst = worst.max(err);
+            }
+        }
+    }
+    assert!(
+        worst <= 0.05,
+        "worst prediction error {:.2} %",
+        worst * 100.0
+    );
+}
+
+fn run_with_compute(
+    dev: &Arc<SimDevice>,
+    s: &Scheduler,
+    n: usize,
+    budget: u64,
+    passes: usize,
+    compute_us: u64,
+) -> (Vec<Vec<u8>>, f64) {
+    for _ in 0..passes {
+        s.begin_pass().unwrap();
+        for g in 0..n {
+            let view = s.acquire(GroupId(g)).unwrap();
+            let mut spec = KernelSpec::new(format!("block{g}"), Duration::from_micros(compute_us));
+            for r in &view.tensors {
+                spec = spec.reads(*r);
+            }
+            dev.launch(s.compute_stream(), spec, |_| Ok(())).unwrap();
+            s.release(GroupId(g)).unwrap();
+            assert!(dev.device_bytes_allocated() <= budget);
+        }
+        s.end_pass().unwrap();
+    }
+    s.synchronize().unwrap();
+    let t = s.metrics().unwrap().passes.last().unwrap().time_ns;
+    (Vec::new(), t)
+}
