@@ -63,6 +63,19 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A read from a file failed (the disk tier).
+    #[error("{path}: read of {len} bytes at offset {offset} failed: {source}")]
+    DiskRead {
+        /// The file.
+        path: PathBuf,
+        /// Offset of the failed read.
+        offset: u64,
+        /// Bytes asked for.
+        len: u64,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
     /// A failure injected by the simulated device's fault plan
     /// ([`crate::device::sim::FaultPlan`]); the call had no effect.
     #[error("injected fault: {op} call #{index} failed on the simulated device")]

@@ -103,6 +103,8 @@ struct Inner {
 pub struct HostStore {
     dev: Arc<dyn Device>,
     max_chunk: u64,
+    /// Most pinned bytes the store may hold ([`u64::MAX`]: no limit).
+    budget: std::sync::atomic::AtomicU64,
     inner: RwLock<Inner>,
 }
 
@@ -131,8 +133,45 @@ impl HostStore {
         HostStore {
             dev,
             max_chunk: max_chunk.max(HOST_ALIGN),
+            budget: std::sync::atomic::AtomicU64::new(u64::MAX),
             inner: RwLock::new(Inner::default()),
         }
+    }
+
+    /// Limits the pinned bytes (copies and in-place registrations together) to `budget`;
+    /// `None` removes the limit. A registration that would exceed it is refused whole. Bytes
+    /// already registered stay.
+    pub fn set_host_budget(&self, budget: Option<u64>) {
+        self.budget.store(
+            budget.unwrap_or(u64::MAX),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    /// The limit set with [`HostStore::set_host_budget`].
+    pub fn host_budget(&self) -> Option<u64> {
+        match self.budget.load(std::sync::atomic::Ordering::Relaxed) {
+            u64::MAX => None,
+            b => Some(b),
+        }
+    }
+
+    fn check_budget(&self, inner: &Inner, adding: u64, what: &str) -> Result<()> {
+        let Some(budget) = self.host_budget() else {
+            return Ok(());
+        };
+        let used = inner.chunks.iter().map(|c| c.size).sum::<u64>()
+            + inner
+                .registrations
+                .iter()
+                .map(|r| r.map.len() as u64)
+                .sum::<u64>();
+        if used.saturating_add(adding) > budget {
+            return Err(Error::InvalidArgument(format!(
+                "host budget of {budget} bytes exceeded: {what} of {adding} bytes with {used}                  bytes already pinned; leave the rest on disk (the disk tier)"
+            )));
+        }
+        Ok(())
     }
 
     /// The device whose pinned memory holds the weights.
@@ -266,6 +305,7 @@ impl HostStore {
         let ptr = match known {
             Some(p) => p,
             None => {
+                self.check_budget(&inner, map.len() as u64, "registering a file in place")?;
                 let ptr = self.dev.register_host_file(map.clone())?;
                 inner.registrations.push(Registration {
                     ptr,
@@ -286,6 +326,73 @@ impl HostStore {
                 shape: t.shape.clone(),
                 len: t.len as u64,
                 host: ptr,
+                offset: file.data_start() + t.offset as u64,
+            });
+            ids.push(id);
+        }
+        Ok(ids)
+    }
+
+    /// Registers tensors of `file` that stay on disk: each tensor's host location is
+    /// (`disk.host_handle()`, its offset in the file), no host memory is used, and a scheduler
+    /// built with that tier (`ferry_sched::Scheduler::with_disk`) streams them through it.
+    /// `disk` must read the same file. Refused when `opts.convert_to` would convert a selected
+    /// tensor (the bytes are used as stored). [`HostStore::read`] cannot read these tensors.
+    pub fn register_on_disk(
+        &self,
+        file: &WeightsFile,
+        opts: &LoadOptions,
+        disk: &crate::disk::DiskTier,
+    ) -> Result<Vec<TensorId>> {
+        let same = std::fs::canonicalize(file.path()).ok()
+            == std::fs::canonicalize(disk.file().path()).ok();
+        if !same || disk.file().len() != file.mmap().len() as u64 {
+            return Err(Error::InvalidArgument(format!(
+                "{}: the disk tier reads {} instead",
+                file.path().display(),
+                disk.file().path().display()
+            )));
+        }
+        let selected = Self::select(file, opts)?;
+        if let Some(to) = opts.convert_to {
+            if let Some(t) = selected
+                .iter()
+                .find(|t| t.dtype.is_float() && to.is_float() && to != t.dtype)
+            {
+                return Err(Error::InvalidArgument(format!(
+                    "{}: tensor '{}' is {} but {to} was asked; tensors left on disk are used as \
+                     stored (load_weights copies and converts)",
+                    file.path().display(),
+                    t.name,
+                    t.dtype
+                )));
+            }
+        }
+        let mut inner = self.write_inner();
+        let names: Vec<String> = selected
+            .iter()
+            .map(|t| format!("{}{}", opts.prefix, t.name))
+            .collect();
+        let mut seen = std::collections::HashSet::new();
+        for n in &names {
+            if inner.by_name.contains_key(n) || !seen.insert(n.as_str()) {
+                return Err(Error::InvalidArgument(format!(
+                    "tensor '{n}' is already registered"
+                )));
+            }
+        }
+        let first = inner.tensors.len();
+        let mut ids = Vec::with_capacity(selected.len());
+        for (i, (t, name)) in selected.into_iter().zip(names).enumerate() {
+            let id = TensorId((first + i) as u32);
+            inner.weight_bytes += t.len as u64;
+            inner.by_name.insert(name.clone(), id);
+            inner.tensors.push(HostTensor {
+                name,
+                dtype: t.dtype,
+                shape: t.shape.clone(),
+                len: t.len as u64,
+                host: disk.host_handle(),
                 offset: file.data_start() + t.offset as u64,
             });
             ids.push(id);
@@ -368,6 +475,8 @@ impl HostStore {
             sizes[last] = cursor;
             places.push((last, at));
         }
+        let adding: u64 = sizes.iter().map(|&s| s.max(1)).sum();
+        self.check_budget(&inner, adding, "pinning tensors")?;
         let mut ptrs: Vec<HostPtr> = Vec::with_capacity(sizes.len());
         let result = (|| {
             for &s in &sizes {

@@ -9,12 +9,14 @@ pub mod plan;
 pub mod predict;
 pub mod ring;
 pub mod scheduler;
+pub mod tiers;
 pub mod transfer;
 
 pub use error::{Error, Result};
 pub use metrics::RunMetrics;
 pub use plan::{CostModel, GroupDesc, GroupId, Layout, Mode, PlanSummary, Problem, TensorSource};
 pub use scheduler::{GroupView, Replan, Scheduler, SchedulerConfig};
+pub use tiers::{plan_tiers, DiskCost, Tier, TierPlan};
 
 /// The README's code examples, compiled and run as doctests.
 #[cfg(doctest)]

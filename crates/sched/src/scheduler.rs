@@ -6,6 +6,7 @@ use crate::core::{CopyOp, Core, Timeline};
 use crate::error::{Error, Result};
 use crate::metrics::{CopyRecord, PassRecord, RunMetrics, UseRecord};
 use crate::plan::{plan, CostModel, GroupDesc, GroupId, Layout, Mode, PlanSummary, Problem};
+use ferry_pager::disk::{DiskRead, DiskTier};
 use ferry_pager::{Device, DevicePtr, DeviceRange, EventId, StreamId};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -48,6 +49,8 @@ struct DeviceTimeline {
     created: Vec<EventId>,
     metrics: bool,
     copies: Vec<CopyRecord>,
+    /// Where copies from a disk tier's handle go (three-tier runs only; one tier per file).
+    disks: Vec<Arc<DiskTier>>,
 }
 
 impl DeviceTimeline {
@@ -103,10 +106,24 @@ impl Timeline for DeviceTimeline {
         } else {
             None
         };
+        let mut reads: Vec<Vec<DiskRead>> = vec![Vec::new(); self.disks.len()];
         for op in ops {
             let dst = self.arena.offset(base + op.dev_offset);
-            self.dev
-                .copy_h2d(stream, dst, op.host, op.host_offset, op.len)?;
+            match self.disks.iter().position(|d| d.host_handle() == op.host) {
+                Some(i) => reads[i].push(DiskRead {
+                    file_offset: op.host_offset,
+                    len: op.len,
+                    dst,
+                }),
+                None => self
+                    .dev
+                    .copy_h2d(stream, dst, op.host, op.host_offset, op.len)?,
+            }
+        }
+        for (disk, r) in self.disks.iter().zip(&reads) {
+            if !r.is_empty() {
+                disk.load(stream, r)?;
+            }
         }
         let ready = self.mark(stream)?;
         if let Some(start) = start {
@@ -427,6 +444,42 @@ impl Scheduler {
         order: Vec<GroupId>,
         cfg: SchedulerConfig,
     ) -> Result<Scheduler> {
+        Self::build(dev, groups, order, cfg, Vec::new())
+    }
+
+    /// Like [`Scheduler::new`], with some tensors left on disk: a tensor whose source is
+    /// `disk.host_handle()` at offset *o* is read from byte *o* of the disk tier's file through
+    /// its staging ring (see `ferry_pager::disk`), then copied like a pinned one. Which groups
+    /// to leave on disk is chosen by [`crate::tiers::plan_tiers`].
+    pub fn with_disk(
+        dev: Arc<dyn Device>,
+        groups: Vec<GroupDesc>,
+        order: Vec<GroupId>,
+        cfg: SchedulerConfig,
+        disk: Arc<DiskTier>,
+    ) -> Result<Scheduler> {
+        Self::build(dev, groups, order, cfg, vec![disk])
+    }
+
+    /// Like [`Scheduler::with_disk`] with several files (a model split into components), each
+    /// behind its own tier and handle.
+    pub fn with_disks(
+        dev: Arc<dyn Device>,
+        groups: Vec<GroupDesc>,
+        order: Vec<GroupId>,
+        cfg: SchedulerConfig,
+        disks: Vec<Arc<DiskTier>>,
+    ) -> Result<Scheduler> {
+        Self::build(dev, groups, order, cfg, disks)
+    }
+
+    fn build(
+        dev: Arc<dyn Device>,
+        groups: Vec<GroupDesc>,
+        order: Vec<GroupId>,
+        cfg: SchedulerConfig,
+        disks: Vec<Arc<DiskTier>>,
+    ) -> Result<Scheduler> {
         let problem = Problem {
             groups,
             order,
@@ -473,6 +526,7 @@ impl Scheduler {
             created: Vec::new(),
             metrics: cfg.metrics,
             copies: Vec::new(),
+            disks,
         };
         // The time origin of the metrics. The copy stream waits for it, so that no event of
         // either stream can complete before it (events on two streams are otherwise unordered,
