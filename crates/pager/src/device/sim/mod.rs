@@ -25,6 +25,7 @@
 //! [`SimDevice::resources`] reports what is live (allocations, events, streams) for leak checks.
 
 pub mod faults;
+mod export;
 mod kernel;
 pub mod ptx;
 mod race;
