@@ -61,6 +61,7 @@ _MODES = ("auto", "group", "sequential", "model", "none")
 # its shape, dtype and device between uses while holding no memory of its own. Floats read NaN,
 # so a weight read outside its module's forward shows up in the output instead of passing as 0.
 _FILL: Dict[torch.dtype, torch.Tensor] = {}
+_FILL_PTR: Dict[torch.dtype, int] = {}
 
 
 def _fill(dtype: torch.dtype) -> torch.Tensor:
@@ -69,21 +70,12 @@ def _fill(dtype: torch.dtype) -> torch.Tensor:
         with torch.inference_mode(False), torch.no_grad():
             t = torch.full((), float("nan") if dtype.is_floating_point else 0, dtype=dtype)
         _FILL[dtype] = t
+        _FILL_PTR[dtype] = t.data_ptr()
     return t
 
 
 def _placeholder(dtype: torch.dtype, shape: Tuple[int, ...]) -> torch.Tensor:
     return _fill(dtype).expand(shape)
-
-
-def _is_placeholder(t: torch.Tensor, dtype: torch.dtype, shape: Tuple[int, ...]) -> bool:
-    return (
-        t.dtype == dtype
-        and tuple(t.shape) == shape
-        and t.device.type == "cpu"
-        and t.data_ptr() == _fill(dtype).data_ptr()
-        and all(s == 0 for s in t.stride())
-    )
 
 
 def _contiguous_strides(shape: Tuple[int, ...]) -> Tuple[int, ...]:
@@ -122,6 +114,11 @@ class _Group:
     holds: int = 0
     started: int = 0
     measured_ns: int = 0
+    uses: int = 0
+    # Tensors of a module that also has children with weights: held for its whole forward,
+    # they would pin the staging ring (a FIFO) while the children's groups stream through it.
+    # They are copied out of Ferry's memory at acquire and released to Ferry at once.
+    copy_out: bool = False
 
 
 @dataclass
@@ -294,11 +291,11 @@ def _groups(
                     out.append(e)
         return out
 
-    def add(name: str, comp: str, es: List[_Entry]) -> None:
+    def add(name: str, comp: str, es: List[_Entry], copy_out: bool = False) -> None:
         es = [e for e in es if id(e) not in owner]
         if not es:
             return
-        g = _Group(len(groups), name, comp, es, sum(e.nbytes for e in es))
+        g = _Group(len(groups), name, comp, es, sum(e.nbytes for e in es), copy_out=copy_out)
         for e in es:
             owner[id(e)] = g.index
         groups.append(g)
@@ -315,7 +312,8 @@ def _groups(
             for s in m.modules():
                 visited.add(id(s))
             return
-        add(path, comp, direct.get(id(m), []))
+        enclosing = any(direct.get(id(s)) for s in m.modules() if s is not m)
+        add(path, comp, direct.get(id(m), []), copy_out=enclosing)
         for cname, child in m.named_children():
             walk(comp, f"{path}.{cname}", child)
 
@@ -573,6 +571,7 @@ class Offload:
                 for g in self._groups:
                     if g.component == comp:
                         g.measured_ns = 0
+                        g.uses = 0
 
         return hook
 
@@ -585,7 +584,9 @@ class Offload:
             if self._comp_depth[comp] == 0 and comp in self._recording:
                 order = self._recording.pop(comp)
                 self._traced[comp] = order or self._declared[comp]
-                compute = [max(g.measured_ns, 1) for g in self._groups]
+                # Per use: the wall time a group was held (its module's forward, children
+                # included), averaged over the uses of the recorded call.
+                compute = [max(g.measured_ns // max(g.uses, 1), 1) for g in self._groups]
                 self._engine.replan(order=self._order(), compute_ns=compute)
             if self._pass_depth == 0:
                 self._engine.end_pass()
@@ -636,13 +637,19 @@ class Offload:
                     f"registered {e.kind} object, found {_describe(cur)} "
                     f"(call ferry.torch.remove before changing the model, then offload again)"
                 )
-            if not _is_placeholder(e.obj.data, e.dtype, e.shape):
-                d = e.obj.data
+            o = e.obj
+            if not (
+                o.data_ptr() == _FILL_PTR.get(e.dtype)
+                and o.dtype == e.dtype
+                and o.shape == e.shape
+                and o.device.type == "cpu"
+                and not any(o.stride())
+            ):
                 raise ModuleChangedError(
                     f"{e.kind} '{e.path}' was re-assigned after Ferry planned the model (e.g. "
                     f"module.to(...), load_state_dict, LoRA fusing): expected Ferry's placeholder "
-                    f"of {e.dtype} {list(e.shape)} on cpu, found {d.dtype} {list(d.shape)} on "
-                    f"{d.device} (call ferry.torch.remove before changing the model)"
+                    f"of {e.dtype} {list(e.shape)} on cpu, found {o.dtype} {list(o.shape)} on "
+                    f"{o.device} (call ferry.torch.remove before changing the model)"
                 )
 
     def _hold(self, g: _Group) -> None:
@@ -660,19 +667,26 @@ class Offload:
                     )
         offsets = self._engine.acquire(g.index)
         arena = self._arena
-        assert arena is not None
+        if arena is None:
+            raise UseAfterRemoveError("expected a live device arena, found none")
         try:
             with torch.inference_mode(False), torch.no_grad():
                 for e, off in zip(g.entries, offsets):
                     v = arena[off : off + e.nbytes].view(e.dtype).view(e.shape)
+                    if g.copy_out:
+                        v = v.clone()
                     e.obj.data = v
                     e.view = v
                     e.versions = (e.obj._version, v._version)
+            if g.copy_out:
+                self._engine.release(g.index, 0)
         except BaseException:
-            for e in g.entries:
-                e.obj.data = _placeholder(e.dtype, e.shape)
-                e.view = None
-            self._engine.release(g.index, 0)
+            with torch.inference_mode(False), torch.no_grad():
+                for e in g.entries:
+                    e.obj.data = _placeholder(e.dtype, e.shape)
+                    e.view = None
+            if not g.copy_out:
+                self._engine.release(g.index, 0)
             raise
         g.holds = 1
         g.started = time.perf_counter_ns()
@@ -686,28 +700,32 @@ class Offload:
         if g.holds:
             return
         elapsed = time.perf_counter_ns() - g.started
-        g.measured_ns += elapsed
+        if g.component in self._recording:
+            g.measured_ns += elapsed
+            g.uses += 1
         changed = None
-        for e in g.entries:
-            v = e.view
-            if check and changed is None and v is not None:
-                cur = e.obj.data
-                if cur.data_ptr() != v.data_ptr() or tuple(cur.shape) != e.shape:
-                    changed = ModuleChangedError(
-                        f"{e.kind} '{e.path}' was re-assigned during the forward: expected "
-                        f"Ferry's view of {e.dtype} {list(e.shape)}, found {cur.dtype} "
-                        f"{list(cur.shape)} on {cur.device}"
-                    )
-                elif (e.obj._version, v._version) != e.versions:
-                    changed = ModuleChangedError(
-                        f"{e.kind} '{e.path}' was modified in place during the forward: expected "
-                        f"read-only weights (Ferry pages them from its single host copy, so the "
-                        f"write would be lost), found its version counter advanced"
-                    )
-            with torch.inference_mode(False), torch.no_grad():
-                e.obj.data = _placeholder(e.dtype, e.shape)
-            e.view = None
-        self._engine.release(g.index, elapsed)
+        with torch.inference_mode(False), torch.no_grad():
+            for e in g.entries:
+                v = e.view
+                o = e.obj
+                if check and changed is None and v is not None:
+                    if o.data_ptr() != v.data_ptr() or o.shape != e.shape or o.dtype != e.dtype:
+                        changed = ModuleChangedError(
+                            f"{e.kind} '{e.path}' was re-assigned during the forward: expected "
+                            f"Ferry's view of {e.dtype} {list(e.shape)}, found {o.dtype} "
+                            f"{list(o.shape)} on {o.device}"
+                        )
+                    elif (o._version, v._version) != e.versions:
+                        changed = ModuleChangedError(
+                            f"{e.kind} '{e.path}' was modified in place during the forward: "
+                            f"expected read-only weights (Ferry pages them from its single host "
+                            f"copy, so the write would be lost), found its version counter "
+                            f"advanced"
+                        )
+                o.data = _fill(e.dtype).expand(e.shape)
+                e.view = None
+        if not g.copy_out:
+            self._engine.release(g.index, elapsed)
         if changed is not None:
             raise changed
 
