@@ -14,7 +14,7 @@ import torch
 import ferry.torch as ft
 torch.set_num_threads(1)
 offload = sys.argv[1] == "ferry"
-layers, d = 24, 1024
+layers, d = 48, 724
 # Warm torch up (allocator, kernels) before anything is measured.
 with torch.no_grad():
     torch.nn.functional.linear(torch.randn(4, d), torch.randn(d, d))

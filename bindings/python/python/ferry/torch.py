@@ -842,6 +842,7 @@ def offload(
                     e.obj.data = _placeholder(e.dtype, e.shape)
                     done.append(e)
             del keep, items
+            _trim_host_heap()
         pos = {id(e): e.index for e in entries}
         for g in groups:
             engine.add_group(g.name, g.component, [pos[id(e)] for e in g.entries], 1000)
@@ -870,6 +871,19 @@ def offload(
     except AttributeError:
         pass
     return h
+
+
+def _trim_host_heap() -> None:
+    """Gives the heap pages of the released weight copies back to the OS (glibc keeps freed
+    blocks below its mmap threshold in the process otherwise, so RSS would still count the
+    module's old copies). Best effort: a no-op where ``malloc_trim`` does not exist."""
+    try:
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim.argtypes = [ctypes.c_size_t]
+    trim(0)
 
 
 def _arena_tensor(arena: Any) -> torch.Tensor:
