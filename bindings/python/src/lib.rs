@@ -441,6 +441,7 @@ impl Engine {
 
     /// Plans without allocating anything: the plan for `order` under `budget` as a dict.
     #[pyo3(signature = (mode, budget, order, reserve = 0, depth = 0, run_ahead = 64))]
+    #[allow(clippy::too_many_arguments)]
     fn plan<'py>(
         &self,
         py: Python<'py>,
