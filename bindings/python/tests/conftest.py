@@ -3,7 +3,6 @@
 import os
 import pathlib
 
-import pytest
 import torch
 
 # One intra-op thread: deterministic timing on small shared CI machines (results are
@@ -21,12 +20,6 @@ def weight_bytes(module: torch.nn.Module) -> int:
             seen.add(id(t))
             total += t.numel() * t.element_size()
     return total
-
-
-@pytest.fixture(autouse=True)
-def _no_stray_offload():
-    yield
-    # A failing test must not leave hooks behind for the next one (modules are shared).
 
 
 def pytest_configure(config):
