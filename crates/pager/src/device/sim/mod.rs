@@ -30,6 +30,7 @@
 //! [`SimDevice::resources`] reports what is live (allocations, events, streams) for leak checks.
 
 pub mod faults;
+mod export;
 mod kernel;
 pub mod ptx;
 mod ptx_kernel;
