@@ -5,13 +5,13 @@
 use super::error::{ErrorKind, PtxError, Result};
 use super::ir::*;
 use super::memory::GlobalMemory;
-use super::ops::{cvt, float, int};
+use super::ops::{atomic, cvt, float, int};
 use super::sanitize;
 
 mod mem;
 mod warp;
 
-use mem::{access, address, exec_cp_async, exec_ld, exec_st};
+use mem::{access, address, exec_atom, exec_cp_async, exec_ld, exec_st};
 use warp::fire_shfl;
 pub use warp::shfl_src;
 
@@ -1040,6 +1040,7 @@ fn exec(ctx: &mut Ctx, t: &mut Thread, inst: &Inst) -> Result<Flow> {
         }
         Op::Ld => return exec_ld(ctx, t, inst),
         Op::St => return exec_st(ctx, t, inst),
+        Op::Atom | Op::Red => return exec_atom(ctx, t, inst),
         Op::Bar => {
             let id = r(ctx, t, 0)?;
             if id > 15 {
