@@ -16,9 +16,11 @@
 //! - Integer: `add sub mul(.lo/.hi/.wide) mad(.lo/.hi/.wide) div rem min max abs neg not and or
 //!   xor shl shr bfi bfe clz popc brev`, carry chains `add.cc addc(.cc) sub.cc subc(.cc) mad.lo.cc
 //!   mad.hi.cc madc.{lo,hi}(.cc)`, `add.sat.s32`.
-//! - Float (f32, f64): `add sub mul fma` with `.rn/.rz/.rm/.rp` (f32: correctly rounded in every
-//!   mode via exact f64 intermediates and TwoSum; f64: `.rn` only), `.ftz`, `.sat`; `div` (`.rn`,
-//!   `.full`, `.approx`), `min max abs neg copysign`, `rcp sqrt rsqrt ex2 lg2 sin cos tanh`.
+//! - Float (f32, f64): `add sub mul fma div rcp sqrt` with `.rn/.rz/.rm/.rp`, correctly rounded
+//!   in every mode (f32 add/mul/fma: exact f64 intermediates and TwoSum; f64, and f32
+//!   div/rcp/sqrt: the host's round-to-nearest result moved one ulp by the exact sign of its
+//!   residual — see [`ops::float::residual_sign`]), `.ftz`, `.sat`; `div.full`/`.approx`,
+//!   `min max abs neg copysign`, `rcp sqrt rsqrt ex2 lg2 sin cos tanh` (`.approx`).
 //! - f16 and f16x2 (lane by lane, element 0 in the low half): `add sub mul fma` with `.rn`,
 //!   `.ftz`, `.sat`, correctly rounded (exact f64 intermediates, one rounding).
 //! - `setp` (all integer and float comparisons incl. unordered `equ neu ltu leu gtu geu num nan`,

@@ -1282,20 +1282,11 @@ fn decode(
             return Err(unimpl())
         }
         Op::Fma if !ty.float() => return Err(unimpl()),
-        Op::Fma if ty == Ty::F64 && m.round != Round::Rn => return Err(unimpl()),
+        // f64 fma needs an explicit rounding (the ISA requires one).
+        Op::Fma if ty == Ty::F64 && m.round == Round::None => return Err(unimpl()),
         Op::Mad if ty.float() => return Err(unimpl()),
         Op::Rcp | Op::Sqrt | Op::Rsqrt | Op::Ex2 | Op::Lg2 | Op::Sin | Op::Cos | Op::Tanh
             if !float_ok(ty) =>
-        {
-            return Err(unimpl())
-        }
-        Op::Rcp | Op::Sqrt | Op::Div
-            if ty.float() && !m.approx && !matches!(m.round, Round::Rn | Round::None) =>
-        {
-            return Err(unimpl())
-        }
-        Op::Add | Op::Sub | Op::Mul
-            if ty == Ty::F64 && !matches!(m.round, Round::Rn | Round::None) =>
         {
             return Err(unimpl())
         }
