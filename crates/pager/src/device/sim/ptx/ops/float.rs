@@ -524,3 +524,75 @@ pub fn sqrt32_round(a: f32, mode: Round, z: bool) -> f32 {
     };
     fout(round_f32(q, e, mode), z, false)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Random f64 bit patterns over the whole exponent range (subnormals and huge values
+    /// included), finite only.
+    fn sample(state: &mut u64) -> f64 {
+        loop {
+            *state ^= *state << 13;
+            *state ^= *state >> 7;
+            *state ^= *state << 17;
+            let x = f64::from_bits(*state);
+            if x.is_finite() {
+                return x;
+            }
+        }
+    }
+
+    /// The four modes bracket the exact value: `rm ≤ rp` at most one ulp apart, `.rn` one of
+    /// them, `.rz` the one nearer zero; an exact result (`rm == rp`) is what every mode gives.
+    fn bracket(f: impl Fn(Round) -> f64, what: &str) {
+        let (rn, rz, rm, rp) = (f(Round::Rn), f(Round::Rz), f(Round::Rm), f(Round::Rp));
+        if rn.is_nan() {
+            assert!(rz.is_nan() && rm.is_nan() && rp.is_nan(), "{what}");
+            return;
+        }
+        assert!(rm <= rp, "{what}: rm {rm:e} > rp {rp:e}");
+        assert!(
+            rm.to_bits() == rp.to_bits() || next_up64(rm) == rp,
+            "{what}: rm {rm:e} rp {rp:e}"
+        );
+        assert!(rn == rm || rn == rp, "{what}: rn {rn:e}");
+        let want_rz = if rm >= 0.0 && rp > 0.0 { rm } else { rp };
+        if rm != rp {
+            assert_eq!(rz, want_rz, "{what}");
+        }
+    }
+
+    #[test]
+    fn directed_f64_modes_bracket_the_exact_result() {
+        let mut s = 0x9E37_79B9_7F4A_7C15u64;
+        for _ in 0..20_000 {
+            let (a, b, c) = (sample(&mut s), sample(&mut s), sample(&mut s));
+            bracket(|m| add64(a, b, m), &format!("add {a:e} {b:e}"));
+            bracket(|m| mul64(a, b, m), &format!("mul {a:e} {b:e}"));
+            bracket(|m| fma64(a, b, c, m), &format!("fma {a:e} {b:e} {c:e}"));
+            bracket(|m| div64(a, b, m), &format!("div {a:e} {b:e}"));
+            bracket(|m| sqrt64(a.abs(), m), &format!("sqrt {a:e}"));
+            // Products in the normal range: exact iff TwoProd's low part is zero.
+            let p = a * b;
+            if p.is_normal() && p.abs() > 1e-290 {
+                let exact = a.mul_add(b, -p) == 0.0;
+                assert_eq!(mul64(a, b, Round::Rm) == mul64(a, b, Round::Rp), exact);
+            }
+        }
+    }
+
+    #[test]
+    fn tiny_products_round_by_the_sign_of_what_was_lost() {
+        // 3·2^-1075 · 1 = 1.5 · 2^-1074: between the subnormals 2^-1074 and 2^-1073.
+        let tiny = f64::from_bits(1);
+        let x = 3.0 * f64::from_bits((1023 - 60) << 52); // 3 · 2^-60
+        let y = f64::from_bits((1023 - 1015) << 52); // 2^-1015 → product 3 · 2^-1075
+        assert_eq!(mul64(x, y, Round::Rm), tiny);
+        assert_eq!(mul64(x, y, Round::Rp), f64::from_bits(2));
+        assert_eq!(mul64(x, y, Round::Rz), tiny);
+        // Ties to even: 1.5 ulps go to 2 ulps.
+        assert_eq!(mul64(x, y, Round::Rn), f64::from_bits(2));
+        assert_eq!(mul64(-x, y, Round::Rm), -f64::from_bits(2));
+    }
+}
