@@ -430,7 +430,7 @@ fn zero_sum64(t1: f64, t2: f64, mode: Round) -> f64 {
 /// `add.f64` (and `sub` with `b` negated) in `mode`.
 pub fn add64(a: f64, b: f64, mode: Round) -> f64 {
     let (s, e) = two_sum(a, b);
-    if !a.is_finite() || !b.is_finite() {
+    if nearest(mode) || !a.is_finite() || !b.is_finite() {
         return a + b;
     }
     if s == 0.0 && e == 0.0 {
@@ -439,10 +439,15 @@ pub fn add64(a: f64, b: f64, mode: Round) -> f64 {
     directed64(s, sign(e), mode, s.is_infinite())
 }
 
+/// Round to nearest: the host's correctly rounded result as it is.
+fn nearest(mode: Round) -> bool {
+    matches!(mode, Round::Rn | Round::None)
+}
+
 /// `mul.f64` in `mode`.
 pub fn mul64(a: f64, b: f64, mode: Round) -> f64 {
     let p = a * b;
-    if !a.is_finite() || !b.is_finite() || a == 0.0 || b == 0.0 {
+    if nearest(mode) || !a.is_finite() || !b.is_finite() || a == 0.0 || b == 0.0 {
         return p;
     }
     if p.is_infinite() {
@@ -454,7 +459,7 @@ pub fn mul64(a: f64, b: f64, mode: Round) -> f64 {
 /// `fma.f64` in `mode`: one rounding of the exact `a·b + c`.
 pub fn fma64(a: f64, b: f64, c: f64, mode: Round) -> f64 {
     let r = a.mul_add(b, c);
-    if !a.is_finite() || !b.is_finite() || !c.is_finite() {
+    if nearest(mode) || !a.is_finite() || !b.is_finite() || !c.is_finite() {
         return r;
     }
     if r.is_infinite() {
@@ -481,7 +486,7 @@ pub fn fma64(a: f64, b: f64, c: f64, mode: Round) -> f64 {
 /// `div.f64` in `mode` (`.rn` is the host's division).
 pub fn div64(a: f64, b: f64, mode: Round) -> f64 {
     let q = a / b;
-    if !a.is_finite() || !b.is_finite() || b == 0.0 || a == 0.0 {
+    if nearest(mode) || !a.is_finite() || !b.is_finite() || b == 0.0 || a == 0.0 {
         return q;
     }
     if q.is_infinite() {
@@ -494,7 +499,7 @@ pub fn div64(a: f64, b: f64, mode: Round) -> f64 {
 /// `sqrt.f64` in `mode`.
 pub fn sqrt64(a: f64, mode: Round) -> f64 {
     let q = a.sqrt();
-    if !q.is_finite() || a == 0.0 {
+    if nearest(mode) || !q.is_finite() || a == 0.0 {
         return q;
     }
     directed64(q, -residual_sign(q, q, 0.0, a), mode, false)
