@@ -78,7 +78,7 @@ fn shared_histogram_then_global_flush() {
     let body = "setp.lt.u32 %p1, %r0, 16;\nmul.lo.u32 %r2, %r0, 4;\nmov.u32 %r3, sm;\n\
         add.u32 %r4, %r3, %r2;\n@%p1 st.shared.u32 [%r4], 0;\nbar.sync 0;\n\
         and.b32 %r5, %r0, 7;\nmul.lo.u32 %r6, %r5, 4;\nadd.u32 %r7, %r3, %r6;\n\
-        atom.shared.add.u32 %r8, [%r7], 1;\nred.shared.add.u32 [%r7+32], %r0;\nbar.sync 0;\n\
+        atom.shared::cta.add.u32 %r8, [%r7], 1;\nred.release.cta.shared.add.u32 [%r7+32], %r0;\nbar.sync 0;\n\
         @%p1 ld.shared.u32 %r9, [%r4];\n@%p1 st.global.u32 [%rd10], %r9;\n";
     let w = ok(body, 1, 128, &[0; 16]);
     // Each bin gets 16 threads; bin b's sum is sum_{k<16} (8k + b) = 960 + 16b.
