@@ -499,3 +499,193 @@ fn bad_barrier_numbers_and_counts_are_errors() {
     assert_eq!(e.kind, ErrorKind::Launch, "{e}");
     assert!(e.message.contains("bar.sync 1 with"), "{e}");
 }
+
+/// `op` applied to f64 bit patterns (`%fd1`, `%fd2`, ...), result bits.
+fn f64op(op: &str, args: &[u64]) -> u64 {
+    let mut body = String::new();
+    let mut names = Vec::new();
+    for (i, a) in args.iter().enumerate() {
+        body += &format!("mov.b64 %fd{}, {a:#x};\n", i + 1);
+        names.push(format!("%fd{}", i + 1));
+    }
+    body += &format!(
+        "{op} %fd0, {};\nst.global.b64 [%rd9], %fd0;\n",
+        names.join(", ")
+    );
+    let w = run(&body);
+    u64::from(w[0]) | u64::from(w[1]) << 32
+}
+
+/// The four rounding modes of `op.MODE.f64` on `args`, in the order rn, rz, rm, rp.
+fn f64modes(op: &str, args: &[u64]) -> [u64; 4] {
+    ["rn", "rz", "rm", "rp"].map(|m| f64op(&format!("{op}.{m}.f64"), args))
+}
+
+const ONE64: u64 = 0x3FF0_0000_0000_0000;
+/// 1 + 2^-52 and 1 + 2^-51.
+const ONE64_UP: u64 = 0x3FF0_0000_0000_0001;
+const ONE64_UP2: u64 = 0x3FF0_0000_0000_0002;
+/// 1 − 2^-53, the f64 below 1.
+const ONE64_DOWN: u64 = 0x3FEF_FFFF_FFFF_FFFF;
+const NEG: u64 = 1 << 63;
+const MAX64: u64 = 0x7FEF_FFFF_FFFF_FFFF;
+const INF64: u64 = 0x7FF0_0000_0000_0000;
+
+#[test]
+fn f64_add_sub_in_every_rounding_mode() {
+    let p60 = 0x3C30_0000_0000_0000; // 2^-60
+    let p53 = 0x3CA0_0000_0000_0000; // 2^-53: half an ulp of 1
+                                     // 1 + 2^-60: only .rp leaves 1.
+    assert_eq!(
+        f64modes("add", &[ONE64, p60]),
+        [ONE64, ONE64, ONE64, ONE64_UP]
+    );
+    // −1 − 2^-60: only .rm moves (away from zero).
+    assert_eq!(
+        f64modes("add", &[ONE64 | NEG, p60 | NEG]),
+        [ONE64 | NEG, ONE64 | NEG, ONE64_UP | NEG, ONE64 | NEG]
+    );
+    // 1 − 2^-60: just below 1; .rz and .rm give 1 − 2^-53.
+    assert_eq!(
+        f64modes("sub", &[ONE64, p60]),
+        [ONE64, ONE64_DOWN, ONE64_DOWN, ONE64]
+    );
+    // Ties: 1 + 2^-53 goes to even 1; (1 + 2^-52) + 2^-53 goes to even 1 + 2^-51.
+    assert_eq!(
+        f64modes("add", &[ONE64, p53]),
+        [ONE64, ONE64, ONE64, ONE64_UP]
+    );
+    assert_eq!(
+        f64modes("add", &[ONE64_UP, p53]),
+        [ONE64_UP2, ONE64_UP, ONE64_UP, ONE64_UP2]
+    );
+    // Overflow: MAX + MAX is ∞ to nearest and upward, MAX toward zero and downward.
+    assert_eq!(
+        f64modes("add", &[MAX64, MAX64]),
+        [INF64, MAX64, MAX64, INF64]
+    );
+    assert_eq!(
+        f64modes("add", &[MAX64 | NEG, MAX64 | NEG]),
+        [INF64 | NEG, MAX64 | NEG, INF64 | NEG, MAX64 | NEG]
+    );
+    // Exact zeros: x − x is +0 except under .rm; −0 + −0 stays −0.
+    assert_eq!(f64modes("add", &[ONE64, ONE64 | NEG]), [0, 0, NEG, 0]);
+    assert_eq!(f64modes("sub", &[0, 0]), [0, 0, NEG, 0]);
+    assert_eq!(f64modes("add", &[NEG, NEG]), [NEG; 4]);
+}
+
+#[test]
+fn f64_mul_and_fma_in_every_rounding_mode() {
+    // (1 + 2^-52)(1 − 2^-53) = 1 + 2^-53 − 2^-105: just below the midpoint.
+    assert_eq!(
+        f64modes("mul", &[ONE64_UP, ONE64_DOWN]),
+        [ONE64, ONE64, ONE64, ONE64_UP]
+    );
+    // (1 + 2^-52)² = 1 + 2^-51 + 2^-104; negated: .rm moves away from zero.
+    let up3 = 0x3FF0_0000_0000_0003;
+    assert_eq!(
+        f64modes("mul", &[ONE64_UP, ONE64_UP]),
+        [ONE64_UP2, ONE64_UP2, ONE64_UP2, up3]
+    );
+    assert_eq!(
+        f64modes("mul", &[ONE64_UP | NEG, ONE64_UP]),
+        [ONE64_UP2 | NEG, ONE64_UP2 | NEG, up3 | NEG, ONE64_UP2 | NEG]
+    );
+    // MAX · 2 overflows: ∞ or MAX by mode.
+    let two = 0x4000_0000_0000_0000;
+    assert_eq!(f64modes("mul", &[MAX64, two]), [INF64, MAX64, MAX64, INF64]);
+    // 2^-600 · 2^-600 = 2^-1200, far below the smallest subnormal 2^-1074.
+    let p600 = 0x1A70_0000_0000_0000;
+    assert_eq!(f64modes("mul", &[p600, p600]), [0, 0, 0, 1]);
+    assert_eq!(
+        f64modes("fma", &[p600 | NEG, p600, 0]),
+        [NEG, NEG, NEG | 1, NEG]
+    );
+    // (1 + 2^-52)(1 − 2^-52) − 1 = −2^-104 exactly, in every mode.
+    let m52 = 0x3FEF_FFFF_FFFF_FFFE; // 1 − 2^-52
+    assert_eq!(
+        f64modes("fma", &[ONE64_UP, m52, ONE64 | NEG]),
+        [0xB970_0000_0000_0000; 4]
+    );
+    // (1 + 2^-52)² − 1 = 2^-51 + 2^-104: a tie at f64 precision (ulp of 2^-51 is 2^-103),
+    // visible only to an exact fma; to even 2^-51.
+    let p51 = 0x3CC0_0000_0000_0000;
+    assert_eq!(
+        f64modes("fma", &[ONE64_UP, ONE64_UP, ONE64 | NEG]),
+        [p51, p51, p51, p51 + 1]
+    );
+    // 1 · 1 + 2^-60 and an exact zero sum 1 · 1 − 1 (−0 only under .rm).
+    assert_eq!(
+        f64modes("fma", &[ONE64, ONE64, 0x3C30_0000_0000_0000]),
+        [ONE64, ONE64, ONE64, ONE64_UP]
+    );
+    assert_eq!(
+        f64modes("fma", &[ONE64, ONE64, ONE64 | NEG]),
+        [0, 0, NEG, 0]
+    );
+}
+
+#[test]
+fn f64_div_and_sqrt_in_every_rounding_mode() {
+    let three = 0x4008_0000_0000_0000;
+    // 1/3 = 0x3FD5555555555555 + 1/3 ulp.
+    let third = 0x3FD5_5555_5555_5555;
+    assert_eq!(
+        f64modes("div", &[ONE64, three]),
+        [third, third, third, third + 1]
+    );
+    assert_eq!(
+        f64modes("div", &[ONE64 | NEG, three]),
+        [third | NEG, third | NEG, (third + 1) | NEG, third | NEG]
+    );
+    // Exact quotients do not move; MAX / 0.5 overflows.
+    let quarter = 0x3FD0_0000_0000_0000;
+    let four = 0x4010_0000_0000_0000;
+    assert_eq!(f64modes("div", &[ONE64, four]), [quarter; 4]);
+    let half = 0x3FE0_0000_0000_0000;
+    assert_eq!(
+        f64modes("div", &[MAX64, half]),
+        [INF64, MAX64, MAX64, INF64]
+    );
+    assert_eq!(f64modes("rcp", &[three]), [third, third, third, third + 1]);
+    // sqrt(2) = 1.41421356237309504880...; 0x3FF6A09E667F3BCD = 1.41421356237309514547... is
+    // above it, so .rz/.rm give the f64 below.
+    let s2 = 0x3FF6_A09E_667F_3BCD;
+    assert_eq!(f64modes("sqrt", &[two_f64()]), [s2, s2 - 1, s2 - 1, s2]);
+    assert_eq!(f64modes("sqrt", &[four]), [0x4000_0000_0000_0000; 4]);
+}
+
+fn two_f64() -> u64 {
+    0x4000_0000_0000_0000
+}
+
+#[test]
+fn f32_directed_div_rcp_sqrt() {
+    let three = 0x4040_0000;
+    // 1/3 = 0x3EAAAAAA + 2/3 ulp: nearest and upward give 0x3EAAAAAB.
+    let modes = |op: &str, args: &[u32]| {
+        ["rn", "rz", "rm", "rp"].map(|m| f32op(&format!("{op}.{m}.f32"), args))
+    };
+    assert_eq!(
+        modes("div", &[ONE, three]),
+        [0x3EAA_AAAB, 0x3EAA_AAAA, 0x3EAA_AAAA, 0x3EAA_AAAB]
+    );
+    assert_eq!(
+        modes("div", &[ONE | 0x8000_0000, three]),
+        [0xBEAA_AAAB, 0xBEAA_AAAA, 0xBEAA_AAAB, 0xBEAA_AAAA]
+    );
+    assert_eq!(
+        modes("rcp", &[three]),
+        [0x3EAA_AAAB, 0x3EAA_AAAA, 0x3EAA_AAAA, 0x3EAA_AAAB]
+    );
+    // sqrt(2) in f32: 0x3FB504F3 = 1.41421353816... lies below the exact value.
+    assert_eq!(
+        modes("sqrt", &[0x4000_0000]),
+        [0x3FB5_04F3, 0x3FB5_04F3, 0x3FB5_04F3, 0x3FB5_04F4]
+    );
+    // MAX / 0.5 overflows: ∞ or MAX by mode.
+    assert_eq!(
+        modes("div", &[0x7F7F_FFFF, 0x3F00_0000]),
+        [0x7F80_0000, 0x7F7F_FFFF, 0x7F7F_FFFF, 0x7F80_0000]
+    );
+}

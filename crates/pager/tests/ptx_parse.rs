@@ -32,13 +32,13 @@ fn tensor_core_modules_parse_with_everything_implemented() {
 #[test]
 fn unimplemented_forms_are_named_with_their_line() {
     let src = ".version 8.4\n.target sm_80\n.address_size 64\n.visible .entry k()\n{\n\
-        .reg .b32 %r<4>;\n.reg .b64 %rd<2>;\natom.global.add.u32 %r1, [%rd1], 1;\n\
+        .reg .b32 %r<4>;\n.reg .b64 %rd<2>;\nprefetch.global.L2 [%rd1];\n\
         mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%r0,%r1,%r2,%r3}, {%r0,%r1}, {%r0}, {%r0,%r1,%r2,%r3};\nret;\n}\n";
     let m = Module::parse(src).unwrap();
     let msgs: Vec<String> = m.unsupported().iter().map(|e| e.to_string()).collect();
     assert_eq!(msgs.len(), 2, "{msgs:?}");
     assert!(
-        msgs[0].contains("line 8") && msgs[0].contains("atom.global.add.u32"),
+        msgs[0].contains("line 8") && msgs[0].contains("prefetch.global.L2"),
         "{msgs:?}"
     );
     assert!(

@@ -259,7 +259,7 @@ fn bad_launches_are_one_line_errors() {
 
 #[test]
 fn unimplemented_and_malformed_ptx() {
-    let src = kernel("", "atom.global.add.u32 %r1, [%rd9], 1;\n");
+    let src = kernel("", "vote.sync.ballot.b32 %r1, %p1, -1;\n");
     let m = Module::parse(&src).unwrap();
     let mut mem = VecMemory::new();
     let cfg = LaunchConfig {
@@ -277,9 +277,9 @@ fn unimplemented_and_malformed_ptx() {
     )
     .unwrap_err();
     assert_eq!(e.kind, ErrorKind::Unimplemented);
-    let line = line_of(&src, "atom.global");
+    let line = line_of(&src, "vote.sync");
     assert!(
-        e.message.contains("atom.global.add.u32") && e.message.contains(&format!("line {line}")),
+        e.message.contains("vote.sync.ballot.b32") && e.message.contains(&format!("line {line}")),
         "{e}"
     );
     for bad in [

@@ -5,13 +5,13 @@
 use super::error::{ErrorKind, PtxError, Result};
 use super::ir::*;
 use super::memory::GlobalMemory;
-use super::ops::{cvt, float, int};
+use super::ops::{atomic, cvt, float, int};
 use super::sanitize;
 
 mod mem;
 mod warp;
 
-use mem::{access, address, exec_cp_async, exec_ld, exec_st};
+use mem::{access, address, exec_atom, exec_cp_async, exec_ld, exec_st};
 use warp::fire_shfl;
 pub use warp::shfl_src;
 
@@ -799,7 +799,7 @@ fn exec(ctx: &mut Ctx, t: &mut Thread, inst: &Inst) -> Result<Flow> {
         }
         Op::Add | Op::Sub if ty == Ty::F64 => {
             let (a, b) = (f64v(r(ctx, t, 0)?), f64v(r(ctx, t, 1)?));
-            (if inst.op == Op::Add { a + b } else { a - b }).to_bits()
+            float::add64(a, if inst.op == Op::Add { b } else { -b }, m.round).to_bits()
         }
         Op::Add | Op::Sub => {
             let (a, b) = (r(ctx, t, 0)?, r(ctx, t, 1)?);
@@ -840,7 +840,9 @@ fn exec(ctx: &mut Ctx, t: &mut Thread, inst: &Inst) -> Result<Flow> {
             m.ftz,
             m.sat,
         )),
-        Op::Mul if ty == Ty::F64 => (f64v(r(ctx, t, 0)?) * f64v(r(ctx, t, 1)?)).to_bits(),
+        Op::Mul if ty == Ty::F64 => {
+            float::mul64(f64v(r(ctx, t, 0)?), f64v(r(ctx, t, 1)?), m.round).to_bits()
+        }
         Op::Mul | Op::Mad | Op::Madc => {
             let full = int::full_mul(r(ctx, t, 0)?, r(ctx, t, 1)?, bits, signed);
             let part = match m.mul {
@@ -876,15 +878,29 @@ fn exec(ctx: &mut Ctx, t: &mut Thread, inst: &Inst) -> Result<Flow> {
             m.ftz,
             m.sat,
         )),
-        Op::Fma => f64v(r(ctx, t, 0)?)
-            .mul_add(f64v(r(ctx, t, 1)?), f64v(r(ctx, t, 2)?))
-            .to_bits(),
+        Op::Fma => float::fma64(
+            f64v(r(ctx, t, 0)?),
+            f64v(r(ctx, t, 1)?),
+            f64v(r(ctx, t, 2)?),
+            m.round,
+        )
+        .to_bits(),
+        Op::Div if ty == Ty::F32 && !m.approx && !matches!(m.round, Round::None | Round::Rn) => {
+            b32(float::div32_round(
+                f32v(r(ctx, t, 0)?),
+                f32v(r(ctx, t, 1)?),
+                m.round,
+                m.ftz,
+            ))
+        }
         Op::Div if ty == Ty::F32 => b32(float::div32(
             f32v(r(ctx, t, 0)?),
             f32v(r(ctx, t, 1)?),
             m.ftz,
         )),
-        Op::Div if ty == Ty::F64 => (f64v(r(ctx, t, 0)?) / f64v(r(ctx, t, 1)?)).to_bits(),
+        Op::Div if ty == Ty::F64 => {
+            float::div64(f64v(r(ctx, t, 0)?), f64v(r(ctx, t, 1)?), m.round).to_bits()
+        }
         Op::Div => int::div(r(ctx, t, 0)?, r(ctx, t, 1)?, bits, signed),
         Op::Rem => int::rem(r(ctx, t, 0)?, r(ctx, t, 1)?, bits, signed),
         Op::Min | Op::Max => {
@@ -1040,6 +1056,7 @@ fn exec(ctx: &mut Ctx, t: &mut Thread, inst: &Inst) -> Result<Flow> {
         }
         Op::Ld => return exec_ld(ctx, t, inst),
         Op::St => return exec_st(ctx, t, inst),
+        Op::Atom | Op::Red => return exec_atom(ctx, t, inst),
         Op::Bar => {
             let id = r(ctx, t, 0)?;
             if id > 15 {
@@ -1200,6 +1217,15 @@ fn exec(ctx: &mut Ctx, t: &mut Thread, inst: &Inst) -> Result<Flow> {
             }
             t.local.truncate(done.local_base as usize);
             return Ok(Flow::Jumped);
+        }
+        Op::Rcp | Op::Sqrt if !m.approx && !matches!(m.round, Round::None | Round::Rn) => {
+            let a = r(ctx, t, 0)?;
+            match (ty, inst.op) {
+                (Ty::F32, Op::Rcp) => b32(float::div32_round(1.0, f32v(a), m.round, m.ftz)),
+                (Ty::F32, _) => b32(float::sqrt32_round(f32v(a), m.round, m.ftz)),
+                (_, Op::Rcp) => float::div64(1.0, f64v(a), m.round).to_bits(),
+                _ => float::sqrt64(f64v(a), m.round).to_bits(),
+            }
         }
         Op::Rcp | Op::Sqrt | Op::Rsqrt | Op::Ex2 | Op::Lg2 | Op::Sin | Op::Cos | Op::Tanh => {
             let a = r(ctx, t, 0)?;

@@ -301,6 +301,26 @@ pub enum Op {
     CpAsync,
     CpCommit,
     CpWait,
+    /// `atom`: atomic read-modify-write returning the old value.
+    Atom,
+    /// `red`: atomic read-modify-write without a result.
+    Red,
+}
+
+/// The operation of `atom` / `red`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub enum AtomOp {
+    Add,
+    Exch,
+    Cas,
+    Min,
+    Max,
+    Inc,
+    Dec,
+    And,
+    Or,
+    Xor,
 }
 
 /// Modifiers of one instruction.
@@ -332,6 +352,8 @@ pub struct Mods {
     pub shfl: Option<ShflMode>,
     /// `ldmatrix.trans`.
     pub trans: bool,
+    /// Operation of `atom` / `red`.
+    pub atom: Option<AtomOp>,
 }
 
 /// One instruction.

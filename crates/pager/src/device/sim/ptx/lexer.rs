@@ -147,8 +147,19 @@ pub fn lex(src: &str) -> Result<Vec<Token>> {
             });
         } else if is_word_char(c) {
             let start = i;
-            while i < b.len() && is_word_char(b[i]) {
-                i += 1;
+            loop {
+                while i < b.len() && is_word_char(b[i]) {
+                    i += 1;
+                }
+                // Sub-qualifiers such as `.shared::cta` or `.L2::cache_hint` stay in the word.
+                if b.get(i) == Some(&b':')
+                    && b.get(i + 1) == Some(&b':')
+                    && b.get(i + 2).is_some_and(|&c| c.is_ascii_alphabetic())
+                {
+                    i += 2;
+                } else {
+                    break;
+                }
             }
             out.push(Token {
                 tok: Tok::Word(src[start..i].to_string()),

@@ -16,9 +16,11 @@
 //! - Integer: `add sub mul(.lo/.hi/.wide) mad(.lo/.hi/.wide) div rem min max abs neg not and or
 //!   xor shl shr bfi bfe clz popc brev`, carry chains `add.cc addc(.cc) sub.cc subc(.cc) mad.lo.cc
 //!   mad.hi.cc madc.{lo,hi}(.cc)`, `add.sat.s32`.
-//! - Float (f32, f64): `add sub mul fma` with `.rn/.rz/.rm/.rp` (f32: correctly rounded in every
-//!   mode via exact f64 intermediates and TwoSum; f64: `.rn` only), `.ftz`, `.sat`; `div` (`.rn`,
-//!   `.full`, `.approx`), `min max abs neg copysign`, `rcp sqrt rsqrt ex2 lg2 sin cos tanh`.
+//! - Float (f32, f64): `add sub mul fma div rcp sqrt` with `.rn/.rz/.rm/.rp`, correctly rounded
+//!   in every mode (f32 add/mul/fma: exact f64 intermediates and TwoSum; f64, and f32
+//!   div/rcp/sqrt: the host's round-to-nearest result moved one ulp by the exact sign of its
+//!   residual — see [`ops::float::residual_sign`]), `.ftz`, `.sat`; `div.full`/`.approx`,
+//!   `min max abs neg copysign`, `rcp sqrt rsqrt ex2 lg2 sin cos tanh` (`.approx`).
 //! - f16 and f16x2 (lane by lane, element 0 in the low half): `add sub mul fma` with `.rn`,
 //!   `.ftz`, `.sat`, correctly rounded (exact f64 intermediates, one rounding).
 //! - `setp` (all integer and float comparisons incl. unordered `equ neu ltu leu gtu geu num nan`,
@@ -32,6 +34,11 @@
 //!   and `.v4`; `bar.sync a{, b}` (barriers 0–15, optional thread count);
 //!   `shfl.sync.{up,down,bfly,idx}.b32` (with `d|p`); `bra(.uni)`, `call(.uni)` with `.param`
 //!   buffers, `ret`, `exit`.
+//! - Atomics `atom{.sem}{.scope}{.global,.shared,}.op.type` and `red` (the same without a
+//!   result): `add` (`.u32 .s32 .u64 .f32 .f64`, `.noftz.f16x2`, `.noftz.bf16x2`), `min max`
+//!   (`.u32 .s32 .u64 .s64`), `inc dec` (`.u32`), `and or xor exch cas` (32/64-bit); `.sem`
+//!   (`.relaxed .acquire .release .acq_rel`) and `.scope` (`.cta .gpu .sys .cluster`) are
+//!   accepted. Bounds and alignment are checked as for `ld`/`st`.
 //! - Special registers `%tid %ntid %ctaid %nctaid %laneid %warpid %nwarpid %globaltimer %clock
 //!   %clock64 %smid %lanemask_*`.
 //! - Warp-level matrix instructions: `ldmatrix.sync.aligned.m8n8.{x1,x2,x4}{.trans}.shared.b16`
@@ -39,7 +46,7 @@
 //!   fragment layouts; `cp.async.{cg,ca}.shared.global` (with src-size zero fill),
 //!   `cp.async.commit_group`, `cp.async.wait_group N`, `cp.async.wait_all`.
 //!
-//! Anything else — other `mma` shapes, atomics, textures, other f16/bf16 arithmetic,
+//! Anything else — other `mma` shapes, other atomic forms, textures, other f16/bf16 arithmetic,
 //! `bar.arrive`/`bar.red` — is recorded at parse time as an unimplemented instruction naming the
 //! opcode and its line ([`Module::unsupported`]), and launching a kernel that can reach it is an error.
 //!
@@ -69,6 +76,14 @@
 //!   reported. A thread that exits with copies not waited for is reported too.
 //! - `ldmatrix`/`mma.sync` are `.aligned`: all 32 lanes of the warp must reach the same
 //!   instruction kind; a lane that exits first is a deadlock.
+//! - Atomics: each `atom`/`red` is one indivisible read-modify-write applied when the thread
+//!   executes it. A thread runs until it blocks, so between two barriers/collectives the threads
+//!   of a CTA apply their atomics in ascending linear thread id (lanes of a warp in ascending
+//!   lane id), CTAs one after another: results and returned old values are deterministic.
+//!   `atom.add.f32` rounds to nearest and flushes subnormal inputs and results (as the ISA
+//!   says); `.f64` and `.noftz.f16x2/.bf16x2` round to nearest even. An atomic on a local or
+//!   param address is an error. The race check exempts atomics from each other; an atomic and a
+//!   plain load or store of another thread in one barrier interval are a race.
 //! - `%globaltimer` is virtual: 10⁹ ns plus one per instruction executed so far in the launch.
 //!
 //! # Sanitizer
@@ -76,7 +91,7 @@
 //! module variable, shared and local accesses in bounds, natural alignment of every access
 //! (vector accesses: the whole vector), shared-memory races (two threads touch the same byte
 //! between two barriers, at least one writing; warp collectives do not order memory), reads of
-//! shared memory never written in this CTA, reads of `cp.async` destinations before their wait,
+//! shared memory never written in this CTA (atomics read too), reads of `cp.async` destinations before their wait,
 //! deadlocks at barriers and collectives, and a per-launch instruction budget. Each finding is
 //! one line naming kernel, block, thread, address and PTX line.
 

@@ -1029,6 +1029,52 @@ fn cmp_of(s: &str) -> Option<Cmp> {
 
 /// Turns an opcode with its modifiers and operands into an instruction, or an
 /// `Unimplemented` error naming the opcode.
+/// The operation named by an `atom`/`red` qualifier.
+fn atom_op(s: &str) -> Option<AtomOp> {
+    Some(match s {
+        "add" => AtomOp::Add,
+        "exch" => AtomOp::Exch,
+        "cas" => AtomOp::Cas,
+        "min" => AtomOp::Min,
+        "max" => AtomOp::Max,
+        "inc" => AtomOp::Inc,
+        "dec" => AtomOp::Dec,
+        "and" => AtomOp::And,
+        "or" => AtomOp::Or,
+        "xor" => AtomOp::Xor,
+        _ => return None,
+    })
+}
+
+/// Whether the executor implements this `atom`/`red` operation and type (`red` has no `cas`
+/// or `exch`; `.noftz` goes with the packed half types only, which it requires).
+fn atom_ok(op: Op, a: Option<AtomOp>, ty: Ty, parts: &[&str]) -> bool {
+    use AtomOp::*;
+    let noftz = parts.contains(&"noftz");
+    let Some(a) = a else { return false };
+    if op == Op::Red && matches!(a, Cas | Exch) {
+        return false;
+    }
+    if noftz != matches!(ty, Ty::F16x2 | Ty::Bf16x2) {
+        return false;
+    }
+    match a {
+        Add => matches!(
+            ty,
+            Ty::U32 | Ty::S32 | Ty::U64 | Ty::F32 | Ty::F64 | Ty::F16x2 | Ty::Bf16x2
+        ),
+        Min | Max => matches!(ty, Ty::U32 | Ty::S32 | Ty::U64 | Ty::S64),
+        Inc | Dec => ty == Ty::U32,
+        // Bitwise: the ISA names `.b32`/`.b64`; same-sized integer types mean the same.
+        And | Or | Xor | Exch | Cas => {
+            matches!(
+                ty,
+                Ty::B32 | Ty::B64 | Ty::U32 | Ty::U64 | Ty::S32 | Ty::S64
+            )
+        }
+    }
+}
+
 fn decode(
     parts: &[&str],
     opcode: &str,
@@ -1087,6 +1133,8 @@ fn decode(
         "cos" => Op::Cos,
         "tanh" => Op::Tanh,
         "copysign" => Op::Copysign,
+        "atom" => Op::Atom,
+        "red" => Op::Red,
         _ => return Err(unimpl()),
     };
     let mut m = Mods {
@@ -1099,7 +1147,18 @@ fn decode(
             tys.push(t);
             continue;
         }
+        let atomic = matches!(op, Op::Atom | Op::Red);
         match (op, p) {
+            (Op::Atom | Op::Red, o) if atom_op(o).is_some() && m.atom.is_none() => {
+                m.atom = atom_op(o)
+            }
+            (Op::Atom | Op::Red, "global") => m.space = Some(Space::Global),
+            (Op::Atom | Op::Red, "shared" | "shared::cta") => m.space = Some(Space::Shared),
+            // Memory-order and scope qualifiers: every atomic is sequentially applied here.
+            (Op::Atom | Op::Red, "relaxed" | "acquire" | "release" | "acq_rel") => {}
+            (Op::Atom | Op::Red, "cta" | "gpu" | "sys" | "cluster") => {}
+            (Op::Atom | Op::Red, "noftz") => m.ftz = false,
+            _ if atomic => return Err(unimpl()),
             (Op::Setp, c) if cmp_of(c).is_some() && m.cmp.is_none() => m.cmp = cmp_of(c),
             (Op::Setp, "and") => m.bool_op = Some(BoolOp::And),
             (Op::Setp, "or") => m.bool_op = Some(BoolOp::Or),
@@ -1145,11 +1204,14 @@ fn decode(
         (_, [t]) => (*t, *t),
         _ => return Err(unimpl()),
     };
+    if matches!(op, Op::Atom | Op::Red) && !atom_ok(op, m.atom, ty, parts) {
+        return Err(unimpl());
+    }
     // Shapes the executor relies on.
     let mut d = Vec::new();
     let mut s = ops;
     let ndst = match op {
-        Op::St | Op::Bra | Op::Ret | Op::Exit | Op::Bar => 0,
+        Op::St | Op::Red | Op::Bra | Op::Ret | Op::Exit | Op::Bar => 0,
         _ => 1,
     };
     if s.len() < ndst {
@@ -1188,6 +1250,7 @@ fn decode(
         Op::Setp if m.bool_op.is_some() => 3,
         Op::Setp => 2,
         Op::St => 2,
+        Op::Atom if m.atom == Some(AtomOp::Cas) => 3,
         _ => 2,
     };
     // `bar.sync a{, b}`: an optional thread count.
@@ -1219,20 +1282,11 @@ fn decode(
             return Err(unimpl())
         }
         Op::Fma if !ty.float() => return Err(unimpl()),
-        Op::Fma if ty == Ty::F64 && m.round != Round::Rn => return Err(unimpl()),
+        // f64 fma needs an explicit rounding (the ISA requires one).
+        Op::Fma if ty == Ty::F64 && m.round == Round::None => return Err(unimpl()),
         Op::Mad if ty.float() => return Err(unimpl()),
         Op::Rcp | Op::Sqrt | Op::Rsqrt | Op::Ex2 | Op::Lg2 | Op::Sin | Op::Cos | Op::Tanh
             if !float_ok(ty) =>
-        {
-            return Err(unimpl())
-        }
-        Op::Rcp | Op::Sqrt | Op::Div
-            if ty.float() && !m.approx && !matches!(m.round, Round::Rn | Round::None) =>
-        {
-            return Err(unimpl())
-        }
-        Op::Add | Op::Sub | Op::Mul
-            if ty == Ty::F64 && !matches!(m.round, Round::Rn | Round::None) =>
         {
             return Err(unimpl())
         }

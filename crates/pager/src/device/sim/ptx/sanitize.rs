@@ -28,14 +28,18 @@ pub struct Race {
     pub other: Access,
     /// Whether the earlier access wrote.
     pub other_wrote: bool,
+    /// Whether the earlier access was an atomic (`atom`/`red`).
+    pub other_atomic: bool,
 }
 
 /// Shared-memory race detection between barriers: two threads touch the same byte in one
-/// barrier interval, at least one writing.
+/// barrier interval, at least one writing, unless both are atomics (`atom`/`red` on one
+/// address never race with each other; an atomic does race a plain load or store).
 #[derive(Debug, Clone, Default)]
 pub struct SharedRaces {
     writes: Vec<Access>,
     reads: Vec<Access>,
+    atomics: Vec<Access>,
     epoch: u32,
 }
 
@@ -45,6 +49,7 @@ impl SharedRaces {
         Self {
             writes: vec![Access::default(); size],
             reads: vec![Access::default(); size],
+            atomics: vec![Access::default(); size],
             epoch: 1,
         }
     }
@@ -70,6 +75,16 @@ impl SharedRaces {
                     offset: i,
                     other: w,
                     other_wrote: true,
+                    other_atomic: false,
+                });
+            }
+            let a = self.atomics[i];
+            if a.epoch == e && a.thread != thread {
+                return Some(Race {
+                    offset: i,
+                    other: a,
+                    other_wrote: true,
+                    other_atomic: true,
                 });
             }
             let r = self.reads[i];
@@ -78,6 +93,7 @@ impl SharedRaces {
                     offset: i,
                     other: r,
                     other_wrote: false,
+                    other_atomic: false,
                 });
             }
         }
@@ -96,6 +112,44 @@ impl SharedRaces {
                 } else {
                     *r = me;
                 }
+            }
+        }
+        None
+    }
+}
+
+impl SharedRaces {
+    /// Records an atomic read-modify-write of `range` by `thread`; returns the first race it
+    /// makes with a plain load or store of another thread in this barrier interval, if any.
+    pub fn atomic(
+        &mut self,
+        thread: u32,
+        range: std::ops::Range<usize>,
+        line: u32,
+    ) -> Option<Race> {
+        let e = self.epoch;
+        for i in range.clone() {
+            for (acc, wrote) in [(self.writes[i], true), (self.reads[i], false)] {
+                if acc.epoch == e && acc.thread != thread {
+                    return Some(Race {
+                        offset: i,
+                        other: acc,
+                        other_wrote: wrote,
+                        other_atomic: false,
+                    });
+                }
+            }
+        }
+        for i in range {
+            let a = &mut self.atomics[i];
+            if a.epoch == e && a.thread != thread {
+                a.thread = MANY;
+            } else {
+                *a = Access {
+                    thread,
+                    epoch: e,
+                    line,
+                };
             }
         }
         None
@@ -122,5 +176,26 @@ mod tests {
         assert_eq!((r.other.thread, r.other_wrote), (MANY, false));
         s.barrier();
         assert_eq!(s.access(1, 0..8, true, 6), None);
+    }
+
+    #[test]
+    fn atomics_race_plain_accesses_but_not_each_other() {
+        let mut s = SharedRaces::new(8);
+        assert_eq!(s.atomic(0, 0..4, 1), None);
+        assert_eq!(s.atomic(1, 0..4, 1), None);
+        assert_eq!(s.atomic(2, 2..6, 2), None);
+        let r = s.access(3, 0..4, false, 3).unwrap();
+        assert_eq!((r.other.thread, r.other_atomic), (MANY, true));
+        s.barrier();
+        assert_eq!(s.access(3, 0..4, true, 4), None);
+        let r = s.atomic(4, 0..4, 5).unwrap();
+        assert_eq!(
+            (r.other.thread, r.other_wrote, r.other_atomic),
+            (3, true, false)
+        );
+        s.barrier();
+        assert_eq!(s.access(5, 4..8, false, 6), None);
+        let r = s.atomic(6, 4..8, 7).unwrap();
+        assert_eq!((r.other.thread, r.other_wrote), (5, false));
     }
 }

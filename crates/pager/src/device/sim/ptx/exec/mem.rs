@@ -116,24 +116,7 @@ pub(super) fn access(
             }
             let r = a as usize..a as usize + n;
             if let Some(race) = ctx.races.access(t.linear, r.clone(), store, line) {
-                let [bx, by, _] = ctx.cfg.block;
-                let o = race.other.thread;
-                let other = if o == sanitize::MANY {
-                    "several threads".to_string()
-                } else {
-                    format!("thread {}", dims([o % bx, (o / bx) % by, o / (bx * by)]))
-                };
-                return Err(ctx.err(
-                    ErrorKind::Memory,
-                    t,
-                    line,
-                    format!(
-                        "shared-memory race: {verb} of offset {:#x}, which {other} {} at PTX line {} with no bar.sync between",
-                        race.offset,
-                        if race.other_wrote { "wrote" } else { "read" },
-                        race.other.line
-                    ),
-                ));
+                return Err(race_error(ctx, t, line, verb, race));
             }
             if store {
                 ctx.shared[r.clone()].copy_from_slice(buf);
@@ -292,4 +275,118 @@ pub(super) fn exec_cp_async(ctx: &mut Ctx, t: &mut Thread, inst: &Inst) -> Resul
     }
     t.pending.push((u32::MAX, off, size as u32));
     Ok(Flow::Next)
+}
+
+/// `atom` / `red`: one read-modify-write, applied at once (threads run one at a time, so the
+/// lanes of a warp reaching the instruction together apply in ascending thread id). Bounds and
+/// alignment are checked as for `ld`/`st`; in shared memory the race check treats the access
+/// as atomic (exempt from other atomics, racing plain loads and stores).
+pub(super) fn exec_atom(ctx: &mut Ctx, t: &mut Thread, inst: &Inst) -> Result<Flow> {
+    let line = inst.line;
+    let ty = inst.ty;
+    let op = inst
+        .m
+        .atom
+        .ok_or_else(|| PtxError::parse(line, "atomic without an operation"))?;
+    let (addr, _) = address(ctx, t, &inst.s[0], line)?;
+    let b = read(ctx, t, &inst.s[1], ty, line)?;
+    let c = match inst.s.get(2) {
+        Some(o) => read(ctx, t, o, ty, line)?,
+        None => 0,
+    };
+    let n = ty.size() as usize;
+    let space = inst.m.space.unwrap_or(Space::Generic);
+    let mut buf = [0u8; 8];
+    if !addr.is_multiple_of(n as u64) {
+        return Err(ctx.err(
+            ErrorKind::Memory,
+            t,
+            line,
+            format!("misaligned {n}-byte atomic at {addr:#x}"),
+        ));
+    }
+    let old = match target(space, addr) {
+        Target::Global(_) => {
+            access(ctx, t, space, addr, &mut buf[..n], false, line)?;
+            let old = u64::from_le_bytes(buf);
+            let new = atomic::apply(op, ty, old, b, c);
+            access(ctx, t, space, addr, &mut new.to_le_bytes()[..n], true, line)?;
+            old
+        }
+        Target::Shared(a) => {
+            let len = ctx.shared.len() as u64;
+            if a.saturating_add(n as u64) > len {
+                return Err(ctx.err(ErrorKind::Memory, t, line, format!("out-of-bounds shared atomic of {n} bytes at offset {a:#x} (shared size {len})")));
+            }
+            let r = a as usize..a as usize + n;
+            if let Some(race) = ctx.races.atomic(t.linear, r.clone(), line) {
+                return Err(race_error(ctx, t, line, "atomic", race));
+            }
+            if ctx.shared_pending[r.clone()].iter().any(|&b| b) {
+                return Err(ctx.err(ErrorKind::Memory, t, line, format!("atomic on shared memory at offset {a:#x}, a cp.async destination, before its cp.async.wait_group")));
+            }
+            if let Some(i) = sanitize::first_unset(&ctx.shared_init[r.clone()]) {
+                return Err(ctx.err(
+                    ErrorKind::Memory,
+                    t,
+                    line,
+                    format!(
+                        "atomic on uninitialised shared memory at offset {:#x}",
+                        a as usize + i
+                    ),
+                ));
+            }
+            buf[..n].copy_from_slice(&ctx.shared[r.clone()]);
+            let old = u64::from_le_bytes(buf);
+            let new = atomic::apply(op, ty, old, b, c);
+            ctx.shared[r].copy_from_slice(&new.to_le_bytes()[..n]);
+            old
+        }
+        Target::Local(_) | Target::Param(_) => {
+            return Err(ctx.err(
+                ErrorKind::Memory,
+                t,
+                line,
+                format!(
+                    "atomic on a non-global, non-shared address {addr:#x} (undefined in the ISA)"
+                ),
+            ))
+        }
+    };
+    if inst.op == Op::Atom {
+        let v = if ty.signed() {
+            int::sext(old, ty.bits()) as u64
+        } else {
+            old
+        };
+        write(t, &inst.d[0], v, ty, line)?;
+    }
+    Ok(Flow::Next)
+}
+
+/// The one-line message of a shared-memory race.
+fn race_error(ctx: &Ctx, t: &Thread, line: u32, verb: &str, race: sanitize::Race) -> PtxError {
+    let [bx, by, _] = ctx.cfg.block;
+    let o = race.other.thread;
+    let other = if o == sanitize::MANY {
+        "several threads".to_string()
+    } else {
+        format!("thread {}", dims([o % bx, (o / bx) % by, o / (bx * by)]))
+    };
+    let what = if race.other_atomic {
+        "accessed atomically"
+    } else if race.other_wrote {
+        "wrote"
+    } else {
+        "read"
+    };
+    ctx.err(
+        ErrorKind::Memory,
+        t,
+        line,
+        format!(
+            "shared-memory race: {verb} of offset {:#x}, which {other} {what} at PTX line {} with no bar.sync between",
+            race.offset, race.other.line
+        ),
+    )
 }
