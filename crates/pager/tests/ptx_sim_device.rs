@@ -12,7 +12,7 @@ use std::time::Duration;
 
 /// Hand-written kernels: `twice` (out[i] = 2·in[i] for i < n), `stuck` (a shuffle whose member
 /// mask names a lane that does not exist: a deadlock), `spin` (loops forever), `atomic` (an
-/// unimplemented instruction).
+/// unimplemented instruction: `prefetch`).
 const HAND: &str = "
 .version 8.4
 .target sm_80
@@ -70,7 +70,7 @@ $L_top:
 	.reg .b32 %r<2>;
 	.reg .b64 %rd<2>;
 	ld.param.u64 %rd1, [atomic_p];
-	atom.global.add.u32 %r1, [%rd1], 1;
+	prefetch.global.L2 [%rd1];
 	ret;
 }
 ";
@@ -522,7 +522,7 @@ fn bad_launches_are_refused_at_launch_and_enqueue_nothing() {
     let e = go("hand", HAND, "nope", dims, &ok);
     assert!(e.contains("no kernel `nope`"), "{e}");
     let e = go("hand", HAND, "atomic", dims, &[buf(a, 4)]);
-    assert!(e.contains("unimplemented") && e.contains("atom"), "{e}");
+    assert!(e.contains("unimplemented") && e.contains("prefetch"), "{e}");
     assert!(!e.contains('\n'), "one line: {e}");
     let e = go(
         "broken",
