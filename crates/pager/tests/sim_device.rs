@@ -14,6 +14,7 @@ fn cfg() -> SimConfig {
         copy_latency: Duration::from_nanos(100),
         launch_latency: Duration::ZERO,
         host_capacity: 1 << 20,
+        ..SimConfig::default()
     }
 }
 

@@ -27,23 +27,28 @@
 pub mod faults;
 mod kernel;
 pub mod ptx;
+mod ptx_kernel;
 mod race;
 
 pub use faults::{FaultCounts, FaultOp, FaultPlan, SimResources};
 use kernel::{locate, slice};
 pub use kernel::{KernelSpec, SimMemory};
+use race::PtxWatch;
 use race::{Access, Segment};
 pub use race::{AccessInfo, RaceReport};
 
+use super::cuda::check_launch_args;
 use super::{
-    Device, DeviceKind, DevicePtr, DeviceRange, EventId, HostMemKind, HostPtr, MemInfo, StreamId,
+    Device, DeviceKind, DevicePtr, DeviceRange, EventId, HostMemKind, HostPtr, KernelArg,
+    LaunchDims, MemInfo, StreamId,
 };
 use crate::error::{Error, Result};
 use memmap2::Mmap;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::fmt;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 /// The simulator's cost model and limits.
@@ -63,6 +68,21 @@ pub struct SimConfig {
     pub launch_latency: Duration,
     /// Pinned host memory limit in bytes.
     pub host_capacity: u64,
+    /// Fixed cost of an interpreted kernel ([`Device::launch_ptx`]), on top of `launch_latency`.
+    ///
+    /// An interpreted launch lasts `kernel_overhead + max(B / device_bandwidth, T / thread_rate)`,
+    /// B the bytes of its buffer arguments, T its threads (grid × block). The duration must be
+    /// known when the launch is enqueued (later work and events are timed from it), before the
+    /// interpreter has run, so it uses the launch's arguments, not the bytes or instructions the
+    /// kernel turns out to touch: exact for a kernel that streams each buffer once, an upper
+    /// bound for one that touches part of them.
+    pub kernel_overhead: Duration,
+    /// Device memory bandwidth for the interpreted-kernel cost model, bytes per second.
+    pub device_bandwidth: f64,
+    /// Threads per second an interpreted kernel runs at when not memory bound.
+    pub thread_rate: f64,
+    /// The interpreter's limits per launch (instruction budget, local memory per thread).
+    pub ptx_limits: ptx::Limits,
 }
 
 impl Default for SimConfig {
@@ -76,6 +96,10 @@ impl Default for SimConfig {
             copy_latency: Duration::from_micros(5),
             launch_latency: Duration::from_micros(3),
             host_capacity: 64 << 30,
+            kernel_overhead: Duration::from_micros(2),
+            device_bandwidth: 450e9,
+            thread_rate: 5e11,
+            ptx_limits: ptx::Limits::default(),
         }
     }
 }
@@ -117,6 +141,10 @@ pub enum OpKind {
 pub struct SimDevice {
     cfg: SimConfig,
     state: Mutex<State>,
+    /// Parsed PTX modules by name, for [`Device::launch_ptx`].
+    modules: Mutex<HashMap<&'static str, Arc<ptx::Module>>>,
+    /// How many times a PTX module was parsed.
+    parses: AtomicU64,
 }
 
 impl fmt::Debug for SimDevice {
@@ -151,6 +179,7 @@ enum Work {
         f: Option<KernelFn>,
         out: Vec<(DeviceRange, Vec<u8>)>,
     },
+    Ptx(Box<ptx_kernel::PtxLaunch>),
 }
 
 struct StreamState {
@@ -222,6 +251,7 @@ struct State {
     // (time, phase, seq): phase 0 = end (writes land), 1 = start (reads happen).
     queue: BinaryHeap<Reverse<(u64, u8, u64)>>,
     segments: BTreeMap<u64, Segment>,
+    ptx_watches: BTreeMap<u64, PtxWatch>,
     races: Vec<RaceReport>,
     timeline: Vec<OpRecord>,
     error: Option<Error>,
@@ -229,6 +259,13 @@ struct State {
 }
 
 const DEVICE_BASE: u64 = 0x7f00_0000_0000;
+// The interpreter's module-variable, shared and local windows must not shadow device memory.
+const _: () = {
+    use ptx::ir::{GLOBALS_BASE, LOCAL_WINDOW, SHARED_WINDOW, WINDOW_SIZE};
+    assert!(GLOBALS_BASE + WINDOW_SIZE <= DEVICE_BASE);
+    assert!(SHARED_WINDOW + WINDOW_SIZE <= DEVICE_BASE);
+    assert!(LOCAL_WINDOW + WINDOW_SIZE <= DEVICE_BASE);
+};
 const ALIGN: u64 = 256;
 
 fn ns(d: Duration) -> u64 {
@@ -254,6 +291,8 @@ impl SimDevice {
                 next_host: 1,
                 ..State::default()
             }),
+            modules: Mutex::new(HashMap::new()),
+            parses: AtomicU64::new(0),
         })
     }
 
@@ -310,6 +349,28 @@ impl SimDevice {
                 out: Vec::new(),
             },
         )
+        .map(|_| ())
+    }
+
+    /// The parsed module `name` (text `src`), parsed on first use and cached by name.
+    fn ptx_module(&self, name: &'static str, src: &str) -> Result<Arc<ptx::Module>> {
+        let mut modules = self.modules.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(m) = modules.get(name) {
+            return Ok(m.clone());
+        }
+        self.parses.fetch_add(1, Ordering::Relaxed);
+        let m = Arc::new(
+            ptx::Module::parse(src)
+                .map_err(|e| Error::InvalidArgument(format!("PTX module {name}: {e}")))?,
+        );
+        modules.insert(name, m.clone());
+        Ok(m)
+    }
+
+    /// How many times a PTX module has been parsed for [`Device::launch_ptx`] (once per module
+    /// name that parsed, plus each failed attempt).
+    pub fn ptx_modules_parsed(&self) -> u64 {
+        self.parses.load(Ordering::Relaxed)
     }
 
     /// The host's current virtual time.
@@ -505,7 +566,7 @@ impl State {
         reads: &[DeviceRange],
         writes: &[DeviceRange],
         work: Work,
-    ) -> Result<()> {
+    ) -> Result<Access> {
         let tail = self.stream(stream)?.tail;
         let engine_free = match engine {
             Engine::H2D => self.h2d_free,
@@ -538,6 +599,7 @@ impl State {
         for r in writes {
             self.check_access(r, &access, true);
         }
+        self.check_ptx_watches(reads, writes, &access);
         self.ops.insert(seq, work);
         self.queue.push(Reverse((start, 1, seq)));
         self.queue.push(Reverse((end, 0, seq)));
@@ -550,7 +612,7 @@ impl State {
             end: dur(end),
             bytes,
         });
-        Ok(())
+        Ok(access)
     }
 
     /// Applies, in virtual-time order, every effect scheduled at or before `t`.
@@ -629,6 +691,22 @@ impl State {
                     }
                 } else {
                     for (r, d) in std::mem::take(out) {
+                        self.write_device(r, &d)?;
+                    }
+                }
+            }
+            Work::Ptx(l) => {
+                if phase == 1 {
+                    let ran = l.run(&self.device);
+                    l.out = ran.writes;
+                    // Races are checked from what the kernel really touched, even if it failed.
+                    self.ptx_ran(seq, ran.footprint);
+                    ran.result.map_err(|e| Error::Kernel {
+                        name: l.func.to_string(),
+                        source: Box::new(ptx_kernel::device_error(e)),
+                    })?;
+                } else {
+                    for (r, d) in std::mem::take(&mut l.out) {
                         self.write_device(r, &d)?;
                     }
                 }
@@ -959,6 +1037,7 @@ impl Device for SimDevice {
                 data: None,
             },
         )
+        .map(|_| ())
     }
 
     fn copy_h2d_pageable(&self, stream: StreamId, dst: DevicePtr, src: &[u8]) -> Result<()> {
@@ -1025,9 +1104,81 @@ impl Device for SimDevice {
                 data: None,
             },
         )
+        .map(|_| ())
     }
 
     fn busy(&self, stream: StreamId, duration: Duration) -> Result<()> {
         self.enqueue_kernel(stream, KernelSpec::new("busy", duration), None)
+    }
+
+    fn can_launch_ptx(&self) -> bool {
+        true
+    }
+
+    /// Enqueues an interpreted launch as an ordinary kernel operation in virtual time.
+    ///
+    /// Refused here, before anything is enqueued: a module that does not parse, a kernel that
+    /// does not exist or reaches an unimplemented instruction, arguments that do not match its
+    /// PTX parameters, dims past the hardware limits (the CUDA path's own checks) and a
+    /// [`KernelArg::Buf`] range outside the live allocations. The interpreter runs when the
+    /// simulator reaches the kernel's start, against device memory as of then; its writes land
+    /// at its end; its findings are reported by the next synchronising call as an
+    /// [`Error::Kernel`], like any other kernel failure. Its races are checked from the bytes it
+    /// really touched (see `race::PtxWatch`), once it has run.
+    unsafe fn launch_ptx(
+        &self,
+        stream: StreamId,
+        module: &'static str,
+        ptx_text: &'static str,
+        func: &'static str,
+        dims: LaunchDims,
+        args: &[KernelArg],
+    ) -> Result<()> {
+        let m = self.ptx_module(module, ptx_text)?;
+        ptx::check_kernel(&m, func)
+            .map_err(|e| Error::InvalidArgument(format!("PTX module {module}: {e}")))?;
+        check_launch_args(ptx_text, func, args)?;
+        dims.check(func)?;
+        let mut st = self.lock();
+        st.faults.check(FaultOp::Launch)?;
+        let mut bufs = Vec::new();
+        for arg in args {
+            if let KernelArg::Buf { ptr, bytes } = *arg {
+                let r = DeviceRange::new(ptr, bytes);
+                locate(&st.device, r).map_err(|e| {
+                    Error::InvalidArgument(format!("kernel {func}: buffer argument {r}: {e}"))
+                })?;
+                bufs.push(r);
+            }
+        }
+        let d = ptx_kernel::duration_ns(&self.cfg, &dims, &bufs);
+        let launch = ptx_kernel::PtxLaunch {
+            module: m,
+            func,
+            cfg: ptx::LaunchConfig {
+                grid: [dims.grid.0, dims.grid.1, dims.grid.2],
+                block: [dims.block.0, dims.block.1, dims.block.2],
+                dynamic_shared: dims.shared_mem,
+            },
+            params: ptx_kernel::params(args),
+            bufs: bufs.clone(),
+            limits: self.cfg.ptx_limits,
+            out: Vec::new(),
+        };
+        // Declares no ranges: the race checker follows its real footprint instead.
+        let access = st.enqueue(
+            &self.cfg,
+            stream,
+            Engine::Compute,
+            d,
+            OpKind::Kernel,
+            func.to_string(),
+            0,
+            &[],
+            &[],
+            Work::Ptx(Box::new(launch)),
+        )?;
+        st.watch_ptx(access, bufs);
+        Ok(())
     }
 }

@@ -169,15 +169,9 @@ impl Ctx<'_> {
     }
 }
 
-/// Runs `kernel` of `module` over the whole grid against `mem`.
-pub fn launch(
-    module: &Module,
-    kernel: &str,
-    cfg: LaunchConfig,
-    params: &[ParamValue],
-    mem: &mut dyn GlobalMemory,
-    limits: Limits,
-) -> Result<LaunchReport> {
+/// Checks that `kernel` is a kernel entry of `module` whose reachable functions are all defined
+/// and implemented (what [`launch`] refuses before running); returns its function index.
+pub fn check_kernel(module: &Module, kernel: &str) -> Result<u32> {
     let fidx = *module
         .by_name
         .get(kernel)
@@ -189,10 +183,8 @@ pub fn launch(
         )));
     }
     // Every function the kernel can reach must be defined and fully implemented.
-    let mut reach = vec![fidx];
-    let mut i = 0;
-    while i < reach.len() {
-        let g = &module.functions[reach[i] as usize];
+    for g in reachable(module, fidx) {
+        let g = &module.functions[g as usize];
         if g.body.is_none() {
             return Err(PtxError::launch(format!(
                 "kernel `{kernel}` calls `{}`, which has no body",
@@ -205,13 +197,37 @@ pub fn launch(
                 format!("kernel `{kernel}`: {e}"),
             ));
         }
-        for &c in &g.calls {
+    }
+    Ok(fidx)
+}
+
+/// The functions `fidx` can reach (itself first).
+fn reachable(module: &Module, fidx: u32) -> Vec<u32> {
+    let mut reach = vec![fidx];
+    let mut i = 0;
+    while i < reach.len() {
+        for &c in &module.functions[reach[i] as usize].calls {
             if !reach.contains(&c) {
                 reach.push(c);
             }
         }
         i += 1;
     }
+    reach
+}
+
+/// Runs `kernel` of `module` over the whole grid against `mem`.
+pub fn launch(
+    module: &Module,
+    kernel: &str,
+    cfg: LaunchConfig,
+    params: &[ParamValue],
+    mem: &mut dyn GlobalMemory,
+    limits: Limits,
+) -> Result<LaunchReport> {
+    let fidx = check_kernel(module, kernel)?;
+    let f = &module.functions[fidx as usize];
+    let reach = reachable(module, fidx);
     // Parameters.
     if params.len() != f.params.len() {
         return Err(PtxError::launch(format!(

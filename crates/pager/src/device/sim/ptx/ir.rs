@@ -410,8 +410,10 @@ pub struct Module {
     pub globals: Vec<u8>,
 }
 
-/// Where module-level `.global` variables live in the global address space.
-pub const GLOBALS_BASE: u64 = 0x0000_7f00_0000_0000;
+/// Where module-level `.global` variables live in the global address space: a window of
+/// [`WINDOW_SIZE`] bytes below the simulated device's allocations (from `0x7f00_0000_0000`), so
+/// that it never shadows device memory.
+pub const GLOBALS_BASE: u64 = 0x0000_7c00_0000_0000;
 /// Base of the shared window in the generic address space.
 pub const SHARED_WINDOW: u64 = 0x0000_7e00_0000_0000;
 /// Base of the local window in the generic address space.

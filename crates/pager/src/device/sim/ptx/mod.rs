@@ -82,7 +82,7 @@ pub mod parse;
 pub mod sanitize;
 
 pub use error::{ErrorKind, PtxError, Result};
-pub use exec::{launch, LaunchConfig, LaunchReport, Limits, ParamValue};
+pub use exec::{check_kernel, launch, LaunchConfig, LaunchReport, Limits, ParamValue};
 pub use ir::Module;
 pub use memory::{GlobalMemory, VecMemory};
 

@@ -76,8 +76,7 @@ pub(super) fn access(
     let verb = if store { "store" } else { "load" };
     match target(space, addr) {
         Target::Global(a) => {
-            let gl = ctx.globals.len() as u64;
-            if a >= GLOBALS_BASE && a < GLOBALS_BASE + gl.max(1) {
+            if (GLOBALS_BASE..GLOBALS_BASE + WINDOW_SIZE).contains(&a) {
                 let off = (a - GLOBALS_BASE) as usize;
                 let Some(slot) = ctx.globals.get_mut(off..off + n) else {
                     return Err(ctx.err(
