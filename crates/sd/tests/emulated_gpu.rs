@@ -3,21 +3,24 @@
 //! kernels' PTX run on the simulated device's interpreter. Everything here is emulated: it shows
 //! what the kernels compute, not what a GPU does.
 //!
-//! Checked on the tiny fixtures: f32 runs match the diffusers goldens within the CPU path's
-//! tolerances (latents 1e-3 of max |ref|, images 2/255); every offload mode gives bit-identical
-//! output at equal dtype; f16 / bf16 stay within the tolerances stated at [`HALF_TOL`]; the race
-//! checker reports nothing (the sanitizer reports through the launch, which fails the run).
-//!
-//! By default a subset runs (the interpreter is slow at the test profile's opt-level 1): SD 1.5
-//! f32 in every mode, SD 2 and SDXL resident, SD 1.5 in f16 and bf16. `FERRY_EMU_FULL=1` runs
-//! the full matrix (every model × dtype × mode).
+//! The interpreter is slow at the test profile's opt-level 1 (one UNet step of the tiny SD 1.5 at
+//! 64×32 with CFG takes about a minute of CPU; see docs/perf/ptx-interpreter.md), so by default a
+//! subset sized for about 2 minutes on 2 cores runs, on small requests (1 step, no CFG, 16×16;
+//! 32×32 for SDXL's three UNet levels) checked against the CPU path — which `tests/pipeline.rs`
+//! checks against diffusers — at the CPU path's own tolerances (latents 1e-3 of max |ref|,
+//! images 2/255): SD 1.5 f32 resident and in the sequential and auto offload modes (bit-identical
+//! to resident), SD 1.5 bf16, SD 2 f32 (group offload), SDXL f16 (model offload, VAE upcast),
+//! and `txt2img --device sim`. `FERRY_EMU_FULL=1` adds the full matrix on the goldens' own
+//! requests (4 steps, CFG 7.5, 64×32): every model × f32/f16/bf16 against the diffusers goldens
+//! and every offload mode bit-identical at equal dtype. The race checker must report nothing;
+//! sanitizer findings fail the launch and with it the run.
 
 mod common;
 
 use common::{fixture, golden, rel_err, to_np};
 use ferry_sched::Mode;
-use ferry_sd::pipeline::{DeviceChoice, GenerateParams, LoadConfig, Pipeline};
-use ferry_sd::tensor::{DType, Tensor};
+use ferry_sd::pipeline::{DeviceChoice, GenerateParams, Generated, LoadConfig, Pipeline};
+use ferry_sd::tensor::DType;
 use std::process::Command;
 use std::time::Instant;
 
@@ -26,15 +29,16 @@ fn full() -> bool {
     std::env::var("FERRY_EMU_FULL").is_ok_and(|v| v == "1")
 }
 
+/// Says (in the test output) what the default subset leaves out.
 fn note_skipped(what: &str) {
     if !full() {
         eprintln!("{what}: the full matrix was skipped (set FERRY_EMU_FULL=1 to run it)");
     }
 }
 
-/// The goldens' generation parameters for `model` with `scheduler` (4 steps, CFG, the goldens'
-/// initial latents).
-fn params(model: &str, scheduler: &str) -> GenerateParams {
+/// The goldens' generation parameters for `model` with `scheduler` (4 steps, CFG, 64×32, the
+/// goldens' initial latents).
+fn golden_params(model: &str, scheduler: &str) -> GenerateParams {
     let text = std::fs::read_to_string(fixture(&format!("{model}/goldens.json"))).unwrap();
     let json: serde_json::Value = serde_json::from_str(&text).unwrap();
     let p = &json["pipeline"];
@@ -47,6 +51,20 @@ fn params(model: &str, scheduler: &str) -> GenerateParams {
         width: Some(p["width"].as_u64().unwrap() as usize),
         height: Some(p["height"].as_u64().unwrap() as usize),
         init_latents: Some(golden(model, "pipe.latents_init")),
+        ..GenerateParams::default()
+    }
+}
+
+/// The default subset's small request: 1 euler step without CFG at `size`², seeded latents.
+fn small_params(size: usize) -> GenerateParams {
+    GenerateParams {
+        prompt: "a photo of an astronaut riding a horse on mars".into(),
+        steps: 1,
+        guidance: 1.0,
+        scheduler: Some("euler".into()),
+        seed: 7,
+        width: Some(size),
+        height: Some(size),
         ..GenerateParams::default()
     }
 }
@@ -66,163 +84,218 @@ fn emu(model: &str, dtype: DType, mode: Option<Mode>, budget: Option<u64>) -> Pi
     )
     .unwrap_or_else(|e| panic!("{model} {dtype:?} {mode:?} on the emulated GPU: {e}"));
     assert_eq!(pipe.device(), DeviceChoice::Sim);
-    assert!(pipe.executor().is_none(), "{model}: not the GPU executor");
+    assert!(
+        pipe.executor().is_none(),
+        "{model}: not on the GPU executor"
+    );
     pipe
 }
 
-/// Runs `p` and asserts the race checker found nothing; prints the time per UNet step.
-fn generate(what: &str, pipe: &Pipeline, p: &GenerateParams) -> ferry_sd::pipeline::Generated {
+/// Runs `p`, asserts the race checker found nothing, and prints the time per UNet step.
+fn generate(what: &str, pipe: &Pipeline, p: &GenerateParams) -> Generated {
     let t0 = Instant::now();
     let mut steps = Vec::new();
     let out = pipe
         .generate(p, |_, _| steps.push(t0.elapsed()))
         .unwrap_or_else(|e| panic!("{what}: {e}"));
     let total = t0.elapsed();
-    let step = match (steps.first(), steps.last()) {
-        (Some(a), Some(b)) if steps.len() > 1 => (*b - *a) / (steps.len() as u32 - 1),
-        _ => total,
+    let per_step = match (steps.first(), steps.last()) {
+        (Some(a), Some(b)) if steps.len() > 1 => {
+            format!(
+                ", {:.1} s per UNet step",
+                (*b - *a).as_secs_f64() / (steps.len() - 1) as f64
+            )
+        }
+        _ => String::new(),
     };
-    eprintln!(
-        "{what}: {:.1} s in all, {:.2} s per UNet step (CFG batch 2)",
-        total.as_secs_f64(),
-        step.as_secs_f64()
-    );
+    eprintln!("{what}: {:.1} s wall{per_step}", total.as_secs_f64());
     let races = pipe.races();
     assert!(races.is_empty(), "{what}: {races:?}");
+    common::assert_finite(what, &out.latents);
+    common::assert_finite(what, &out.images);
     out
 }
 
-/// Asserts the f32 run of `model` with `golden` (its name in goldens.safetensors) is within the
-/// CPU path's tolerances of diffusers.
-fn check_golden(what: &str, model: &str, golden_run: &str, got: &ferry_sd::pipeline::Generated) {
-    let want = golden(model, &format!("pipe.{golden_run}.latents"));
-    let e = rel_err(&got.latents, &want);
-    let img = golden(model, &format!("pipe.{golden_run}.image"));
-    let d = to_np(&got.images).max_abs_diff(&img).unwrap();
+/// The CPU path's f32 result for `p`.
+fn cpu(model: &str, p: &GenerateParams) -> Generated {
+    Pipeline::load(&fixture(model), LoadConfig::default())
+        .unwrap()
+        .generate(p, |_, _| {})
+        .unwrap()
+}
+
+/// Asserts `got` is within (latents, images) of `want` (latents relative to max |want|, images
+/// as max |difference| in [0, 1] units); NaN fails.
+fn assert_close(what: &str, got: &Generated, want: &Generated, (tl, ti): (f32, f32)) {
+    let e = rel_err(&got.latents, &want.latents);
+    let d = to_np(&got.images)
+        .max_abs_diff(&to_np(&want.images))
+        .unwrap();
     eprintln!("{what}: latents rel err {e:.2e}, image max diff {d:.2e}");
-    assert!(e <= 1e-3, "{what}: latents rel err {e}");
-    assert!(d <= 2.0 / 255.0, "{what}: image max diff {d}");
+    assert!(e <= tl, "{what}: latents rel err {e} > {tl}");
+    assert!(d <= ti, "{what}: image max diff {d} > {ti}");
 }
 
-/// Offload modes with the budgets they are run at (their minimum, so that paging happens).
-fn modes(probe: &Pipeline) -> Vec<(Mode, u64)> {
-    let reserve = probe.reserve();
-    [
-        Mode::Model,
-        Mode::Sequential,
-        Mode::Group { depth: 2 },
-        Mode::Auto,
-    ]
-    .into_iter()
-    .map(|m| (m, probe.minimum_budget(m, reserve).unwrap()))
-    .collect()
+/// The f32 tolerances the CPU path meets against diffusers (`tests/pipeline.rs`).
+const F32_TOL: (f32, f32) = (1e-3, 2.0 / 255.0);
+
+/// Tolerances of the 16-bit runs against f32 results (latents relative to max |ref|, images in
+/// [0, 1] units): for the default subset's 1-step requests, and for the goldens' 4-step CFG
+/// requests.
+///
+/// Why these: weights and activations are rounded to the storage type at every op (unit
+/// roundoff 4.9e-4 for f16, 3.9e-3 for bf16) while arithmetic is f32. Through the ~60 ops of a
+/// UNet pass the roundings add up to some tens of unit roundoffs; 4 steps with guidance 7.5
+/// (which scales the difference of two noise predictions by 7.5) multiply that several times.
+/// The bounds are ~3× what the emulated runs showed, far below the O(1) error of a wrong kernel.
+fn half_tol(dtype: DType, golden_request: bool) -> (f32, f32) {
+    match (dtype, golden_request) {
+        (DType::F16, false) => (1e-2, 1e-2),
+        (DType::BF16, false) => (5e-2, 5e-2),
+        (DType::F16, true) => (2e-2, 2e-2),
+        (DType::BF16, true) => (1e-1, 1e-1),
+        (DType::F32, _) => F32_TOL,
+    }
 }
 
-/// Every offload mode of `model` in `dtype` gives output bit-identical to the resident run.
-fn modes_are_bit_identical(model: &str, dtype: DType, p: &GenerateParams, resident: &Tensor) {
+/// Every offload mode in `modes`, at its minimum budget (so that paging happens), gives output
+/// bit-identical to `resident`.
+fn modes_are_bit_identical(
+    model: &str,
+    dtype: DType,
+    modes: &[Mode],
+    p: &GenerateParams,
+    resident: &Generated,
+) {
     let probe = emu(model, dtype, Some(Mode::None), None);
-    for (mode, budget) in modes(&probe) {
-        let what = format!("{model} {dtype:?} {mode} at {budget} B");
-        let pipe = emu(model, dtype, Some(mode), Some(budget));
-        let out = generate(&what, &pipe, p);
-        // `==` on f32 data: NaN != NaN, so a NaN output fails too.
+    let reserve = probe.reserve();
+    for &mode in modes {
+        let budget = probe.minimum_budget(mode, reserve).unwrap();
+        let what = format!("{model} {dtype:?} {mode} at its minimum budget {budget} B");
+        let out = generate(&what, &emu(model, dtype, Some(mode), Some(budget)), p);
+        // `==` on the f32 data: a NaN never compares equal, so a NaN output fails too.
         assert!(
-            out.latents.data() == resident.data(),
-            "{what}: latents differ from the resident run"
+            out.latents.data() == resident.latents.data()
+                && out.images.data() == resident.images.data(),
+            "{what}: output differs from the resident run"
         );
     }
 }
 
+const ALL_MODES: [Mode; 4] = [
+    Mode::Model,
+    Mode::Sequential,
+    Mode::Group { depth: 2 },
+    Mode::Auto,
+];
+
 #[test]
-fn sd15_f32_matches_diffusers_and_every_offload_mode_is_bit_identical() {
-    let p = params("sd15", "euler");
+fn sd15_f32_matches_the_cpu_path_in_every_offload_mode() {
+    let p = small_params(16);
+    let want = cpu("sd15", &p);
     let pipe = emu("sd15", DType::F32, Some(Mode::None), None);
     assert_eq!(pipe.dtypes(), (DType::F32, DType::F32));
-    let out = generate("sd15 f32 resident", &pipe, &p);
-    check_golden("sd15 f32 resident", "sd15", "euler", &out);
-    // The modes on fewer steps (the comparison is with a resident run of the same steps).
-    let short = GenerateParams { steps: 2, ..p };
-    let resident = generate("sd15 f32 resident, 2 steps", &pipe, &short);
-    modes_are_bit_identical("sd15", DType::F32, &short, &resident.latents);
+    let got = generate("sd15 f32 resident (1 step, 16x16)", &pipe, &p);
+    assert_close("sd15 f32 emulated vs CPU", &got, &want, F32_TOL);
+    let modes: &[Mode] = if full() {
+        &ALL_MODES
+    } else {
+        &[Mode::Sequential, Mode::Auto]
+    };
+    modes_are_bit_identical("sd15", DType::F32, modes, &p, &got);
+    note_skipped("sd15 model and group offload on the small request");
 }
 
 #[test]
-fn sd2_and_sdxl_f32_match_diffusers() {
-    for (model, sched, golden_run) in [("sd2", "ddim", "ddim"), ("sdxl", "dpmpp-2m", "dpmpp_2m")] {
-        let pipe = emu(model, DType::F32, None, None);
-        let what = format!("{model} f32 {sched}");
-        let out = generate(&what, &pipe, &params(model, sched));
-        check_golden(&what, model, golden_run, &out);
-    }
-    note_skipped("sd2/sdxl offload modes and schedulers");
-    if full() {
-        for model in ["sd2", "sdxl"] {
-            let p = GenerateParams {
-                steps: 2,
-                ..params(model, "euler")
-            };
-            let resident = generate(model, &emu(model, DType::F32, Some(Mode::None), None), &p);
-            modes_are_bit_identical(model, DType::F32, &p, &resident.latents);
-        }
-    }
+fn sd15_bf16_sd2_and_sdxl_f16_stay_close_to_the_cpu_path() {
+    let p = small_params(16);
+    let want = cpu("sd15", &p);
+    let got = generate(
+        "sd15 bf16 (1 step, 16x16)",
+        &emu("sd15", DType::BF16, None, None),
+        &p,
+    );
+    assert_close(
+        "sd15 bf16 emulated vs CPU f32",
+        &got,
+        &want,
+        half_tol(DType::BF16, false),
+    );
+
+    // SD 2 in f32 under group offload, at its minimum budget.
+    let probe = emu("sd2", DType::F32, Some(Mode::None), None);
+    let mode = Mode::Group { depth: 2 };
+    let budget = probe.minimum_budget(mode, probe.reserve()).unwrap();
+    drop(probe);
+    let got = generate(
+        "sd2 f32 group offload (1 step, 16x16)",
+        &emu("sd2", DType::F32, Some(mode), Some(budget)),
+        &p,
+    );
+    assert_close("sd2 f32 emulated vs CPU", &got, &cpu("sd2", &p), F32_TOL);
+
+    // SDXL in f16 with its VAE upcast to f32, under model offload. 32×32: three UNet levels.
+    let p = small_params(32);
+    let probe = emu("sdxl", DType::F16, Some(Mode::None), None);
+    let budget = probe.minimum_budget(Mode::Model, probe.reserve()).unwrap();
+    drop(probe);
+    let pipe = emu("sdxl", DType::F16, Some(Mode::Model), Some(budget));
+    assert_eq!(pipe.dtypes(), (DType::F16, DType::F32), "SDXL's VAE upcast");
+    let got = generate("sdxl f16 model offload (1 step, 32x32)", &pipe, &p);
+    assert_close(
+        "sdxl f16 emulated vs CPU f32",
+        &got,
+        &cpu("sdxl", &p),
+        half_tol(DType::F16, false),
+    );
 }
 
-/// Tolerances of the 16-bit runs against the f32 goldens, relative to max |golden|: (f16, bf16)
-/// for latents, and for images (in [0, 1] units).
-///
-/// Why these: activations and weights are rounded to the storage type at every op (f16: 11
-/// significant bits, unit roundoff 4.9e-4; bf16: 8 bits, 3.9e-3), arithmetic is f32. Through
-/// the ~60 ops of a UNet pass, 4 denoising steps and guidance 7.5 (which multiplies the
-/// difference of two noise predictions by 7.5) the rounding errors add up to a few hundred
-/// unit roundoffs at worst; the bounds are ~20× the unit roundoff for f16 and ~12× for bf16,
-/// about 3× what the emulated runs show (printed by the test), so they catch a wrong kernel
-/// (errors of order 1) without flagging rounding.
-const HALF_TOL: [(DType, f32, f32); 2] = [(DType::F16, 1e-2, 2e-2), (DType::BF16, 5e-2, 1e-1)];
-
-fn check_half(model: &str, dtype: DType, p: &GenerateParams, golden_run: &str) -> Tensor {
-    let (_, tol_lat, tol_img) = HALF_TOL.iter().find(|t| t.0 == dtype).copied().unwrap();
-    let pipe = emu(model, dtype, None, None);
-    let (unet_dt, vae_dt) = pipe.dtypes();
-    assert_eq!(unet_dt, dtype);
-    let what = format!("{model} {dtype:?} (VAE {vae_dt:?})");
-    let out = generate(&what, &pipe, p);
-    common::assert_finite(&what, &out.images);
-    let want = golden(model, &format!("pipe.{golden_run}.latents"));
-    let e = rel_err(&out.latents, &want);
-    let img = golden(model, &format!("pipe.{golden_run}.image"));
-    let d = to_np(&out.images).max_abs_diff(&img).unwrap();
-    eprintln!("{what} vs f32 golden: latents rel err {e:.2e}, image max diff {d:.2e}");
-    assert!(e <= tol_lat, "{what}: latents rel err {e} > {tol_lat}");
-    assert!(d <= tol_img, "{what}: image max diff {d} > {tol_img}");
-    out.latents
-}
-
+/// The full matrix on the goldens' requests: every model in f32, f16 and bf16 against the
+/// diffusers goldens, and every offload mode bit-identical to resident at equal dtype.
 #[test]
-fn f16_and_bf16_stay_within_their_tolerances() {
-    let p = params("sd15", "euler");
-    for (dtype, _, _) in HALF_TOL {
-        check_half("sd15", dtype, &p, "euler");
+fn full_matrix_on_the_golden_requests() {
+    note_skipped("every model x f32/f16/bf16 x offload mode on the goldens' requests");
+    if !full() {
+        return;
     }
-    note_skipped("16-bit runs of sd2/sdxl and 16-bit offload modes");
-    if full() {
-        for model in ["sd2", "sdxl"] {
-            let p = params(model, "euler");
-            for (dtype, _, _) in HALF_TOL {
-                check_half(model, dtype, &p, "euler");
+    for (model, sched, run) in [
+        ("sd15", "euler", "euler"),
+        ("sd2", "ddim", "ddim"),
+        ("sdxl", "dpmpp-2m", "dpmpp_2m"),
+    ] {
+        let p = golden_params(model, sched);
+        let want = Generated {
+            latents: golden(model, &format!("pipe.{run}.latents")),
+            // The goldens' images are NHWC in [0, 1]; `assert_close` wants NCHW in [-1, 1].
+            images: nchw_from_np(&golden(model, &format!("pipe.{run}.image"))),
+            size: (0, 0),
+            warnings: Vec::new(),
+        };
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let what = format!("{model} {dtype:?} {sched} vs diffusers");
+            let resident = generate(&what, &emu(model, dtype, Some(Mode::None), None), &p);
+            assert_close(&what, &resident, &want, half_tol(dtype, true));
+            modes_are_bit_identical(model, dtype, &ALL_MODES, &p, &resident);
+        }
+    }
+}
+
+/// NHWC images in [0, 1] → NCHW in [-1, 1] (the inverse of `to_np` without its clamp).
+fn nchw_from_np(t: &ferry_sd::tensor::Tensor) -> ferry_sd::tensor::Tensor {
+    let s = t.shape();
+    let (n, h, w, c) = (s[0], s[1], s[2], s[3]);
+    let mut out = vec![0.0; n * c * h * w];
+    for b in 0..n {
+        for y in 0..h {
+            for x in 0..w {
+                for ch in 0..c {
+                    let v = t.data()[((b * h + y) * w + x) * c + ch];
+                    out[((b * c + ch) * h + y) * w + x] = v * 2.0 - 1.0;
+                }
             }
         }
-        for model in ["sd15", "sd2", "sdxl"] {
-            for (dtype, _, _) in HALF_TOL {
-                let p = GenerateParams {
-                    steps: 2,
-                    ..params(model, "euler")
-                };
-                let pipe = emu(model, dtype, Some(Mode::None), None);
-                let resident = generate(&format!("{model} {dtype:?} resident"), &pipe, &p);
-                modes_are_bit_identical(model, dtype, &p, &resident.latents);
-            }
-        }
     }
+    ferry_sd::tensor::Tensor::new(vec![n, c, h, w], out).unwrap()
 }
 
 /// The RGB8 pixels of a PNG.
@@ -238,73 +311,79 @@ fn png_pixels(bytes: &[u8]) -> (u32, u32, Vec<u8>) {
 }
 
 #[test]
-fn txt2img_device_sim_writes_a_png_matching_diffusers() {
+fn txt2img_device_sim_writes_a_png_matching_the_cpu_path() {
     let dir = tempfile::tempdir().unwrap();
-    let init = dir.path().join("init.npy");
-    let out = dir.path().join("emulated.png");
     let trace = dir.path().join("trace.json");
-    ferry_sd::npy::write_f32(&init, &golden("sd15", "pipe.latents_init")).unwrap();
-    let t0 = Instant::now();
-    let o = Command::new(env!("CARGO_BIN_EXE_txt2img"))
-        .args([
-            "--model",
-            fixture("sd15").to_str().unwrap(),
-            "--prompt",
-            "a photo of an astronaut riding a horse on mars",
-            "--negative-prompt",
-            "blurry, low quality",
-            "--steps",
-            "4",
-            "--scheduler",
-            "dpmpp-2m",
-            "--width",
-            "64",
-            "--height",
-            "32",
-            "--init-latents",
-            init.to_str().unwrap(),
-            "--device",
-            "sim",
+    let run = |device: &str, extra: &[&str]| {
+        let out = dir.path().join(format!("{device}.png"));
+        let t0 = Instant::now();
+        let o = Command::new(env!("CARGO_BIN_EXE_txt2img"))
+            .args([
+                "--model",
+                fixture("sd15").to_str().unwrap(),
+                "--prompt",
+                "a photo of an astronaut riding a horse on mars",
+                "--steps",
+                "1",
+                "--guidance",
+                "1",
+                "--scheduler",
+                "euler",
+                "--seed",
+                "7",
+                "--width",
+                "16",
+                "--height",
+                "16",
+                "--device",
+                device,
+                "-o",
+                out.to_str().unwrap(),
+            ])
+            .args(extra)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+        eprintln!(
+            "txt2img --device {device}: {:.1} s",
+            t0.elapsed().as_secs_f64()
+        );
+        assert!(o.status.success(), "--device {device}: {stderr}");
+        let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
+        (png_pixels(&std::fs::read(&out).unwrap()), stdout)
+    };
+    let ((cw, ch, cpu_px), _) = run("cpu", &[]);
+    let ((w, h, px), stdout) = run(
+        "sim",
+        &[
             "--dtype",
             "f32",
             "--offload",
             "sequential",
+            "--vram-budget",
+            "64MiB",
             "--stats",
             "--trace",
             trace.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    eprintln!("txt2img --device sim: {:.1} s", t0.elapsed().as_secs_f64());
-    assert!(o.status.success(), "{stderr}");
+        ],
+    );
     assert!(
         stdout.contains("simulated GPU timings") && stdout.contains("emulated"),
         "{stdout}"
     );
-    assert!(
-        std::fs::read_to_string(&trace)
-            .unwrap()
-            .contains("traceEvents"),
-        "trace not written"
-    );
-    let (w, h, px) = png_pixels(&std::fs::read(&out).unwrap());
-    assert_eq!((w, h), (64, 32));
-    // The golden image is NHWC in [0, 1]; the PNG rounds to 1/255 steps: the f32 tolerance
-    // (2/255) plus half a step of rounding: at most 2.5 levels apart.
-    let want = golden("sd15", "pipe.dpmpp_2m.image");
-    assert_eq!(want.numel(), px.len());
-    let worst = want
-        .data()
+    let trace = std::fs::read_to_string(&trace).unwrap();
+    assert!(trace.contains("traceEvents"), "trace not written");
+    assert_eq!((w, h), (16, 16));
+    assert_eq!((cw, ch), (w, h));
+    // The f32 tolerance (2/255) plus the PNG's rounding to 1/255 steps: at most 3 levels.
+    let worst = cpu_px
         .iter()
         .zip(&px)
-        .map(|(g, &p)| (g * 255.0 - p as f32).abs())
-        .fold(0f32, |a, d| if a.is_nan() || d.is_nan() { f32::NAN } else { a.max(d) });
-    eprintln!("txt2img --device sim vs diffusers: max {worst:.2} levels of 255");
-    assert!(worst <= 2.5, "PNG differs from diffusers by {worst} levels");
+        .map(|(&a, &b)| a.abs_diff(b))
+        .max()
+        .unwrap();
+    eprintln!("txt2img --device sim vs --device cpu: max {worst} levels of 255");
+    assert!(worst <= 3, "PNGs differ by {worst} levels");
 }
 
 #[test]
