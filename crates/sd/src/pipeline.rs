@@ -610,8 +610,8 @@ impl Pipeline {
         }
     }
 
-    /// Bytes of the budget kept for activations (on the CPU path, what was configured; on CUDA,
-    /// the planned reserve, grown by generations that need more).
+    /// Bytes of the budget kept for activations (on the CPU path, what was configured; on the
+    /// GPU path, CUDA or simulated, the planned reserve, grown by generations that need more).
     pub fn reserve(&self) -> u64 {
         match &self.engine {
             Engine::Sim { exec, .. } => exec.scheduler().workspace().len,
@@ -619,7 +619,7 @@ impl Pipeline {
         }
     }
 
-    /// The activation arena peaks a generation with `p` would reach on CUDA computing in
+    /// The activation arena peaks a generation with `p` would reach on the GPU path computing in
     /// `dtype` (the VAE as [`vae_dtype`] says), measured by running the models in recording
     /// mode: needs no GPU, works on a CPU pipeline too.
     pub fn reserve_plan(&self, dtype: DType, p: &GenerateParams) -> Result<ReservePlan> {
@@ -675,9 +675,9 @@ impl Pipeline {
         self.sim_device().map_or_else(Vec::new, |d| d.races())
     }
 
-    /// [`Error::Races`] when the simulated device has reported data races (results computed
-    /// since cannot be trusted); `Ok` when it has none, and always on CUDA. [`Pipeline::generate`]
-    /// checks this before it returns.
+    /// [`Error::Races`] when the simulated device (CPU path or simulated GPU) has reported data
+    /// races (results computed since cannot be trusted); `Ok` when it has none, and always on
+    /// CUDA. [`Pipeline::generate`] checks this before it returns.
     pub fn check_races(&self) -> Result<()> {
         races_error(self.races())
     }
