@@ -4,7 +4,7 @@
 //! what the kernels compute, not what a GPU does.
 //!
 //! The interpreter is slow at the test profile's opt-level 1 (one UNet step of the tiny SD 1.5 at
-//! 64×32 with CFG takes about a minute of CPU; see docs/perf/ptx-interpreter.md), so by default a
+//! 64×32 with CFG takes ~27 s of CPU; see docs/perf/ptx-interpreter.md), so by default a
 //! subset sized for about 2 minutes on 2 cores runs, on small requests (1 step, no CFG, 16×16;
 //! 32×32 for SDXL's three UNet levels) checked against the CPU path — which `tests/pipeline.rs`
 //! checks against diffusers — at the CPU path's own tolerances (latents 1e-3 of max |ref|,
