@@ -5,7 +5,7 @@ use clap::{Parser, ValueEnum};
 use std::path::PathBuf;
 
 /// Generate images from text with Stable Diffusion 1.x, 2.x or SDXL, on a GPU smaller than the
-/// model (weights paged by Ferry) or on the CPU.
+/// model (weights paged by Ferry), on the CPU, or on an emulated GPU.
 #[derive(Parser, Debug, Clone)]
 #[command(name = "txt2img", version, about)]
 pub struct Args {
@@ -42,10 +42,13 @@ pub struct Args {
     /// Images per prompt (1 to 64).
     #[arg(long, default_value_t = 1, value_parser = parse_batch)]
     pub batch: usize,
-    /// auto, cpu, cuda or cuda:N.
+    /// auto, cpu, cuda, cuda:N or sim. sim runs the whole GPU path (GPU executor, planned
+    /// activation reserve, weights paged by the scheduler, the CUDA kernels) on a simulated GPU
+    /// that interprets the kernels' PTX: the output is emulated, and very slow beyond tiny
+    /// models. Its memory is --vram-budget (default 8 GiB).
     #[arg(long, default_value = "auto", value_parser = parse_device)]
     pub device: String,
-    /// Compute precision (default: f16 on CUDA; the CPU path computes in f32).
+    /// Compute precision (default: f16 on CUDA and sim; the CPU path computes in f32).
     #[arg(long, value_enum)]
     pub dtype: Option<Precision>,
     /// Offload mode (default: none when the model fits the budget, auto otherwise).
@@ -226,15 +229,18 @@ pub enum DeviceSpec {
     Cpu,
     /// CUDA device N.
     Cuda(usize),
+    /// The GPU path on the simulated GPU (kernels interpreted: emulated output).
+    Sim,
 }
 
 impl DeviceSpec {
-    /// Parses `auto`, `cpu`, `cuda` (device 0) or `cuda:N`.
+    /// Parses `auto`, `cpu`, `cuda` (device 0), `cuda:N` or `sim`.
     pub fn parse(s: &str) -> Result<DeviceSpec, String> {
-        let bad = || format!("'{s}' is not a device: expected auto, cpu, cuda or cuda:N");
+        let bad = || format!("'{s}' is not a device: expected auto, cpu, cuda, cuda:N or sim");
         Ok(match s.trim() {
             "auto" => DeviceSpec::Auto,
             "cpu" => DeviceSpec::Cpu,
+            "sim" => DeviceSpec::Sim,
             "cuda" => DeviceSpec::Cuda(0),
             t => match t.strip_prefix("cuda:") {
                 Some(n) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => {
@@ -357,6 +363,8 @@ mod tests {
         assert_eq!(DeviceSpec::parse(&a.device), Ok(DeviceSpec::Cuda(1)));
         assert_eq!(DeviceSpec::parse("auto"), Ok(DeviceSpec::Auto));
         assert_eq!(DeviceSpec::parse("cuda"), Ok(DeviceSpec::Cuda(0)));
+        assert_eq!(DeviceSpec::parse(" sim "), Ok(DeviceSpec::Sim));
+        assert!(DeviceSpec::parse("sim:0").is_err());
         assert!(parse(&["--scheduler", "euler_a"]).is_ok());
     }
 }

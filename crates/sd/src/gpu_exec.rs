@@ -1,6 +1,7 @@
-//! The executor on a CUDA GPU: the same weight groups as the CPU [`Executor`](crate::exec::Executor),
-//! paged by ferry-sched onto a [`CudaDevice`], handed to the models as [`CudaTensor`] views into
-//! the scheduler's arena; and the planning of the activation reserve, so activations come from
+//! The executor on a GPU: the same weight groups as the CPU [`Executor`](crate::exec::Executor),
+//! paged by ferry-sched onto a [`Device`] that launches PTX (a CUDA GPU, or the simulated GPU
+//! running the same kernels on its PTX interpreter), handed to the models as [`CudaTensor`]
+//! views into the scheduler's arena; and the planning of the activation reserve, so activations come from
 //! the same budget as the weights, sized before the run rather than allocated per op.
 //!
 //! The part that needs no device ([`GpuGroups`]: grouping, dtype checks, fake views;
@@ -14,7 +15,6 @@ use crate::models::unet::{PerBlock, UNet2DConditionModel};
 use crate::models::vae::Vae;
 use crate::tensor::{DType, Tensor};
 use crate::weights::{ResidentViews, WeightGroup, WeightSource};
-use ferry_pager::device::cuda::CudaDevice;
 use ferry_pager::host::HostStore;
 use ferry_pager::{Device, DevicePtr, DeviceRange, StreamId};
 use ferry_sched::{
@@ -201,9 +201,10 @@ impl GpuGroups {
     }
 }
 
-/// Runs model layers on a CUDA GPU with their weights paged through Ferry's scheduler.
+/// Runs model layers on a GPU (CUDA or simulated) with their weights paged through Ferry's
+/// scheduler.
 pub struct GpuExecutor {
-    dev: Arc<CudaDevice>,
+    dev: Arc<dyn Device>,
     sched: Scheduler,
     groups: GpuGroups,
     /// The pinned buffer every backend of this executor downloads through.
@@ -213,7 +214,7 @@ pub struct GpuExecutor {
 impl Drop for GpuExecutor {
     fn drop(&mut self) {
         // Nothing to report to from drop; the device frees it when it goes otherwise.
-        let _ = self.staging.free(&self.dev);
+        let _ = self.staging.free(self.dev.as_ref());
     }
 }
 
@@ -234,13 +235,19 @@ impl GpuExecutor {
     /// `cfg.reserve`). Only the groups of the `pass` components form the repeating order the
     /// scheduler prefetches for; the others are loaded on demand.
     pub fn with_pass(
-        dev: Arc<CudaDevice>,
+        dev: Arc<dyn Device>,
         store: &HostStore,
         components: &[ComponentGroups],
         dtypes: ComponentDTypes<'_>,
         pass: &[&str],
         cfg: ExecConfig,
     ) -> Result<GpuExecutor> {
+        if !dev.can_launch_ptx() {
+            return Err(Error::InvalidArgument(format!(
+                "the GPU executor needs a device that runs kernels; {} does not",
+                dev.name()
+            )));
+        }
         let groups = GpuGroups::new(store, components, dtypes, cfg.compute_ns_per_byte)?;
         let order: Vec<GroupId> = (0..groups.len())
             .filter(|&g| pass.contains(&groups.groups[g].component.as_str()))
@@ -256,7 +263,7 @@ impl GpuExecutor {
             .unwrap_or(ferry_sched::plan::align(cfg.reserve) + groups.device_bytes());
         let cost = CostModel::measure(dev.as_ref(), LAUNCH_LATENCY)?;
         let sched = Scheduler::new(
-            dev.clone() as Arc<dyn Device>,
+            dev.clone(),
             groups.descs.clone(),
             order,
             SchedulerConfig {
@@ -280,7 +287,7 @@ impl GpuExecutor {
     /// the scheduler's workspace (the reserve carved out of the budget).
     pub fn backend(&self, dtype: DType) -> Result<CudaBackend<'_>> {
         CudaBackend::with_staging(
-            &self.dev,
+            self.dev.as_ref(),
             self.sched.compute_stream(),
             self.workspace(),
             dtype,
@@ -312,7 +319,7 @@ impl GpuExecutor {
     }
 
     /// The device.
-    pub fn device(&self) -> &Arc<CudaDevice> {
+    pub fn device(&self) -> &Arc<dyn Device> {
         &self.dev
     }
 

@@ -47,21 +47,28 @@ pub struct Pipeline {
 }
 
 /// Where the layers run.
+// One per pipeline: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 enum Engine {
     /// CPU reference ops, weights paged through the simulated device.
     Sim {
         exec: Executor,
         device: Arc<SimDevice>,
     },
-    /// A CUDA GPU (behind a lock: a generation may grow the activation reserve).
-    Cuda(Mutex<CudaEngine>),
+    /// The GPU executor on a CUDA GPU or on the simulated GPU (behind a lock: a generation may
+    /// grow the activation reserve).
+    Gpu(Mutex<GpuEngine>),
 }
 
-/// The GPU executor and the precisions it runs in.
-struct CudaEngine {
+/// The GPU executor, its device and the precisions it runs in.
+struct GpuEngine {
     /// `None` only when growing the reserve failed and restoring the old executor did too.
     exec: Option<GpuExecutor>,
-    dev: Arc<CudaDevice>,
+    dev: Arc<dyn Device>,
+    /// The same device when it is the simulated GPU (for its race reports).
+    sim: Option<Arc<SimDevice>>,
+    /// What was asked for ([`DeviceChoice::Cuda`] or [`DeviceChoice::Sim`]).
+    choice: DeviceChoice,
     /// The last plan built (shown while `exec` is `None`).
     plan: Box<PlanSummary>,
     /// Text encoders and UNet.
@@ -80,6 +87,26 @@ pub enum DeviceChoice {
     Cpu,
     /// CUDA GPU number `n`.
     Cuda(usize),
+    /// The GPU path — GPU executor, planned activation reserve, weights paged by the scheduler,
+    /// the CUDA kernels — on the simulated GPU, which runs the kernels' PTX on its interpreter.
+    /// Its output is emulated: it shows what the kernels compute, not what a GPU does.
+    Sim,
+}
+
+impl DeviceChoice {
+    /// Whether the GPU executor runs (CUDA or the simulated GPU), not the CPU reference ops.
+    pub fn is_gpu(self) -> bool {
+        !matches!(self, DeviceChoice::Cpu)
+    }
+}
+
+/// Device memory of the simulated GPU when no budget is given: the simulator's default card.
+pub const SIM_DEFAULT_CAPACITY: u64 = 8 << 30;
+
+/// The simulated GPU's capacity for a budget: the budget itself (so it is enforced by the device
+/// as a GPU's size would be), with room for the scheduler's 1 MiB transfer probe at tiny budgets.
+pub fn sim_capacity(budget: Option<u64>) -> u64 {
+    budget.map_or(SIM_DEFAULT_CAPACITY, |b| b.max(4 << 20))
 }
 
 /// How to load and page a model.
@@ -95,8 +122,9 @@ pub struct LoadConfig {
     pub metrics: bool,
     /// Where to compute.
     pub device: DeviceChoice,
-    /// Compute dtype on CUDA (f16, bf16 or f32; weights are converted to it at load, the VAE
-    /// to f32 instead of f16 when its config asks for `force_upcast`). The CPU computes in f32.
+    /// Compute dtype on the GPU path, CUDA or simulated (f16, bf16 or f32; weights are converted
+    /// to it at load, the VAE to f32 instead of f16 when its config asks for `force_upcast`).
+    /// The CPU computes in f32.
     pub dtype: DType,
 }
 
@@ -346,9 +374,9 @@ impl Pipeline {
             .as_bool()
             .unwrap_or(family == ModelFamily::Sdxl);
 
-        // On CUDA weights are converted to the compute dtype at load (the kernels read them as
-        // stored); the CPU ops read any float dtype.
-        let (store, sim, cuda) = match cfg.device {
+        // On the GPU path weights are converted to the compute dtype at load (the kernels read
+        // them as stored); the CPU ops read any float dtype.
+        let (store, sim, gpu) = match cfg.device {
             DeviceChoice::Cpu => {
                 let capacity = cfg.budget.unwrap_or(u64::MAX / 4).max(1 << 20);
                 let device = sim.unwrap_or_else(|| {
@@ -363,11 +391,21 @@ impl Pipeline {
             DeviceChoice::Cuda(n) => {
                 let dev =
                     CudaDevice::new(n).map_err(|source| Error::Device { ordinal: n, source })?;
-                let store = HostStore::new(dev.clone() as Arc<dyn Device>);
-                (store, None, Some(dev))
+                let dev = dev as Arc<dyn Device>;
+                let store = HostStore::new(dev.clone());
+                (store, None, Some((dev, None)))
+            }
+            DeviceChoice::Sim => {
+                let device = SimDevice::new(SimConfig {
+                    capacity: sim_capacity(cfg.budget),
+                    ..SimConfig::default()
+                });
+                let dev = device.clone() as Arc<dyn Device>;
+                let store = HostStore::new(dev.clone());
+                (store, None, Some((dev, Some(device))))
             }
         };
-        let convert = cuda.as_ref().map(|_| pager_dtype(cfg.dtype));
+        let convert = gpu.as_ref().map(|_| pager_dtype(cfg.dtype));
         let mut groups = Vec::new();
         let mut encoders = Vec::new();
         let enc_names: &[&str] = match family {
@@ -415,7 +453,7 @@ impl Pipeline {
                 .map(|t| (t.name.as_str(), t.shape.as_slice())),
         )?;
         let vae_dtype = vae_dtype(&vae, cfg.dtype);
-        let vae_convert = cuda.as_ref().map(|_| pager_dtype(vae_dtype));
+        let vae_convert = gpu.as_ref().map(|_| pager_dtype(vae_dtype));
         c.register_into(&store, "vae.", vae_convert)
             .map_err(|e| Error::in_component("vae", e))?;
         groups.push(vae.groups());
@@ -429,7 +467,7 @@ impl Pipeline {
                 _ => Mode::None,
             },
         };
-        let engine = match (sim, cuda) {
+        let engine = match (sim, gpu) {
             (Some(device), _) => {
                 let exec = Executor::with_pass(
                     device.clone(),
@@ -446,7 +484,7 @@ impl Pipeline {
                 )?;
                 Engine::Sim { exec, device }
             }
-            (None, Some(dev)) => {
+            (None, Some((dev, sim))) => {
                 let dtypes = component_dtypes(&groups, cfg.dtype, vae_dtype);
                 let dt: Vec<(&str, DType)> = dtypes.iter().map(|(c, d)| (c.as_str(), *d)).collect();
                 // Plan the activation reserve for the default image (one, with CFG); a larger
@@ -473,10 +511,12 @@ impl Pipeline {
                     &["unet"],
                     gpu_exec_config(&cfg, mode, reserve),
                 )?;
-                Engine::Cuda(Mutex::new(CudaEngine {
+                Engine::Gpu(Mutex::new(GpuEngine {
                     plan: Box::new(exec.plan()),
                     exec: Some(exec),
                     dev,
+                    sim,
+                    choice: cfg.device,
                     dtype: cfg.dtype,
                     vae_dtype,
                     cfg,
@@ -513,11 +553,11 @@ impl Pipeline {
         self.family
     }
 
-    /// The CPU path's executor (`None` on CUDA).
+    /// The CPU path's executor (`None` on the GPU path).
     pub fn executor(&self) -> Option<&Executor> {
         match &self.engine {
             Engine::Sim { exec, .. } => Some(exec),
-            Engine::Cuda(_) => None,
+            Engine::Gpu(_) => None,
         }
     }
 
@@ -525,7 +565,16 @@ impl Pipeline {
     pub fn device(&self) -> DeviceChoice {
         match &self.engine {
             Engine::Sim { .. } => DeviceChoice::Cpu,
-            Engine::Cuda(e) => DeviceChoice::Cuda(lock(e).dev.ordinal()),
+            Engine::Gpu(e) => lock(e).choice,
+        }
+    }
+
+    /// The simulated device the pipeline pages through: the CPU path's, or the simulated GPU
+    /// of [`DeviceChoice::Sim`] (`None` on CUDA). For timelines, leak and race checks.
+    pub fn sim_device(&self) -> Option<Arc<SimDevice>> {
+        match &self.engine {
+            Engine::Sim { device, .. } => Some(device.clone()),
+            Engine::Gpu(e) => lock(e).sim.clone(),
         }
     }
 
@@ -533,7 +582,7 @@ impl Pipeline {
     pub fn dtypes(&self) -> (DType, DType) {
         match &self.engine {
             Engine::Sim { .. } => (DType::F32, DType::F32),
-            Engine::Cuda(e) => {
+            Engine::Gpu(e) => {
                 let e = lock(e);
                 (e.dtype, e.vae_dtype)
             }
@@ -544,7 +593,7 @@ impl Pipeline {
     pub fn plan(&self) -> PlanSummary {
         match &self.engine {
             Engine::Sim { exec, .. } => exec.plan(),
-            Engine::Cuda(e) => {
+            Engine::Gpu(e) => {
                 let e = lock(e);
                 e.exec
                     .as_ref()
@@ -557,20 +606,20 @@ impl Pipeline {
     pub fn metrics(&self) -> Result<RunMetrics> {
         match &self.engine {
             Engine::Sim { exec, .. } => exec.metrics(),
-            Engine::Cuda(e) => lock(e).exec()?.metrics(),
+            Engine::Gpu(e) => lock(e).exec()?.metrics(),
         }
     }
 
-    /// Bytes of the budget kept for activations (on the CPU path, what was configured; on CUDA,
-    /// the planned reserve, grown by generations that need more).
+    /// Bytes of the budget kept for activations (on the CPU path, what was configured; on the
+    /// GPU path, CUDA or simulated, the planned reserve, grown by generations that need more).
     pub fn reserve(&self) -> u64 {
         match &self.engine {
             Engine::Sim { exec, .. } => exec.scheduler().workspace().len,
-            Engine::Cuda(e) => lock(e).exec.as_ref().map_or(0, |x| x.workspace().len),
+            Engine::Gpu(e) => lock(e).exec.as_ref().map_or(0, |x| x.workspace().len),
         }
     }
 
-    /// The activation arena peaks a generation with `p` would reach on CUDA computing in
+    /// The activation arena peaks a generation with `p` would reach on the GPU path computing in
     /// `dtype` (the VAE as [`vae_dtype`] says), measured by running the models in recording
     /// mode: needs no GPU, works on a CPU pipeline too.
     pub fn reserve_plan(&self, dtype: DType, p: &GenerateParams) -> Result<ReservePlan> {
@@ -620,17 +669,15 @@ impl Pipeline {
         self.store.pinned_bytes()
     }
 
-    /// Race reports of the simulated device (empty when paging is correct).
+    /// Race reports of the simulated device, CPU path or simulated GPU (empty when paging and
+    /// kernel ordering are correct; always empty on CUDA, which has no race checker).
     pub fn races(&self) -> Vec<String> {
-        match &self.engine {
-            Engine::Sim { device, .. } => device.races(),
-            Engine::Cuda(_) => Vec::new(),
-        }
+        self.sim_device().map_or_else(Vec::new, |d| d.races())
     }
 
-    /// [`Error::Races`] when the simulated device has reported data races (results computed
-    /// since cannot be trusted); `Ok` when it has none, and always on CUDA. [`Pipeline::generate`]
-    /// checks this before it returns.
+    /// [`Error::Races`] when the simulated device (CPU path or simulated GPU) has reported data
+    /// races (results computed since cannot be trusted); `Ok` when it has none, and always on
+    /// CUDA. [`Pipeline::generate`] checks this before it returns.
     pub fn check_races(&self) -> Result<()> {
         races_error(self.races())
     }
@@ -719,30 +766,44 @@ impl Pipeline {
                 self.check_races()?;
                 out
             }
-            Engine::Cuda(engine) => {
-                let mut guard = lock(engine);
-                self.fit_reserve(&mut guard, p)?;
-                let e = &*guard;
-                let exec = e.exec()?;
-                let text = exec.backend(e.dtype)?;
-                let unet = exec.backend(e.dtype)?;
-                let vae = exec.backend(e.vae_dtype)?;
-                let on = Stages {
-                    text: &text,
-                    unet: &unet,
-                    vae: &vae,
-                    src: exec,
-                    sched: exec.scheduler(),
-                };
-                self.run(on, p, progress)
+            Engine::Gpu(engine) => {
+                let out = self.run_gpu(engine, p, progress);
+                // On the simulated GPU a race makes any result suspect, as on the CPU path (the
+                // engine is unlocked by now: reading the races locks it).
+                self.check_races()?;
+                out
             }
         }
+    }
+
+    /// [`Pipeline::generate`] on the GPU executor.
+    fn run_gpu(
+        &self,
+        engine: &Mutex<GpuEngine>,
+        p: &GenerateParams,
+        progress: impl FnMut(usize, usize),
+    ) -> Result<Generated> {
+        let mut guard = lock(engine);
+        self.fit_reserve(&mut guard, p)?;
+        let e = &*guard;
+        let exec = e.exec()?;
+        let text = exec.backend(e.dtype)?;
+        let unet = exec.backend(e.dtype)?;
+        let vae = exec.backend(e.vae_dtype)?;
+        let on = Stages {
+            text: &text,
+            unet: &unet,
+            vae: &vae,
+            src: exec,
+            sched: exec.scheduler(),
+        };
+        self.run(on, p, progress)
     }
 
     /// Makes the GPU executor's activation reserve large enough for `p`: re-planned inside the
     /// budget when one was given (an error if it no longer fits), else the executor is rebuilt
     /// with a budget of the weights plus the larger reserve.
-    fn fit_reserve(&self, e: &mut CudaEngine, p: &GenerateParams) -> Result<()> {
+    fn fit_reserve(&self, e: &mut GpuEngine, p: &GenerateParams) -> Result<()> {
         let need = self.reserve_plan(e.dtype, p)?.reserve();
         let have = e.exec()?.workspace().len;
         if need <= have {
@@ -984,7 +1045,7 @@ struct Stages<'x, B, S> {
     sched: &'x Scheduler,
 }
 
-impl CudaEngine {
+impl GpuEngine {
     /// The GPU executor, or an error if it was lost to a failed rebuild.
     fn exec(&self) -> Result<&GpuExecutor> {
         self.exec.as_ref().ok_or_else(|| {
@@ -1020,9 +1081,9 @@ fn rebuild_dropping_first<T>(
     }
 }
 
-/// Locks the CUDA engine (a panic while it was held leaves nothing half-updated that matters:
+/// Locks the GPU engine (a panic while it was held leaves nothing half-updated that matters:
 /// the executor is replaced whole).
-fn lock(e: &Mutex<CudaEngine>) -> MutexGuard<'_, CudaEngine> {
+fn lock(e: &Mutex<GpuEngine>) -> MutexGuard<'_, GpuEngine> {
     e.lock().unwrap_or_else(|p| p.into_inner())
 }
 

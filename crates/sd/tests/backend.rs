@@ -67,7 +67,7 @@ impl CudaOwner {
     }
 
     fn backend(&self) -> CudaBackend<'_> {
-        CudaBackend::new(&self.dev, self.stream, self.workspace, self.dtype).unwrap()
+        CudaBackend::new(self.dev.as_ref(), self.stream, self.workspace, self.dtype).unwrap()
     }
 }
 

@@ -353,7 +353,7 @@ impl Ctx {
     }
 
     fn gpu(&self) -> Gpu<'_> {
-        Gpu::new(&self.dev, self.stream)
+        Gpu::new(self.dev.as_ref(), self.stream)
     }
 
     fn upload(&self, data: &[f32], t: DType) -> DevBuf {

@@ -1,5 +1,6 @@
-//! The CUDA backend: device tensors on one stream, kernels through [`Gpu`], activations from an
-//! [`ActivationArena`] over a caller-owned range.
+//! The GPU backend: device tensors on one stream of any [`Device`] that launches PTX (a CUDA GPU
+//! or the simulated GPU), kernels through [`Gpu`], activations from an [`ActivationArena`] over
+//! a caller-owned range.
 
 use super::arena::{ActivationArena, ArenaMark, ARENA_ALIGN};
 use super::Backend;
@@ -7,7 +8,6 @@ use crate::cuda::{Attention, DevBuf, Gpu, IdBuf, Launch};
 use crate::error::{Error, Result};
 use crate::ops::{self, Activation, Conv2dParams};
 use crate::tensor::{DType, OpError, Tensor};
-use ferry_pager::device::cuda::CudaDevice;
 use ferry_pager::{Device, DevicePtr, DeviceRange, HostMemKind, HostPtr, StreamId};
 use std::cell::RefCell;
 use std::sync::{Mutex, PoisonError};
@@ -83,8 +83,8 @@ impl CudaTensor {
     }
 }
 
-/// The SD ops on one CUDA stream (or recorded, without a GPU), activations in `dtype` from an
-/// [`ActivationArena`] over the caller's workspace range.
+/// The SD ops on one stream of a CUDA GPU or the simulated GPU (or recorded, running nothing),
+/// activations in `dtype` from an [`ActivationArena`] over the caller's workspace range.
 ///
 /// Every op allocates its output on the arena's stack; [`Backend::mark`] / [`Backend::keep`] /
 /// [`Backend::release`] reclaim temporaries. An owned operand that a release has freed is
@@ -93,7 +93,7 @@ impl CudaTensor {
 #[derive(Debug)]
 pub struct CudaBackend<'a> {
     gpu: Gpu<'a>,
-    device: Option<(&'a CudaDevice, StreamId)>,
+    device: Option<(&'a dyn Device, StreamId)>,
     dtype: DType,
     arena: ActivationArena,
     staging: Option<&'a DownloadStaging>,
@@ -129,7 +129,7 @@ impl DownloadStaging {
     /// Runs `f` with a staging buffer of at least `len` bytes (grown as needed).
     fn with<R>(
         &self,
-        dev: &CudaDevice,
+        dev: &dyn Device,
         len: u64,
         f: impl FnOnce(HostPtr) -> Result<R>,
     ) -> Result<R> {
@@ -147,7 +147,7 @@ impl DownloadStaging {
     }
 
     /// Frees the buffer (after pending work), if one was allocated.
-    pub fn free(&self, dev: &CudaDevice) -> Result<()> {
+    pub fn free(&self, dev: &dyn Device) -> Result<()> {
         let taken = self
             .buf
             .lock()
@@ -164,7 +164,7 @@ impl<'a> CudaBackend<'a> {
     /// Runs on `stream` of `dev`, activations in `dtype`, allocated from `workspace` (device
     /// memory the caller owns and keeps alive, e.g. the scheduler's `workspace()`).
     pub fn new(
-        dev: &'a CudaDevice,
+        dev: &'a dyn Device,
         stream: StreamId,
         workspace: DeviceRange,
         dtype: DType,
@@ -181,7 +181,7 @@ impl<'a> CudaBackend<'a> {
     /// [`CudaBackend::new`] downloading through `staging` instead of a pinned buffer
     /// allocated and freed per download.
     pub fn with_staging(
-        dev: &'a CudaDevice,
+        dev: &'a dyn Device,
         stream: StreamId,
         workspace: DeviceRange,
         dtype: DType,

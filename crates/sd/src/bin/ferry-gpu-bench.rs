@@ -989,7 +989,7 @@ fn run_real(
     let t0 = Instant::now();
     let free_before = dev.mem_info()?.free;
     let exec = GpuExecutor::with_pass(
-        s.cuda.clone(),
+        s.cuda.clone() as Arc<dyn Device>,
         s.store,
         s.components,
         &[("unet", DType::F16)],

@@ -110,6 +110,7 @@ fn one_line(causes: &[String]) -> String {
 fn choose_device(spec: &str) -> Result<DeviceChoice, BoxError> {
     let cuda_ordinal = match DeviceSpec::parse(spec)? {
         DeviceSpec::Cpu => return Ok(DeviceChoice::Cpu),
+        DeviceSpec::Sim => return Ok(DeviceChoice::Sim),
         DeviceSpec::Auto => None,
         DeviceSpec::Cuda(n) => Some(n),
     };
@@ -181,8 +182,8 @@ fn preflight(args: &Args) -> Result<Checked, BoxError> {
             DType::F32
         }
         (DeviceChoice::Cpu, _) | (_, Some(Precision::F32)) => DType::F32,
-        (DeviceChoice::Cuda(_), None | Some(Precision::F16)) => DType::F16,
-        (DeviceChoice::Cuda(_), Some(Precision::Bf16)) => DType::BF16,
+        (DeviceChoice::Cuda(_) | DeviceChoice::Sim, None | Some(Precision::F16)) => DType::F16,
+        (DeviceChoice::Cuda(_) | DeviceChoice::Sim, Some(Precision::Bf16)) => DType::BF16,
     };
 
     // The model's configs and safetensors headers only: no weight bytes are read.
@@ -211,18 +212,23 @@ fn preflight(args: &Args) -> Result<Checked, BoxError> {
         cfg: args.guidance > 1.0,
         target: match device {
             DeviceChoice::Cpu => Target::Cpu,
-            DeviceChoice::Cuda(_) => Target::Cuda {
+            DeviceChoice::Cuda(_) | DeviceChoice::Sim => Target::Cuda {
                 elem_bytes: dtype.size() as u64,
             },
         },
         budget: args.vram_budget,
     };
-    let estimate = dims.estimate(&req);
+    let mut estimate = dims.estimate(&req);
+    if device == DeviceChoice::Sim {
+        // The simulated GPU's memory is host memory.
+        estimate.host = estimate.host.saturating_add(estimate.device);
+    }
     let device_free = match device {
         DeviceChoice::Cuda(n) => CudaDevice::new(n)
             .ok()
             .and_then(|d| d.mem_info().ok())
             .map(|m| m.free),
+        DeviceChoice::Sim => Some(ferry_sd::pipeline::sim_capacity(args.vram_budget)),
         DeviceChoice::Cpu => None,
     };
     if let Some(msg) = footprint::check(&estimate, &req, footprint::host_available(), device_free) {
@@ -335,6 +341,13 @@ fn run(args: &Args) -> Result<(), BoxError> {
             );
             if device == DeviceChoice::Cpu {
                 println!("simulated device timings (CPU path):\n{}", m.table());
+            } else if device == DeviceChoice::Sim {
+                println!(
+                    "activation reserve {:.1} MiB (planned)\nsimulated GPU timings (virtual \
+                     time; kernels interpreted, output emulated):\n{}",
+                    pipe.reserve() as f64 / (1 << 20) as f64,
+                    m.table()
+                );
             } else {
                 println!(
                     "activation reserve {:.1} MiB (planned)\nGPU timings:\n{}",

@@ -1,7 +1,8 @@
 //! CUDA kernels of the SD ops (`kernels/*.cu`, embedded as PTX) and their launch wrappers.
 //!
 //! Each wrapper checks shapes, element types and buffer lengths, then launches one kernel on a
-//! stream of a [`CudaDevice`] through [`CudaDevice::launch`]; nothing is synchronised. Storage
+//! stream of any [`Device`] through [`Device::launch_ptx`] (a CUDA GPU, or the simulated GPU's
+//! PTX interpreter); nothing is synchronised. Storage
 //! is f32, f16 or bf16 ([`DType`]); arithmetic is f32. The CPU ops in [`crate::ops`] are the
 //! reference each kernel is tested against (`tests/cuda_kernels.rs`, GPU only).
 
@@ -11,8 +12,8 @@ pub use kernels::all_kernels;
 
 use crate::ops::{Activation, Conv2dParams};
 use crate::tensor::DType;
-use ferry_pager::device::cuda::{CudaDevice, KernelArg, LaunchDims, MAX_GRID};
-use ferry_pager::{DevicePtr, Error, Result, StreamId};
+use ferry_pager::device::cuda::{KernelArg, LaunchDims, MAX_GRID};
+use ferry_pager::{Device, DevicePtr, Error, Result, StreamId};
 use kernels::{Module, ATTENTION, ELEMENTWISE, GEMM, LAYOUT, NORM};
 use std::cell::RefCell;
 
@@ -169,22 +170,23 @@ pub struct Launch {
 #[derive(Debug, Clone, Copy)]
 enum Target<'a> {
     Device {
-        dev: &'a CudaDevice,
+        dev: &'a dyn Device,
         stream: StreamId,
     },
     Record(&'a RefCell<Vec<Launch>>),
 }
 
-/// Launches the SD kernels on one stream of one GPU (or records the launches, for checks
-/// without a GPU).
+/// Launches the SD kernels on one stream of one device — a CUDA GPU or the simulated GPU, the
+/// same launches either way — or records the launches, for checks without running anything.
 #[derive(Debug, Clone, Copy)]
 pub struct Gpu<'a> {
     target: Target<'a>,
 }
 
 impl<'a> Gpu<'a> {
-    /// Launches on `stream` of `dev`.
-    pub fn new(dev: &'a CudaDevice, stream: StreamId) -> Self {
+    /// Launches on `stream` of `dev` (which must [`Device::can_launch_ptx`]; launches on one
+    /// that cannot fail with its error).
+    pub fn new(dev: &'a dyn Device, stream: StreamId) -> Self {
         Gpu {
             target: Target::Device { dev, stream },
         }
@@ -212,7 +214,7 @@ impl<'a> Gpu<'a> {
             // passes the sizes it checked; the pager checks the argument list against the PTX
             // signature and every buffer range against live allocations.
             Target::Device { dev, stream } => unsafe {
-                dev.launch(stream, m.name, m.ptx, func, dims, args)
+                dev.launch_ptx(stream, m.name, m.ptx, func, dims, args)
             },
             Target::Record(log) => {
                 log.borrow_mut().push(Launch {
