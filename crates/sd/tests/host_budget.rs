@@ -245,3 +245,68 @@ fn host_budget_is_refused_on_cuda() {
         "{e}"
     );
 }
+
+/// Single-file checkpoints rename keys and slice fused tensors: those tensors are still streamed
+/// from the file; only tensors stored transposed (SDXL's text projection) must be pinned.
+#[test]
+fn single_file_checkpoints_stream_from_the_file() {
+    let params = GenerateParams {
+        prompt: "a red cube".into(),
+        steps: 2,
+        seed: 5,
+        // The fixtures' size (a single file carries no UNet config: its default would be 512).
+        width: Some(32),
+        height: Some(32),
+        ..GenerateParams::default()
+    };
+    let model = fixture("sd15.single.safetensors");
+    let want = Pipeline::load(&model, LoadConfig::default())
+        .unwrap()
+        .generate(&params, |_, _| {})
+        .unwrap();
+    let pipe = Pipeline::load(
+        &model,
+        LoadConfig {
+            host_budget: Some(400 << 10),
+            budget: Some(1 << 20),
+            reserve: 0,
+            ..LoadConfig::default()
+        },
+    )
+    .unwrap();
+    let out = pipe.generate(&params, |_, _| {}).unwrap();
+    assert!(
+        want.latents
+            .data()
+            .iter()
+            .zip(out.latents.data())
+            .all(|(x, y)| x.to_bits() == y.to_bits()),
+        "latents differ"
+    );
+    let exec = pipe.executor().unwrap();
+    let plan = exec.tier_plan().unwrap();
+    assert!(plan.count(Tier::Disk) > 0, "{plan}");
+    assert!(plan.host_bytes() <= 400 << 10, "{plan}");
+    let files = exec.disk_files();
+    assert_eq!(files.len(), 1, "one file, one tier");
+    assert!(files[0].stats.read_bytes > 0);
+
+    // SDXL's transposed text projection must be pinned: the budget must cover it too.
+    let e = Pipeline::load(
+        &fixture("sdxl.single.safetensors"),
+        LoadConfig {
+            host_budget: Some(100 << 10),
+            budget: Some(2 << 20),
+            reserve: 0,
+            ..LoadConfig::default()
+        },
+    )
+    .err()
+    .expect("100 KiB cannot hold the staging");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("weights that must be pinned 512") && msg.contains("found 102400"),
+        "{msg}"
+    );
+    assert_eq!(msg.lines().count(), 1, "{msg}");
+}
