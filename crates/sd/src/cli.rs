@@ -57,6 +57,10 @@ pub struct Args {
     /// Device memory budget, e.g. 4GiB, 512MiB, 1.5GB or a byte count.
     #[arg(long, value_parser = parse_size)]
     pub vram_budget: Option<u64>,
+    /// Host memory for the weights (pinned copies plus disk staging), e.g. 8GiB; groups that do
+    /// not fit stay in the safetensors files and are streamed from disk (CPU path only).
+    #[arg(long, value_parser = parse_size)]
+    pub host_budget: Option<u64>,
     /// Initial latents (float32 .npy, [batch, 4, H/8, W/8]) instead of seeded noise.
     #[arg(long)]
     pub init_latents: Option<PathBuf>,

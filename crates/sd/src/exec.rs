@@ -6,14 +6,17 @@
 use crate::error::{Error, Result};
 use crate::tensor::{DType as TensorDType, Tensor};
 use ferry_pager::device::sim::{KernelSpec, SimDevice};
+use ferry_pager::device::HostPtr;
+use ferry_pager::disk::{DiskConfig, DiskTier, SimDiskConfig};
 use ferry_pager::host::{HostStore, HostTensor, TensorId};
 use ferry_pager::weights::DType;
 use ferry_pager::Device;
 use ferry_sched::{
-    CostModel, GroupDesc, GroupId, Mode, PlanSummary, RunMetrics, Scheduler, SchedulerConfig,
-    TensorSource,
+    plan_tiers, CostModel, DiskCost, GroupDesc, GroupId, Mode, PlanSummary, Problem, RunMetrics,
+    Scheduler, SchedulerConfig, TensorSource, Tier, TierPlan,
 };
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -75,6 +78,20 @@ pub(crate) fn build_groups(
     components: &[ComponentGroups],
     compute_ns_per_byte: f64,
 ) -> Result<Built> {
+    let mut all = Vec::with_capacity(store.len());
+    for i in 0..store.len() {
+        all.push(store.tensor(TensorId(i as u32))?);
+    }
+    build_groups_from(all, components, compute_ns_per_byte)
+}
+
+/// [`build_groups`] over a list of tensors (registered in a store, or left in their files by
+/// the disk tier).
+pub(crate) fn build_groups_from(
+    all: Vec<HostTensor>,
+    components: &[ComponentGroups],
+    compute_ns_per_byte: f64,
+) -> Result<Built> {
     let mut groups: Vec<GroupInfo> = Vec::new();
     let mut by_name = HashMap::new();
     let mut prefixes: Vec<(String, usize)> = Vec::new();
@@ -101,8 +118,7 @@ pub(crate) fn build_groups(
         .iter()
         .map(|c| format!("{}.", c.component))
         .collect();
-    for i in 0..store.len() {
-        let t = store.tensor(TensorId(i as u32))?;
+    for t in all {
         if !comps.iter().any(|c| t.name.starts_with(c.as_str())) {
             continue;
         }
@@ -152,6 +168,8 @@ pub struct Executor {
     sched: Scheduler,
     groups: Vec<GroupInfo>,
     by_name: HashMap<String, GroupId>,
+    /// The host-budget placement and the disk tiers (with a host budget only).
+    tiers: Option<TierState>,
 }
 
 impl std::fmt::Debug for Executor {
@@ -196,7 +214,24 @@ impl Executor {
         pass: &[&str],
         cfg: ExecConfig,
     ) -> Result<Executor> {
-        let (groups, descs, by_name) = build_groups(store, components, cfg.compute_ns_per_byte)?;
+        let mut all = Vec::with_capacity(store.len());
+        for i in 0..store.len() {
+            all.push(store.tensor(TensorId(i as u32))?);
+        }
+        Self::build(dev, all, components, pass, cfg, Vec::new(), None)
+    }
+
+    fn build(
+        dev: Arc<SimDevice>,
+        tensors: Vec<HostTensor>,
+        components: &[ComponentGroups],
+        pass: &[&str],
+        cfg: ExecConfig,
+        disks: Vec<Arc<DiskTier>>,
+        tiers: Option<TierState>,
+    ) -> Result<Executor> {
+        let (groups, descs, by_name) =
+            build_groups_from(tensors, components, cfg.compute_ns_per_byte)?;
         let order: Vec<GroupId> = (0..groups.len())
             .filter(|&g| pass.contains(&groups[g].component.as_str()))
             .map(GroupId)
@@ -210,7 +245,7 @@ impl Executor {
         let budget = cfg
             .budget
             .unwrap_or(ferry_sched::plan::align(cfg.reserve) + all);
-        let sched = Scheduler::new(
+        let sched = Scheduler::with_disks(
             dev.clone() as Arc<dyn Device>,
             descs,
             order,
@@ -222,12 +257,14 @@ impl Executor {
                 metrics: cfg.metrics,
                 cost: CostModel::of_sim(dev.config()),
             },
+            disks,
         )?;
         Ok(Executor {
             dev,
             sched,
             groups,
             by_name,
+            tiers,
         })
     }
 
@@ -424,5 +461,340 @@ impl crate::weights::WeightSource<crate::backend::CpuBackend> for Executor {
 
     fn group<'a>(&'a self, component: &str, prefix: &str) -> Result<Weights<'a>> {
         Executor::group(self, component, prefix)
+    }
+}
+
+/// Smallest disk-tier staging chunk chosen for a host budget.
+const MIN_STAGING_CHUNK: u64 = 16 << 10;
+
+/// The disk tier's staging for a host budget of `host_budget` bytes shared by `files` weight
+/// files (one tier, with its own ring, per file): 4 chunks and 2 readers per file, the chunks
+/// sized so that all the tiers together take about a quarter of the budget (16 KiB to 32 MiB
+/// per chunk, a multiple of 4 KiB; requests at most 4 MiB).
+pub fn disk_staging(host_budget: u64, files: usize) -> DiskConfig {
+    let d = DiskConfig::default();
+    // Per file: chunks x chunk + readers x (request + alignment) ~ 6 chunks.
+    let per_chunk = host_budget / (4 * 6 * files.max(1) as u64);
+    let chunk = (per_chunk / 4096 * 4096).clamp(MIN_STAGING_CHUNK, d.chunk_bytes);
+    DiskConfig {
+        chunk_bytes: chunk,
+        request_bytes: chunk.min(d.request_bytes),
+        ..d
+    }
+}
+
+/// The host-budget placement of an [`Executor`] built with [`Executor::with_host_budget`].
+pub(crate) struct TierState {
+    /// Where each group lives, and the predicted pass.
+    plan: TierPlan,
+    /// One disk tier per weights file that has groups left on disk.
+    disks: Vec<(PathBuf, Arc<DiskTier>)>,
+}
+
+/// What a disk tier has read, for `--stats`.
+#[derive(Clone, Debug)]
+pub struct DiskFileReport {
+    /// The weights file.
+    pub path: PathBuf,
+    /// `O_DIRECT` or buffered.
+    pub mode: ferry_pager::disk::ReadMode,
+    /// Why `O_DIRECT` was refused, when it was.
+    pub fallback_reason: Option<String>,
+    /// Reads so far.
+    pub stats: ferry_pager::disk::DiskStats,
+}
+
+/// A tensor of a deferred component and where its bytes are in its file (`None`: it needs a
+/// copy, e.g. a transpose, and must be pinned).
+struct Placed {
+    tensor: HostTensor,
+    file: Option<(PathBuf, u64)>,
+}
+
+impl Executor {
+    /// Like [`Executor::with_pass`], within a host-memory budget of `host_budget` bytes: the
+    /// weights of `deferred` (components not yet registered, with their name prefixes, e.g.
+    /// `"unet."`) are placed by [`ferry_sched::plan_tiers`] — pinned in `store` (whose budget is
+    /// set so that pinned weights plus the disk staging never exceed `host_budget`) or left in
+    /// their safetensors files and streamed through one disk tier per file. Tensors whose
+    /// diffusers layout is a transpose of the stored one cannot be read from the file as they are
+    /// and are always pinned. An error, before anything is pinned, if the budget cannot hold the
+    /// disk staging plus what must be pinned.
+    pub fn with_host_budget(
+        dev: Arc<SimDevice>,
+        store: &HostStore,
+        deferred: &[(crate::loader::Component, String)],
+        components: &[ComponentGroups],
+        pass: &[&str],
+        cfg: ExecConfig,
+        host_budget: u64,
+    ) -> Result<Executor> {
+        let mut placed: Vec<Placed> = Vec::new();
+        for (c, prefix) in deferred {
+            for t in &c.tensors {
+                let (len, file) = match t.layout {
+                    crate::loader::Layout::Range { start, len } => (
+                        len as u64,
+                        Some((
+                            t.file.path().to_path_buf(),
+                            t.file.data_start() + t.stored.offset as u64 + start as u64,
+                        )),
+                    ),
+                    crate::loader::Layout::Transpose { .. } => {
+                        ((t.num_elements() * t.dtype.size()) as u64, None)
+                    }
+                };
+                placed.push(Placed {
+                    tensor: HostTensor {
+                        name: format!("{prefix}{}", t.name),
+                        dtype: t.dtype,
+                        shape: t.shape.clone(),
+                        len,
+                        host: HostPtr(0),
+                        offset: 0,
+                    },
+                    file,
+                });
+            }
+        }
+        let mut files: Vec<PathBuf> = Vec::new();
+        for p in &placed {
+            if let Some((f, _)) = &p.file {
+                if !files.contains(f) {
+                    files.push(f.clone());
+                }
+            }
+        }
+        let staging = disk_staging(host_budget, files.len());
+        // Planned as one tier with every file's chunks and readers: the same host bytes.
+        let n = files.len().max(1);
+        let planning = DiskConfig {
+            chunks: staging.chunks * n,
+            readers: staging.readers * n,
+            ..staging.clone()
+        };
+        let cost = DiskCost::of_sim(SimDiskConfig::default(), planning);
+
+        // The placement problem: the scheduler's own (same groups, order, budget and costs).
+        let mut all: Vec<HostTensor> = Vec::with_capacity(store.len() + placed.len());
+        for i in 0..store.len() {
+            all.push(store.tensor(TensorId(i as u32))?);
+        }
+        let already = all.len();
+        all.extend(placed.iter().map(|p| p.tensor.clone()));
+        let (ginfo, descs, _) = build_groups_from(all, components, cfg.compute_ns_per_byte)?;
+        let order: Vec<GroupId> = (0..ginfo.len())
+            .filter(|&g| pass.contains(&ginfo[g].component.as_str()))
+            .map(GroupId)
+            .collect();
+        let total: u64 = descs.iter().map(|d| d.device_bytes()).sum();
+        let budget = cfg
+            .budget
+            .unwrap_or(ferry_sched::plan::align(cfg.reserve) + total);
+        let problem = Problem {
+            groups: descs,
+            order,
+            reserve: cfg.reserve,
+            cost: CostModel::of_sim(dev.config()),
+            run_ahead: 64,
+        };
+        let (layout, _) = ferry_sched::plan::plan(&problem, cfg.mode, budget)?;
+        let by_name: HashMap<&str, usize> = placed
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.tensor.name.as_str(), i))
+            .collect();
+        let must_pin: Vec<bool> = ginfo
+            .iter()
+            .map(|g| {
+                g.tensors.iter().any(|(_, t)| {
+                    by_name
+                        .get(t.name.as_str())
+                        .is_some_and(|&i| placed[i].file.is_none())
+                })
+            })
+            .collect();
+        let bytes: Vec<u64> = problem.groups.iter().map(|g| g.device_bytes()).collect();
+        let must_pin_bytes: u64 = (0..ginfo.len())
+            .filter(|&g| must_pin[g])
+            .map(|g| bytes[g])
+            .sum();
+        let staging_total = cost.staging.host_bytes();
+        if total > host_budget && must_pin_bytes + staging_total > host_budget {
+            return Err(Error::InvalidArgument(format!(
+                "host budget too small: expected at least {} bytes (disk staging {staging_total} \
+                 + weights that must be pinned {must_pin_bytes}), found {host_budget}",
+                staging_total + must_pin_bytes
+            )));
+        }
+        let mut tp = plan_tiers(&problem, &layout, host_budget, &cost).map_err(|e| {
+            Error::InvalidArgument(format!("host budget too small: {e}").replace('\n', " "))
+        })?;
+        if tp.staging_bytes > 0
+            && (0..ginfo.len()).any(|g| must_pin[g] && tp.tiers[g] != Tier::Pinned)
+        {
+            for g in 0..ginfo.len() {
+                if must_pin[g] && tp.tiers[g] != Tier::Pinned {
+                    tp.tiers[g] = Tier::Pinned;
+                    tp.pinned_bytes += bytes[g];
+                }
+            }
+            // Make room: leave the least used pinned groups on disk instead.
+            let mut victims: Vec<usize> = (0..ginfo.len())
+                .filter(|&g| tp.tiers[g] == Tier::Pinned && !must_pin[g])
+                .collect();
+            victims.sort_by(|&a, &b| tp.uses[a].cmp(&tp.uses[b]).then(bytes[b].cmp(&bytes[a])));
+            let mut victims = victims.into_iter();
+            while tp.pinned_bytes + tp.staging_bytes > host_budget {
+                let Some(g) = victims.next() else {
+                    return Err(Error::InvalidArgument(format!(
+                        "host budget too small: expected at least {} bytes, found {host_budget}",
+                        staging_total + must_pin_bytes
+                    )));
+                };
+                tp.tiers[g] = Tier::Disk;
+                tp.pinned_bytes -= bytes[g];
+            }
+            let (pred, db) = ferry_sched::tiers::predict_tiers(&problem, &layout, &tp.tiers, &cost);
+            tp.predicted_pass = Duration::from_nanos(pred.pass_ns.max(0.0) as u64);
+            tp.predicted_stall = Duration::from_nanos(pred.stall_ns.max(0.0) as u64);
+            tp.disk_bytes_per_pass = db;
+        }
+
+        // Pin what the plan pins (everything when no disk tier is needed).
+        let pinned_weights = host_budget.saturating_sub(tp.staging_bytes);
+        store.set_host_budget(Some(pinned_weights));
+        let mut pinned_names: std::collections::HashSet<&str> = std::collections::HashSet::new();
+        for (g, info) in ginfo.iter().enumerate() {
+            if tp.staging_bytes == 0 || tp.tiers[g] == Tier::Pinned {
+                pinned_names.extend(info.tensors.iter().map(|(_, t)| t.name.as_str()));
+            }
+        }
+        for (c, prefix) in deferred {
+            let sub = crate::loader::Component {
+                tensors: c
+                    .tensors
+                    .iter()
+                    .filter(|t| pinned_names.contains(format!("{prefix}{}", t.name).as_str()))
+                    .cloned()
+                    .collect(),
+                ..c.clone()
+            };
+            if !sub.tensors.is_empty() {
+                sub.register_into(store, prefix, None)
+                    .map_err(|e| Error::in_component(&c.name, e))?;
+            }
+        }
+        // The rest stays in the files.
+        let mut disks: Vec<(PathBuf, Arc<DiskTier>)> = Vec::new();
+        let mut tensors: Vec<HostTensor> = Vec::with_capacity(placed.len() + already);
+        for i in 0..store.len() {
+            tensors.push(store.tensor(TensorId(i as u32))?);
+        }
+        for p in &placed {
+            if pinned_names.contains(p.tensor.name.as_str()) {
+                continue;
+            }
+            let Some((path, off)) = &p.file else {
+                return Err(Error::InvalidArgument(format!(
+                    "weight '{}' must be pinned but was left on disk",
+                    p.tensor.name
+                )));
+            };
+            let tier = match disks.iter().find(|(f, _)| f == path) {
+                Some((_, t)) => t.clone(),
+                None => {
+                    let t = Arc::new(DiskTier::open_sim(
+                        dev.clone(),
+                        path,
+                        staging.clone(),
+                        SimDiskConfig::default(),
+                    )?);
+                    disks.push((path.clone(), t.clone()));
+                    t
+                }
+            };
+            tensors.push(HostTensor {
+                host: tier.host_handle(),
+                offset: *off,
+                ..p.tensor.clone()
+            });
+        }
+        if tp.staging_bytes > 0 {
+            let modes: Vec<String> = disks
+                .iter()
+                .map(|(_, t)| t.file().mode().to_string())
+                .collect();
+            tp.read_mode = format!("simulated disk timing; files read {}", modes.join(", "));
+        }
+        let tiers = disks.iter().map(|(_, t)| t.clone()).collect();
+        Self::build(
+            dev,
+            tensors,
+            components,
+            pass,
+            cfg,
+            tiers,
+            Some(TierState { plan: tp, disks }),
+        )
+    }
+
+    /// The host-budget placement (with a host budget only).
+    pub fn tier_plan(&self) -> Option<&TierPlan> {
+        self.tiers.as_ref().map(|t| &t.plan)
+    }
+
+    /// The disk tiers' files, read modes and reads so far (empty without groups on disk).
+    pub fn disk_files(&self) -> Vec<DiskFileReport> {
+        self.tiers
+            .iter()
+            .flat_map(|t| &t.disks)
+            .map(|(path, tier)| DiskFileReport {
+                path: path.clone(),
+                mode: tier.file().mode(),
+                fallback_reason: tier.file().fallback_reason().map(str::to_string),
+                stats: tier.stats(),
+            })
+            .collect()
+    }
+
+    /// The `--stats` lines of the host-budget placement: the plan (groups and bytes per tier,
+    /// disk bytes per step), each file's read mode with the reason `O_DIRECT` was refused, and
+    /// the bytes read so far. `None` without a host budget.
+    pub fn tier_report(&self) -> Option<String> {
+        let t = self.tiers.as_ref()?;
+        let mut s = t.plan.to_string();
+        let sum = |tier: Tier| -> u64 {
+            t.plan
+                .tiers
+                .iter()
+                .zip(&t.plan.bytes)
+                .filter(|(&x, _)| x == tier)
+                .map(|(_, &b)| b)
+                .sum()
+        };
+        s.push_str(&format!(
+            "\nplacement: vram {} groups {} bytes, ram {} groups {} bytes, disk {} groups {} bytes; disk bytes per step {}",
+            t.plan.count(Tier::Vram),
+            sum(Tier::Vram),
+            t.plan.count(Tier::Pinned),
+            sum(Tier::Pinned),
+            t.plan.count(Tier::Disk),
+            sum(Tier::Disk),
+            t.plan.disk_bytes_per_pass
+        ));
+        for f in self.disk_files() {
+            let mode = match &f.fallback_reason {
+                None => f.mode.to_string(),
+                Some(why) => format!("{} (O_DIRECT refused: {why})", f.mode),
+            };
+            s.push_str(&format!(
+                "\ndisk file {}: {mode}; read {} bytes in {} loads",
+                f.path.display(),
+                f.stats.read_bytes,
+                f.stats.loads
+            ));
+        }
+        Some(s)
     }
 }

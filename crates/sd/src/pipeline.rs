@@ -126,6 +126,10 @@ pub struct LoadConfig {
     /// to it at load, the VAE to f32 instead of f16 when its config asks for `force_upcast`).
     /// The CPU computes in f32.
     pub dtype: DType,
+    /// Host memory for the weights (pinned copies plus the disk tier's staging), in bytes;
+    /// groups that do not fit stay in their files and are streamed (`docs/disk-tier.md`).
+    /// `None`: every weight pinned. CPU path only.
+    pub host_budget: Option<u64>,
 }
 
 impl Default for LoadConfig {
@@ -137,6 +141,7 @@ impl Default for LoadConfig {
             metrics: false,
             device: DeviceChoice::Cpu,
             dtype: DType::F16,
+            host_budget: None,
         }
     }
 }
@@ -370,6 +375,15 @@ impl Pipeline {
                 what: "model_index.json".into(),
                 source,
             })?;
+        if cfg.host_budget.is_some() && cfg.device != DeviceChoice::Cpu {
+            return Err(Error::InvalidArgument(
+                "--host-budget is not yet supported on this device (the GPU path: cuda or sim); \
+                 use --device cpu"
+                    .into(),
+            ));
+        }
+        // With a host budget, weights are registered once their tiers are planned.
+        let mut deferred: Vec<(crate::loader::Component, String)> = Vec::new();
         let force_zeros_for_empty_prompt = index["force_zeros_for_empty_prompt"]
             .as_bool()
             .unwrap_or(family == ModelFamily::Sdxl);
@@ -415,8 +429,12 @@ impl Pipeline {
         for (&enc, &tok) in enc_names.iter().zip(tokenizer_names(family)) {
             let c = component(enc)?;
             let model = ClipTextModel::from_config_json(&c.config_json, enc)?;
-            c.register_into(&store, &format!("{enc}."), convert)
-                .map_err(|e| Error::in_component(enc, e))?;
+            if cfg.host_budget.is_some() {
+                deferred.push((c.clone(), format!("{enc}.")));
+            } else {
+                c.register_into(&store, &format!("{enc}."), convert)
+                    .map_err(|e| Error::in_component(enc, e))?;
+            }
             groups.push(model.groups());
             encoders.push(TextEncoder {
                 tokenizer: load_tokenizer(&source, tok)?,
@@ -442,8 +460,12 @@ impl Pipeline {
                 .iter()
                 .map(|t| (t.name.as_str(), t.shape.as_slice())),
         )?;
-        c.register_into(&store, "unet.", convert)
-            .map_err(|e| Error::in_component("unet", e))?;
+        if cfg.host_budget.is_some() {
+            deferred.push((c.clone(), "unet.".into()));
+        } else {
+            c.register_into(&store, "unet.", convert)
+                .map_err(|e| Error::in_component("unet", e))?;
+        }
         groups.push(unet.groups());
         let c = component("vae")?;
         let vae = Vae::new(VaeConfig::from_json(&c.config_json)?)?;
@@ -454,12 +476,17 @@ impl Pipeline {
         )?;
         let vae_dtype = vae_dtype(&vae, cfg.dtype);
         let vae_convert = gpu.as_ref().map(|_| pager_dtype(vae_dtype));
-        c.register_into(&store, "vae.", vae_convert)
-            .map_err(|e| Error::in_component("vae", e))?;
+        if cfg.host_budget.is_some() {
+            deferred.push((c.clone(), "vae.".into()));
+        } else {
+            c.register_into(&store, "vae.", vae_convert)
+                .map_err(|e| Error::in_component("vae", e))?;
+        }
         groups.push(vae.groups());
         let scheduler_config = component("scheduler")?.config_json;
 
-        let all: u64 = store.weight_bytes();
+        let all: u64 =
+            store.weight_bytes() + deferred.iter().map(|(c, _)| c.stored_bytes()).sum::<u64>();
         let mode = match cfg.mode {
             Some(m) => m,
             None => match cfg.budget {
@@ -469,19 +496,25 @@ impl Pipeline {
         };
         let engine = match (sim, gpu) {
             (Some(device), _) => {
-                let exec = Executor::with_pass(
-                    device.clone(),
-                    &store,
-                    &groups,
-                    &["unet"],
-                    ExecConfig {
-                        mode,
-                        budget: cfg.budget,
-                        reserve: cfg.reserve,
-                        metrics: cfg.metrics,
-                        ..ExecConfig::default()
-                    },
-                )?;
+                let ecfg = ExecConfig {
+                    mode,
+                    budget: cfg.budget,
+                    reserve: cfg.reserve,
+                    metrics: cfg.metrics,
+                    ..ExecConfig::default()
+                };
+                let exec = match cfg.host_budget {
+                    Some(hb) => Executor::with_host_budget(
+                        device.clone(),
+                        &store,
+                        &deferred,
+                        &groups,
+                        &["unet"],
+                        ecfg,
+                        hb,
+                    )?,
+                    None => Executor::with_pass(device.clone(), &store, &groups, &["unet"], ecfg)?,
+                };
                 Engine::Sim { exec, device }
             }
             (None, Some((dev, sim))) => {

@@ -272,6 +272,7 @@ fn run(args: &Args) -> Result<(), BoxError> {
             metrics,
             device,
             dtype,
+            host_budget: args.host_budget,
         },
     )?;
     let params = GenerateParams {
@@ -334,6 +335,9 @@ fn run(args: &Args) -> Result<(), BoxError> {
         let m = pipe.metrics()?;
         if args.stats {
             println!("{}", pipe.plan());
+            if let Some(r) = pipe.executor().and_then(|e| e.tier_report()) {
+                println!("{r}");
+            }
             println!(
                 "pinned host memory {:.1} MiB, device arena {:.1} MiB (the budget; never exceeded)",
                 pipe.pinned_host_bytes() as f64 / (1 << 20) as f64,

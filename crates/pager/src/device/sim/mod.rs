@@ -29,8 +29,8 @@
 //! the k-th allocation, copy, event call, sync or launch fail with [`Error::Injected`], and
 //! [`SimDevice::resources`] reports what is live (allocations, events, streams) for leak checks.
 
-pub mod faults;
 mod export;
+pub mod faults;
 mod kernel;
 pub mod ptx;
 mod ptx_kernel;
