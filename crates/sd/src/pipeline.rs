@@ -382,7 +382,6 @@ impl Pipeline {
                     .into(),
             ));
         }
-        // With a host budget, weights are registered once their tiers are planned.
         let mut deferred: Vec<(crate::loader::Component, String)> = Vec::new();
         let force_zeros_for_empty_prompt = index["force_zeros_for_empty_prompt"]
             .as_bool()
@@ -420,6 +419,17 @@ impl Pipeline {
             }
         };
         let convert = gpu.as_ref().map(|_| pager_dtype(cfg.dtype));
+        // With a host budget, weights are registered once their tiers are planned.
+        let mut register = |c: &crate::loader::Component, name: &str, convert| -> Result<()> {
+            if cfg.host_budget.is_some() {
+                deferred.push((c.clone(), format!("{name}.")));
+                Ok(())
+            } else {
+                c.register_into(&store, &format!("{name}."), convert)
+                    .map(drop)
+                    .map_err(|e| Error::in_component(name, e))
+            }
+        };
         let mut groups = Vec::new();
         let mut encoders = Vec::new();
         let enc_names: &[&str] = match family {
@@ -429,12 +439,7 @@ impl Pipeline {
         for (&enc, &tok) in enc_names.iter().zip(tokenizer_names(family)) {
             let c = component(enc)?;
             let model = ClipTextModel::from_config_json(&c.config_json, enc)?;
-            if cfg.host_budget.is_some() {
-                deferred.push((c.clone(), format!("{enc}.")));
-            } else {
-                c.register_into(&store, &format!("{enc}."), convert)
-                    .map_err(|e| Error::in_component(enc, e))?;
-            }
+            register(&c, enc, convert)?;
             groups.push(model.groups());
             encoders.push(TextEncoder {
                 tokenizer: load_tokenizer(&source, tok)?,
@@ -460,12 +465,7 @@ impl Pipeline {
                 .iter()
                 .map(|t| (t.name.as_str(), t.shape.as_slice())),
         )?;
-        if cfg.host_budget.is_some() {
-            deferred.push((c.clone(), "unet.".into()));
-        } else {
-            c.register_into(&store, "unet.", convert)
-                .map_err(|e| Error::in_component("unet", e))?;
-        }
+        register(&c, "unet", convert)?;
         groups.push(unet.groups());
         let c = component("vae")?;
         let vae = Vae::new(VaeConfig::from_json(&c.config_json)?)?;
@@ -476,12 +476,7 @@ impl Pipeline {
         )?;
         let vae_dtype = vae_dtype(&vae, cfg.dtype);
         let vae_convert = gpu.as_ref().map(|_| pager_dtype(vae_dtype));
-        if cfg.host_budget.is_some() {
-            deferred.push((c.clone(), "vae.".into()));
-        } else {
-            c.register_into(&store, "vae.", vae_convert)
-                .map_err(|e| Error::in_component("vae", e))?;
-        }
+        register(&c, "vae", vae_convert)?;
         groups.push(vae.groups());
         let scheduler_config = component("scheduler")?.config_json;
 
