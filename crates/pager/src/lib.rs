@@ -15,7 +15,9 @@ pub mod host;
 pub mod residency;
 pub mod weights;
 pub use arena::{Arena, Extent, ExtentAllocator};
-pub use disk::{DiskConfig, DiskFile, DiskRead, DiskStats, DiskTier, ReadMode, SimDiskConfig};
+pub use disk::{
+    DiskConfig, DiskFile, DiskRead, DiskReadTiming, DiskStats, DiskTier, ReadMode, SimDiskConfig,
+};
 pub use host::{HostStore, HostTensor, LoadOptions, RawTensor, TensorId};
 pub use residency::{GroupId, GroupView, Pager, PagerStats, Policy};
 pub use weights::{DType, TensorInfo, WeightsFile};

@@ -1,11 +1,12 @@
 //! Per-group and per-pass metrics read back from device events, a plain-text summary table, and a
-//! Chrome trace (copy and compute lanes; opens in Perfetto).
+//! Chrome trace (compute, copy and disk-read lanes; opens in Perfetto).
 
 use crate::error::Result;
 use crate::plan::{GroupDesc, GroupId};
-use ferry_pager::{Device, EventId};
+use ferry_pager::{Device, DiskReadTiming, EventId};
 use serde_json::json;
 use std::fmt::Write as _;
+use std::time::Duration;
 
 /// Events around one use of a group on the compute stream.
 #[derive(Clone, Debug)]
@@ -89,7 +90,7 @@ pub struct PassMetrics {
 /// Timed slice for traces.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Slice {
-    /// Lane: "compute", "stall" or "copy".
+    /// Lane: "compute", "stall", "copy" or "disk".
     pub lane: &'static str,
     /// Label.
     pub name: String,
@@ -278,16 +279,37 @@ impl RunMetrics {
         s
     }
 
+    /// Adds one "disk" slice per read of a disk tier, on the tier's clock with `zero` at the
+    /// metrics origin. Disk reads happen on the host: on a real GPU their placement against
+    /// the device lanes is as exact as the host and device clocks agree at the origin.
+    pub fn add_disk_reads(&mut self, name: &str, reads: &[DiskReadTiming], zero: Duration) {
+        for r in reads {
+            let s = r.start.saturating_sub(zero).as_nanos() as f64;
+            let e = r.end.saturating_sub(zero).as_nanos() as f64;
+            self.slices.push(Slice {
+                lane: "disk",
+                name: name.to_string(),
+                start_ns: s,
+                end_ns: e.max(s),
+                bytes: r.bytes,
+            });
+        }
+    }
+
     /// Chrome trace JSON (the "traceEvents" format; opens in Perfetto and chrome://tracing).
     pub fn chrome_trace(&self) -> String {
         let tid = |lane: &str| match lane {
             "compute" | "stall" => 1,
+            "disk" => 3,
             _ => 2,
         };
         let mut events = vec![
             json!({"ph": "M", "name": "thread_name", "pid": 1, "tid": 1, "args": {"name": "compute stream"}}),
             json!({"ph": "M", "name": "thread_name", "pid": 1, "tid": 2, "args": {"name": "copy stream"}}),
         ];
+        if self.slices.iter().any(|s| s.lane == "disk") {
+            events.push(json!({"ph": "M", "name": "thread_name", "pid": 1, "tid": 3, "args": {"name": "disk reads"}}));
+        }
         for sl in &self.slices {
             events.push(json!({
                 "ph": "X",

@@ -51,6 +51,9 @@ struct DeviceTimeline {
     copies: Vec<CopyRecord>,
     /// Where copies from a disk tier's handle go (three-tier runs only; one tier per file).
     disks: Vec<Arc<DiskTier>>,
+    /// Each disk tier's clock when the metrics origin was recorded (places disk reads on the
+    /// trace timeline).
+    disk_origin: Vec<std::time::Duration>,
 }
 
 impl DeviceTimeline {
@@ -527,6 +530,7 @@ impl Scheduler {
             metrics: cfg.metrics,
             copies: Vec::new(),
             disks,
+            disk_origin: Vec::new(),
         };
         // The time origin of the metrics. The copy stream waits for it, so that no event of
         // either stream can complete before it (events on two streams are otherwise unordered,
@@ -537,6 +541,7 @@ impl Scheduler {
             tl.mark(compute)?
         };
         dev.wait_event(copy, origin)?;
+        tl.disk_origin = tl.disks.iter().map(|d| d.clock()).collect();
         let mut inner = Inner {
             problem,
             budget: cfg.budget,
@@ -671,7 +676,7 @@ impl Scheduler {
         let dev = &g.tl.dev;
         dev.sync_stream(g.tl.compute)?;
         dev.sync_stream(g.tl.copy)?;
-        crate::metrics::collect(
+        let mut m = crate::metrics::collect(
             dev.as_ref(),
             g.origin,
             &g.problem.groups,
@@ -679,7 +684,17 @@ impl Scheduler {
             &g.tl.copies,
             &g.passes,
             g.budget,
-        )
+        )?;
+        if g.tl.metrics {
+            for (disk, &zero) in g.tl.disks.iter().zip(&g.tl.disk_origin) {
+                let name = disk.file().path().file_name().map_or_else(
+                    || "disk".to_string(),
+                    |n| format!("read {}", n.to_string_lossy()),
+                );
+                m.add_disk_reads(&name, &disk.read_timings(), zero);
+            }
+        }
+        Ok(m)
     }
 
     /// Checks internal invariants (a test hook).

@@ -517,3 +517,46 @@ fn run_with_compute(
     let t = s.metrics().unwrap().passes.last().unwrap().time_ns;
     (Vec::new(), t)
 }
+
+#[test]
+fn trace_shows_disk_reads_on_their_own_track_before_their_copies() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("weights.bin");
+    let n = 6;
+    let m = write_model(&path, n, Duration::from_micros(400));
+    let (dcfg, sdisk) = disk_cfg();
+    let dev = sim();
+    let tier = Arc::new(DiskTier::open_sim(dev.clone(), &path, dcfg, sdisk).unwrap());
+    let g = groups(&m, &dev, Some(&[Tier::Disk; 6]), tier.host_handle());
+    let order: Vec<GroupId> = (0..n).map(GroupId).collect();
+    let budget = 4 << 20;
+    let s = Scheduler::with_disk(dev.clone(), g, order, cfg(&dev, budget), tier.clone()).unwrap();
+    run(&dev, &s, n, budget, 2);
+    let metrics = s.metrics().unwrap();
+    let disk: Vec<_> = metrics.slices.iter().filter(|x| x.lane == "disk").collect();
+    let stats = tier.stats();
+    assert_eq!(disk.len() as u64, stats.spans, "one slice per staged span");
+    assert_eq!(disk.iter().map(|x| x.bytes).sum::<u64>(), stats.read_bytes);
+    assert!(disk.iter().all(|x| x.start_ns < x.end_ns), "{disk:?}");
+    // Each read of a group ends before that group's copy (out of the staging chunk) ends.
+    let copies: Vec<_> = metrics.slices.iter().filter(|x| x.lane == "copy").collect();
+    let first_copy = copies
+        .iter()
+        .map(|c| c.end_ns)
+        .fold(f64::INFINITY, f64::min);
+    let first_read = disk.iter().map(|d| d.end_ns).fold(f64::INFINITY, f64::min);
+    assert!(
+        first_read <= first_copy,
+        "read {first_read} vs copy {first_copy}"
+    );
+    let trace: serde_json::Value = serde_json::from_str(&metrics.chrome_trace()).unwrap();
+    let events = trace["traceEvents"].as_array().unwrap();
+    assert!(events
+        .iter()
+        .any(|e| e["tid"] == 3 && e["args"]["name"] == "disk reads"));
+    let on_track = events
+        .iter()
+        .filter(|e| e["ph"] == "X" && e["tid"] == 3 && e["cat"] == "disk")
+        .count();
+    assert_eq!(on_track, disk.len());
+}

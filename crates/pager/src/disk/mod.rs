@@ -35,6 +35,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
+use std::time::Instant;
 
 /// Default number of staging chunks.
 pub const DEFAULT_CHUNKS: usize = 4;
@@ -389,6 +390,18 @@ pub struct DiskStats {
     pub sim_read_time: Duration,
 }
 
+/// One staged span's read from the file, on the tier's clock ([`DiskTier::clock`]): what a
+/// trace shows as a disk read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DiskReadTiming {
+    /// When the first read of the span was issued.
+    pub start: Duration,
+    /// When its last read completed.
+    pub end: Duration,
+    /// Bytes read.
+    pub bytes: u64,
+}
+
 /// A write into a staging chunk while a copy from it could still be running (found by the
 /// chunk-reuse checker on the simulated device).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -443,6 +456,8 @@ struct State {
     busy_until: Vec<u64>,
     stats: DiskStats,
     races: Vec<ReuseRace>,
+    /// Every span read so far, in order (for traces).
+    timings: Vec<DiskReadTiming>,
     sim: Option<SimClock>,
 }
 
@@ -458,6 +473,8 @@ pub struct DiskTier {
     done: Receiver<Done>,
     threads: Vec<JoinHandle<()>>,
     state: Mutex<State>,
+    /// Zero of [`DiskTier::clock`] on a real file.
+    epoch: Instant,
 }
 
 impl fmt::Debug for DiskTier {
@@ -627,8 +644,10 @@ impl DiskTier {
                 busy_until: vec![0; n],
                 stats: DiskStats::default(),
                 races: Vec::new(),
+                timings: Vec::new(),
                 sim,
             }),
+            epoch: Instant::now(),
         })
     }
 
@@ -654,6 +673,24 @@ impl DiskTier {
     /// What has been done so far.
     pub fn stats(&self) -> DiskStats {
         self.lock().stats.clone()
+    }
+
+    /// The clock [`DiskReadTiming`]s are measured on: the simulated device's virtual time for a
+    /// simulated disk, else host time since the tier was opened.
+    pub fn clock(&self) -> Duration {
+        Self::clock_of(&self.lock(), self.epoch)
+    }
+
+    fn clock_of(st: &State, epoch: Instant) -> Duration {
+        match st.sim.as_ref() {
+            Some(sim) => sim.dev.now(),
+            None => epoch.elapsed(),
+        }
+    }
+
+    /// Every span read so far, in issue order.
+    pub fn read_timings(&self) -> Vec<DiskReadTiming> {
+        self.lock().timings.clone()
     }
     /// Chunk-reuse races found so far (simulated device only; empty unless fencing is off).
     pub fn reuse_races(&self) -> Vec<ReuseRace> {
@@ -730,6 +767,7 @@ impl DiskTier {
         let first_chunk = st.next_chunk;
         let mut outstanding = vec![0usize; spans.len()];
         let mut read_end = vec![0u64; spans.len()];
+        let mut read_start = vec![Duration::ZERO; spans.len()];
         let mut failed: Option<Error> = None;
         let (mut dispatched, mut completed) = (0usize, 0usize);
         while completed < spans.len() && failed.is_none() {
@@ -737,8 +775,9 @@ impl DiskTier {
                 let c = (first_chunk + dispatched) % n;
                 if let Err(e) = self
                     .dispatch(&mut st, jobs, c, dispatched, &spans[dispatched])
-                    .map(|(count, end)| {
+                    .map(|(count, start, end)| {
                         outstanding[dispatched] = count;
+                        read_start[dispatched] = start;
                         read_end[dispatched] = end;
                     })
                 {
@@ -769,6 +808,15 @@ impl DiskTier {
             if failed.is_some() {
                 break;
             }
+            let end = match st.sim {
+                Some(_) => Duration::from_nanos(read_end[completed]),
+                None => Self::clock_of(&st, self.epoch),
+            };
+            st.timings.push(DiskReadTiming {
+                start: read_start[completed],
+                end,
+                bytes: spans[completed].end - spans[completed].start,
+            });
             let c = (first_chunk + completed) % n;
             if let Err(e) =
                 self.copy_out(&mut st, stream, c, &spans[completed], read_end[completed])
@@ -796,7 +844,8 @@ impl DiskTier {
         }
     }
 
-    /// Waits for chunk `c`'s fence and sends span `b`'s reads; returns (jobs sent, virtual end).
+    /// Waits for chunk `c`'s fence and sends span `b`'s reads; returns (jobs sent, start on the
+    /// tier's clock, virtual end).
     fn dispatch(
         &self,
         st: &mut State,
@@ -804,11 +853,12 @@ impl DiskTier {
         c: usize,
         b: usize,
         span: &Span,
-    ) -> Result<(usize, u64)> {
+    ) -> Result<(usize, Duration, u64)> {
         if st.fence_recorded[c] && self.cfg.fence_reuse {
             self.dev.sync_event(self.fences[c])?;
             st.stats.fence_waits += 1;
         }
+        let issued = Self::clock_of(st, self.epoch);
         let mut count = 0;
         let mut end_ns = 0u64;
         let mut first_start = None;
@@ -848,7 +898,8 @@ impl DiskTier {
         }
         st.stats.spans += 1;
         st.stats.read_bytes += span.end - span.start;
-        Ok((count, end_ns))
+        let start = first_start.map_or(issued, Duration::from_nanos);
+        Ok((count, start, end_ns))
     }
 
     /// Enqueues the copies out of chunk `c` once its reads are done, and records its fence.
