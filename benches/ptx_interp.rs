@@ -2,9 +2,13 @@
 //! (all threads' instructions, as counted by `LaunchReport::instructions`).
 //!
 //! `cargo bench -p ferry-sd --bench ptx_interp`. Each case is launched repeatedly for at least
-//! `PTX_BENCH_SECS` seconds (default 2); the best and median launch times are printed.
+//! `PTX_BENCH_SECS` seconds (default 2); the best and median launch times are printed. Then one
+//! tiny SD 1.5 UNet step (the `tests/fixtures/models/sd15` fixture, 64×32, CFG, f32 and bf16)
+//! runs through the whole GPU path on the emulated device (`PTX_BENCH_UNET=0` skips it).
 
 use ferry_pager::device::sim::ptx::{launch, LaunchConfig, Limits, Module, ParamValue, VecMemory};
+use ferry_sd::pipeline::{DeviceChoice, GenerateParams, LoadConfig, Pipeline};
+use ferry_sd::tensor::DType;
 use half::bf16;
 use std::time::{Duration, Instant};
 
@@ -173,5 +177,51 @@ fn main() {
         gemm_cfg(m, n, 64, 128),
         &gemm_params(xa, wa, ba, ya),
         &mut mem,
+    );
+
+    if std::env::var("PTX_BENCH_UNET").is_ok_and(|v| v == "0") {
+        return;
+    }
+    for dtype in [DType::F32, DType::BF16] {
+        unet_steps(dtype);
+    }
+}
+
+/// Seconds per UNet step (with CFG: batch 2) of the tiny SD 1.5 fixture on the emulated GPU:
+/// the time between the first and the third step callback of a 3-step run, halved.
+fn unet_steps(dtype: DType) {
+    let dir = format!(
+        "{}/../../tests/fixtures/models/sd15",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let cfg = LoadConfig {
+        device: DeviceChoice::Sim,
+        dtype,
+        ..LoadConfig::default()
+    };
+    let pipe = Pipeline::load(std::path::Path::new(&dir), cfg).expect("sd15 fixture loads");
+    let params = GenerateParams {
+        prompt: "a lighthouse at dusk".into(),
+        steps: 3,
+        guidance: 7.5,
+        scheduler: Some("euler".into()),
+        seed: 1,
+        width: Some(64),
+        height: Some(32),
+        ..GenerateParams::default()
+    };
+    let t0 = Instant::now();
+    let mut at = Vec::new();
+    let out = pipe
+        .generate(&params, |_, _| at.push(t0.elapsed()))
+        .expect("emulated generation");
+    let total = t0.elapsed();
+    assert!(out.latents.data().iter().all(|v| v.is_finite()));
+    assert!(pipe.races().is_empty(), "race checker: {:?}", pipe.races());
+    let per_step = (at[2] - at[0]).as_secs_f64() / 2.0;
+    println!(
+        "tiny sd15 UNet step {dtype:?} (64x32, CFG), emulated: {per_step:.2} s per step \
+         ({:.1} s for 3 steps with CLIP and VAE)",
+        total.as_secs_f64()
     );
 }
