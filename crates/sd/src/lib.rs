@@ -8,6 +8,7 @@ pub mod error;
 pub mod exec;
 pub mod footprint;
 pub mod gpu_exec;
+pub mod host_memory;
 pub mod image;
 pub mod json;
 pub mod loader;

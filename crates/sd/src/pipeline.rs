@@ -44,6 +44,8 @@ pub struct Pipeline {
     store: HostStore,
     groups: Vec<ComponentGroups>,
     engine: Engine,
+    /// What loading decided that the user should know (e.g. a default host budget).
+    notes: Vec<String>,
 }
 
 /// Where the layers run.
@@ -349,6 +351,35 @@ fn gpu_exec_config(cfg: &LoadConfig, mode: Mode, reserve: u64) -> ExecConfig {
     }
 }
 
+/// The host budget for a CPU run the user gave none for, and a note saying why, when the
+/// weights do not fit comfortably in the available memory ([`crate::host_memory`]).
+fn default_host_budget(source: &ModelSource) -> Result<Option<(u64, String)>> {
+    let Some(available) = crate::host_memory::available() else {
+        return Ok(None);
+    };
+    let mut weights = 0u64;
+    for name in ["text_encoder", "text_encoder_2", "unet", "vae"] {
+        if source.has_component(name) {
+            weights += source.component(name)?.stored_bytes();
+        }
+    }
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    Ok(
+        crate::host_memory::default_host_budget(weights, available).map(|budget| {
+            let note = format!(
+                "the weights ({:.2} GiB) do not fit in the available memory ({:.2} GiB, less a \
+                 {:.2} GiB margin): host budget {:.2} GiB, the rest streams from disk \
+                 (--host-budget overrides)",
+                gib(weights),
+                gib(available),
+                gib(crate::host_memory::margin(available)),
+                gib(budget)
+            );
+            (budget, note)
+        }),
+    )
+}
+
 impl Pipeline {
     /// Loads a diffusers folder or single-file checkpoint and plans paging it.
     pub fn load(model: &Path, cfg: LoadConfig) -> Result<Pipeline> {
@@ -366,8 +397,19 @@ impl Pipeline {
         Self::load_with(model, cfg, Some(device))
     }
 
-    fn load_with(model: &Path, cfg: LoadConfig, sim: Option<Arc<SimDevice>>) -> Result<Pipeline> {
+    fn load_with(
+        model: &Path,
+        mut cfg: LoadConfig,
+        sim: Option<Arc<SimDevice>>,
+    ) -> Result<Pipeline> {
         let source = ModelSource::open(model)?;
+        let mut notes = Vec::new();
+        if cfg.host_budget.is_none() && cfg.device == DeviceChoice::Cpu {
+            if let Some((budget, note)) = default_host_budget(&source)? {
+                cfg.host_budget = Some(budget);
+                notes.push(note);
+            }
+        }
         let family = source.family();
         let component = |name: &str| source.component(name);
         let index =
@@ -568,7 +610,14 @@ impl Pipeline {
             store,
             groups,
             engine,
+            notes,
         })
+    }
+
+    /// What loading decided on the user's behalf (e.g. a default host budget because the
+    /// weights do not fit in the available memory), for the caller to show.
+    pub fn notes(&self) -> &[String] {
+        &self.notes
     }
 
     /// The smallest device budget `mode` can run this model in, with `reserve` for activations.
