@@ -56,6 +56,7 @@ build gpu_pipeline sd-gpu_pipeline test --no-run -p ferry-sd --test gpu_pipeline
 build ferry-gpu-bench ferry-gpu-bench build -p ferry-sd --bin ferry-gpu-bench
 cp scripts/gpu-suite/run.sh "$SUITE/run.sh"
 chmod +x "$SUITE/run.sh"
+cp scripts/peer-offload/compare.py "$SUITE/peer-compare.py"
 
 {
   echo "ferry GPU suite"

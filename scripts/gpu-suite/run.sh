@@ -8,13 +8,15 @@
 # --include-ignored (the GPU tests are #[ignore]d; in --sim mode they stay ignored and are reported
 # as such); then ferry-gpu-bench on the GPU (--sim: on the simulated device). Each step has a
 # timeout and a failing step does not stop the others; a summary comes last. Needs no Rust
-# toolchain and no network. Output: $OUT (else a fresh temporary folder), 5 files (the device
-# tool returns at most 8): env.txt, steps.log (every step's full log, one after another),
-# gpu-bench-<device>.{json,md}, summary.md. The steps work in a scratch folder outside $OUT,
+# toolchain and no network. Output: $OUT (else a fresh temporary folder), at most 6 files (the
+# device tool returns at most 8): env.txt, steps.log (every step's full log, one after another),
+# gpu-bench-<device>.{json,md}, summary.md, and peer-offload.md (diffusers' offload modes
+# compared by scripts/peer-offload/compare.py; GPU only, where python3 has torch and diffusers). The steps work in a scratch folder outside $OUT,
 # which also holds the CUDA JIT cache (CUDA_CACHE_PATH), so PTX is compiled once per run.
 #
 # Environment: OUT, FERRY_GPU_SUITE_SIM=1, FERRY_GPU_SUITE_BIN (folder of the binaries),
-# T_PAGER / T_KERNELS / T_BACKEND / T_PIPE / T_BENCH (timeouts in seconds), BENCH_ARGS (extra ferry-gpu-bench args).
+# T_PAGER / T_KERNELS / T_BACKEND / T_PIPE / T_BENCH / T_PEER (timeouts in seconds),
+# FERRY_GPU_SUITE_PYTHON (python for the peer comparison, default python3), BENCH_ARGS (extra ferry-gpu-bench args).
 set -u
 SIM=${FERRY_GPU_SUITE_SIM:-0}
 for a in "$@"; do
@@ -131,6 +133,14 @@ step ferry-gpu-bench "$T_BENCH" "$BIN/ferry-gpu-bench" --device "$DEVICE" --out 
 for f in "$WORK/bench/gpu-bench-$DEVICE.json" "$WORK/bench/gpu-bench-$DEVICE.md"; do
   [ -f "$f" ] && cp "$f" "$OUT/"
 done
+# diffusers' own offloading against each other (and ferry.torch where its wheel is installed) on
+# the tiny sd15 fixture: GPU only, and only where python3 has torch and diffusers.
+PY=${FERRY_GPU_SUITE_PYTHON:-python3}
+if [ "$SIM" != 1 ] && [ -f "$BIN/peer-compare.py" ] && "$PY" -c "import torch, diffusers" 2>/dev/null; then
+  step peer-offload "${T_PEER:-180}" "$PY" "$BIN/peer-compare.py" --model "$FERRY_FIXTURES/sd15" \
+    --device cuda --steps 4 --size 256 --out "$WORK/peer"
+  [ -f "$WORK/peer/results.md" ] && cp "$WORK/peer/results.md" "$OUT/peer-offload.md"
+fi
 
 TOTAL=$(($(date +%s) - START))
 {
