@@ -24,9 +24,6 @@ const GEMM_SINGLE_THREAD: usize = 1 << 15;
 /// then sit in L2), a multiple of 16, at least 64. Depends only on the shapes, never on the thread
 /// count.
 fn key_block(d: usize, dv: usize) -> usize {
-    if let Some(bk) = std::env::var("ATTN_BK").ok().and_then(|s| s.parse().ok()) {
-        return bk;
-    }
     let mut bk = 512;
     while bk > 64 && !single_threaded_gemms(d, dv, bk) {
         bk -= 16;
