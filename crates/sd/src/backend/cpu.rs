@@ -2,7 +2,7 @@
 
 use super::Backend;
 use crate::error::Result;
-use crate::ops::{self, gemm, softmax_rows_inplace, Activation, Conv2dParams, MatMut, MatRef};
+use crate::ops::{self, Activation, Conv2dParams};
 use crate::tensor::{DType, OpError, Tensor};
 
 /// The f32 CPU reference ops behind [`Backend`]; results are bit-identical to [`crate::ops`].
@@ -198,42 +198,9 @@ impl Backend for CpuBackend {
     }
 }
 
-/// Causal multi-head attention for `q, k, v [b, n, heads*d]`, composed from the reference GEMM
-/// and softmax (the ops have no mask): scores of later positions are exactly 0, as the additive
-/// `finfo.min` mask of transformers gives. Same arithmetic as the CLIP model's own routine, so
-/// porting CLIP onto the backend keeps its bits.
+/// Causal multi-head attention for `q, k, v [b, n, heads*d]`: keys after each query get exactly
+/// zero weight, as the additive `finfo.min` mask of transformers gives (the ops' blocked
+/// attention, which skips those keys).
 fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor, OpError> {
-    q.expect_rank("causal attention", 3, "[batch, seq, heads*head_dim]")?;
-    let (b, n, c) = (q.shape()[0], q.shape()[1], q.shape()[2]);
-    for t in [k, v] {
-        t.expect_shape("causal attention", &[b, n, c])?;
-    }
-    if heads == 0 || !c.is_multiple_of(heads) {
-        return Err(OpError::shape(
-            "causal attention",
-            format!("{c} channels divisible into {heads} heads"),
-            format!("q {:?}", q.shape()),
-        ));
-    }
-    let d = c / heads;
-    let scale = (d as f32).powf(-0.5);
-    let mut out = vec![0.0f32; b * n * c];
-    let mut scores = vec![0.0f32; n * n];
-    for bi in 0..b {
-        for hh in 0..heads {
-            let off = bi * n * c + hh * d;
-            let q_h = MatRef::new(q.data(), off, n, d, c, 1)?;
-            let k_t = MatRef::new(k.data(), off, d, n, 1, c)?;
-            gemm(scale, q_h, k_t, 0.0, MatMut::row_major(&mut scores, n, n)?)?;
-            for (i, row) in scores.chunks_exact_mut(n.max(1)).enumerate() {
-                let (seen, masked) = row.split_at_mut(i + 1);
-                softmax_rows_inplace(seen, i + 1)?;
-                masked.fill(0.0);
-            }
-            let v_h = MatRef::new(v.data(), off, n, d, c, 1)?;
-            let o_h = MatMut::new(&mut out, off, n, d, c, 1)?;
-            gemm(1.0, MatRef::row_major(&scores, n, n)?, v_h, 0.0, o_h)?;
-        }
-    }
-    Tensor::new([b, n, c], out)
+    ops::attention::causal_scaled_dot_product_attention(q, k, v, heads)
 }

@@ -1,33 +1,119 @@
 //! Multi-head scaled-dot-product attention in diffusers' `[batch, seq, heads * head_dim]` layout.
+//!
+//! Flash-style: each task takes one batch item and a block of query rows, walks the keys in
+//! blocks, and keeps a running row maximum and sum (online softmax), rescaling its output
+//! accumulator when the maximum grows, so only a `query block x key block` score tile exists at a
+//! time. Tasks are independent and each runs the same fixed sequence of operations, so the
+//! result does not depend on how tasks are split over threads.
 
+use super::exp::exp_nonpositive_f32;
 use super::gemm::{gemm, MatMut, MatRef};
-use super::softmax::softmax_rows_inplace;
+use super::parallel::for_each_row;
 use crate::tensor::{OpError, OpResult, Tensor};
 
-/// Upper bound on the score block held at once, in f32 elements (16 MiB): long sequences are
-/// processed in bands of query rows (a 4096-token self-attention would otherwise need 64 MiB per
-/// head).
-const MAX_SCORE_ELEMS: usize = 4 << 20;
+/// Query rows per task: two of matrixmultiply's 64-row blocks, so each packed key/value block
+/// serves 128 queries, yet below the size at which it would split rows over threads.
+const BQ: usize = 128;
+
+/// matrixmultiply splits a product over threads once `m*k + k*n` reaches 2^15; the block
+/// products stay below so that each runs on the calling task's thread.
+const GEMM_SINGLE_THREAD: usize = 1 << 15;
+
+/// Keys per block for head sizes `d` (queries/keys) and `dv` (values): as many as keep both block
+/// products below matrixmultiply's threading threshold (the score tile and the key/value blocks
+/// then sit in L2), a multiple of 16, at least 64. Depends only on the shapes, never on the thread
+/// count.
+fn key_block(d: usize, dv: usize) -> usize {
+    let mut bk = 512;
+    while bk > 64 && !single_threaded_gemms(d, dv, bk) {
+        bk -= 16;
+    }
+    if single_threaded_gemms(d, dv, bk) {
+        bk
+    } else {
+        LARGE_HEAD_BK
+    }
+}
+
+/// Keys per block for heads too large for single-threaded block products.
+const LARGE_HEAD_BK: usize = 256;
+
+/// Whether matrixmultiply runs both block products on the calling thread.
+fn single_threaded_gemms(d: usize, dv: usize, bk: usize) -> bool {
+    d * (BQ + bk) < GEMM_SINGLE_THREAD && bk * (BQ + dv) < GEMM_SINGLE_THREAD
+}
+
+/// Our threads split the tasks when each block product runs on one thread; for larger heads the
+/// tasks run in order and matrixmultiply threads each product (same bits either way).
+fn run_tasks(data: &mut [f32], len: usize, f: &(dyn Fn(usize, &mut [f32]) + Sync), split: bool) {
+    if split {
+        for_each_row(data, len, f);
+    } else {
+        data.chunks_mut(len).enumerate().for_each(|(i, t)| f(i, t));
+    }
+}
+
+/// Signature of the task runner: calls `f(i, tile)` once for every `len`-sized tile of `data`.
+type RunTasks<'a> = &'a dyn Fn(&mut [f32], usize, &(dyn Fn(usize, &mut [f32]) + Sync));
 
 /// `softmax(q·kᵀ / sqrt(d)) · v` per head for `q [b, nq, heads*d]`, `k [b, nk, heads*d]`,
 /// `v [b, nk, heads*dv]`; returns `[b, nq, heads*dv]` (diffusers `AttnProcessor2_0` semantics,
-/// no mask, no dropout). Head `h` uses channels `h*d..(h+1)*d`.
+/// no mask, no dropout). Head `h` uses channels `h*d..(h+1)*d`. A query whose scores are all
+/// `-inf` gets a zero output row (no NaN).
 pub fn scaled_dot_product_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     heads: usize,
 ) -> OpResult<Tensor> {
-    attention_banded(q, k, v, heads, MAX_SCORE_ELEMS)
+    let split = split_tasks(q, v, heads);
+    attention(q, k, v, heads, false, &|d, len, f| {
+        run_tasks(d, len, f, split)
+    })
 }
 
-/// [`scaled_dot_product_attention`] with the score block capped at `max_scores` elements.
-fn attention_banded(
+/// Causal [`scaled_dot_product_attention`] for self-attention (`nq == nk`): query `i` attends to
+/// keys `0..=i` only; later keys get exactly zero weight (as CLIP's additive `finfo.min` mask).
+pub(crate) fn causal_scaled_dot_product_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     heads: usize,
-    max_scores: usize,
+) -> OpResult<Tensor> {
+    let split = split_tasks(q, v, heads);
+    attention(q, k, v, heads, true, &|d, len, f| {
+        run_tasks(d, len, f, split)
+    })
+}
+
+/// Whether our threads split the tasks (see [`run_tasks`]); shapes are checked later.
+fn split_tasks(q: &Tensor, v: &Tensor, heads: usize) -> bool {
+    let (d, dv) = match (q.shape().last(), v.shape().last()) {
+        (Some(&qc), Some(&vc)) if heads > 0 => (qc / heads, vc / heads),
+        _ => return true,
+    };
+    single_threaded_gemms(d, dv, key_block(d, dv))
+}
+
+/// Shapes and constants shared by every task.
+struct Dims {
+    nq: usize,
+    nk: usize,
+    heads: usize,
+    d: usize,
+    dv: usize,
+    bk: usize,
+    scale: f32,
+    causal: bool,
+}
+
+fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    causal: bool,
+    run: RunTasks<'_>,
 ) -> OpResult<Tensor> {
     for t in [q, k, v] {
         t.expect_rank("attention", 3, "[batch, seq, heads*head_dim]")?;
@@ -41,59 +127,370 @@ fn attention_banded(
         && kc == qc
         && k.shape()[0] == b
         && v.shape()[0] == b
-        && v.shape()[1] == nk;
+        && v.shape()[1] == nk
+        && (!causal || nk == nq);
     if !ok {
+        let want = if causal {
+            format!("q, k [b, n, {heads}*d], v [b, n, {heads}*dv]")
+        } else {
+            format!("q [b, nq, {heads}*d], k [b, nk, {heads}*d], v [b, nk, {heads}*dv]")
+        };
         return Err(OpError::shape(
             "attention",
-            format!("q [b, nq, {heads}*d], k [b, nk, {heads}*d], v [b, nk, {heads}*dv]"),
+            want,
             format!("q {:?}, k {:?}, v {:?}", q.shape(), k.shape(), v.shape()),
         ));
     }
     let (d, dv) = (qc / heads, vc / heads);
-    let scale = 1.0 / (d as f32).sqrt();
     let mut out = vec![0.0f32; b * nq * vc];
-    if nk == 0 || nq == 0 {
+    if nk == 0 || nq == 0 || vc == 0 {
         return Tensor::new([b, nq, vc], out);
     }
-    let band = (max_scores / nk).clamp(1, nq);
-    let mut scores = vec![0.0f32; band * nk];
-    for bi in 0..b {
-        for h in 0..heads {
-            let k_t = MatRef::new(k.data(), bi * nk * kc + h * d, d, nk, 1, kc)?;
-            let v_h = MatRef::new(v.data(), bi * nk * vc + h * dv, nk, dv, vc, 1)?;
-            let mut q0 = 0;
-            while q0 < nq {
-                let rows = band.min(nq - q0);
-                let s = &mut scores[..rows * nk];
-                let q_h = MatRef::new(q.data(), (bi * nq + q0) * qc + h * d, rows, d, qc, 1)?;
-                gemm(scale, q_h, k_t, 0.0, MatMut::row_major(s, rows, nk)?)?;
-                softmax_rows_inplace(s, nk)?;
-                let o_h = MatMut::new(&mut out, (bi * nq + q0) * vc + h * dv, rows, dv, vc, 1)?;
-                gemm(1.0, MatRef::row_major(s, rows, nk)?, v_h, 0.0, o_h)?;
-                q0 += rows;
+    let dims = Dims {
+        nq,
+        nk,
+        heads,
+        d,
+        dv,
+        bk: key_block(d, dv),
+        scale: 1.0 / (d as f32).sqrt(),
+        causal,
+    };
+    // A per-head transposed copy `[b, heads, d, nk]` of k, so that its blocks are read in
+    // contiguous runs when matrixmultiply packs them (as are the per-task copies of q blocks).
+    let kt = per_head_transposed(k.data(), b, nk, heads, d, run);
+    let (qd, vd) = (q.data(), v.data());
+    // One tile of BQ query rows x all heads per (batch, query block) task.
+    let q_blocks = nq.div_ceil(BQ);
+    let tile_len = BQ * vc;
+    let task = |i: usize, tile: &mut [f32]| {
+        let (bi, qb) = (i / q_blocks, i % q_blocks);
+        // Block views are in bounds by the shape checks above.
+        attend_block(&dims, qd, &kt, vd, bi, qb * BQ, tile).expect("attention block views");
+    };
+    if nq.is_multiple_of(BQ) {
+        // The tiles are exactly the output's blocks of rows.
+        run(&mut out, tile_len, &task);
+        return Tensor::new([b, nq, vc], out);
+    }
+    let mut tiles = vec![0.0f32; b * q_blocks * tile_len];
+    run(&mut tiles, tile_len, &task);
+    for (i, tile) in tiles.chunks_exact(tile_len).enumerate() {
+        let (bi, q0) = (i / q_blocks, (i % q_blocks) * BQ);
+        let rows = BQ.min(nq - q0);
+        let start = (bi * nq + q0) * vc;
+        out[start..start + rows * vc].copy_from_slice(&tile[..rows * vc]);
+    }
+    Tensor::new([b, nq, vc], out)
+}
+
+/// `x [b, n, heads*d]` as `[b, heads, d, n]`.
+fn per_head_transposed(
+    x: &[f32],
+    b: usize,
+    n: usize,
+    heads: usize,
+    d: usize,
+    run: RunTasks<'_>,
+) -> Vec<f32> {
+    let c = heads * d;
+    let mut t = vec![0.0f32; b * c * n];
+    // Row r of the result is channel r % c of batch item r / c.
+    run(&mut t, n, &|r, row| {
+        let (bi, ch) = (r / c, r % c);
+        let src = &x[bi * n * c + ch..];
+        for (i, dst) in row.iter_mut().enumerate() {
+            *dst = src[i * c];
+        }
+    });
+    t
+}
+
+/// All heads of query rows `q0..q0 + BQ` (clipped to `nq`) of batch item `bi`, written to `tile`
+/// as `[BQ, heads*dv]`. `kt` is per-head transposed (see [`per_head_transposed`]).
+fn attend_block(
+    dm: &Dims,
+    q: &[f32],
+    kt: &[f32],
+    v: &[f32],
+    bi: usize,
+    q0: usize,
+    tile: &mut [f32],
+) -> OpResult<()> {
+    let (d, dv, bk, nq, nk) = (dm.d, dm.dv, dm.bk, dm.nq, dm.nk);
+    let (qc, vc) = (dm.heads * d, dm.heads * dv);
+    let rows = BQ.min(nq - q0);
+    // Keys any of these queries can see.
+    let k_end = if dm.causal { (q0 + rows).min(nk) } else { nk };
+    // Scores and then weights of one key block, key-major (`[cols, rows]`), so the softmax
+    // runs across queries in lanes and the weights pack contiguously as the left operand.
+    let mut scores = vec![0.0f32; bk * rows];
+    let mut acc = vec![0.0f32; rows * dv];
+    let mut q_t = vec![0.0f32; d * rows];
+    let mut row_max = [f32::NEG_INFINITY; BQ];
+    let mut row_sum = [0.0f64; BQ];
+    for h in 0..dm.heads {
+        acc.fill(0.0);
+        let (row_max, row_sum) = (&mut row_max[..rows], &mut row_sum[..rows]);
+        row_max.fill(f32::NEG_INFINITY);
+        row_sum.fill(0.0);
+        let head = bi * dm.heads + h;
+        // This head's queries, transposed to `[d, rows]`.
+        for (i, qrow) in q[(bi * nq + q0) * qc..].chunks(qc).take(rows).enumerate() {
+            for (c, &x) in qrow[h * d..(h + 1) * d].iter().enumerate() {
+                q_t[c * rows + i] = x;
+            }
+        }
+        let q_h = MatRef::new(&q_t, 0, rows, d, 1, rows)?;
+        let mut k0 = 0;
+        while k0 < k_end {
+            let cols = bk.min(k_end - k0);
+            let s = &mut scores[..cols * rows];
+            let k_t = MatRef::new(kt, head * d * nk + k0, d, cols, nk, 1)?;
+            gemm(
+                dm.scale,
+                q_h,
+                k_t,
+                0.0,
+                MatMut::new(s, 0, rows, cols, 1, rows)?,
+            )?;
+            if dm.causal && k0 + cols > q0 + 1 {
+                // Key k0 + j is after query q0 + i when i < k0 + j - q0.
+                for (j, key) in s.chunks_exact_mut(rows).enumerate() {
+                    let first_seen = (k0 + j).saturating_sub(q0).min(rows);
+                    key[..first_seen].fill(f32::NEG_INFINITY);
+                }
+            }
+            online_softmax_block(s, rows, row_max, row_sum, &mut acc, dv);
+            let p = MatRef::new(s, 0, rows, cols, 1, rows)?;
+            let v_blk = MatRef::new(v, (bi * nk + k0) * vc + h * dv, cols, dv, vc, 1)?;
+            gemm(1.0, p, v_blk, 1.0, MatMut::row_major(&mut acc, rows, dv)?)?;
+            k0 += cols;
+        }
+        for (i, arow) in acc.chunks_exact(dv).enumerate() {
+            // A query that never saw a finite score has sum 0 and a zero accumulator: output 0.
+            let inv = if row_sum[i] > 0.0 {
+                (1.0 / row_sum[i]) as f32
+            } else {
+                0.0
+            };
+            let o = &mut tile[i * vc + h * dv..i * vc + (h + 1) * dv];
+            for (o, &a) in o.iter_mut().zip(arow) {
+                *o = a * inv;
             }
         }
     }
-    Tensor::new([b, nq, vc], out)
+    Ok(())
+}
+
+/// One key block of the online softmax for `rows` queries: turns the key-major scores `s`
+/// (`[keys, rows]`) into weights `exp(s - m)` for each query's new running maximum `m`, and
+/// rescales the running sums and the output accumulator `acc` (`[rows, dv]`) from the old
+/// maximum to the new one. Scores of `-inf` get weight exactly 0; a query with no finite score
+/// yet keeps sum 0.
+fn online_softmax_block(
+    s: &mut [f32],
+    rows: usize,
+    max: &mut [f32],
+    sum: &mut [f64],
+    acc: &mut [f32],
+    dv: usize,
+) {
+    let mut m = [f32::NEG_INFINITY; BQ];
+    let m = &mut m[..rows];
+    m.copy_from_slice(max);
+    for key in s.chunks_exact(rows) {
+        for (m, &x) in m.iter_mut().zip(key) {
+            // NaNs are skipped here; they reach the output through exp.
+            *m = if x > *m { x } else { *m };
+        }
+    }
+    for (i, (arow, (old, new))) in acc
+        .chunks_exact_mut(dv)
+        .zip(max.iter_mut().zip(m.iter_mut()))
+        .enumerate()
+    {
+        let seen = *new;
+        // Subtracting a finite stand-in for a -inf maximum keeps exp(-inf - m) = 0, not NaN.
+        if *new == f32::NEG_INFINITY {
+            *new = 0.0;
+        }
+        // exp(-inf) = 0 on the first block; exactly 1 when the maximum did not grow.
+        let alpha = exp_nonpositive_f32(*old - *new);
+        if alpha != 1.0 {
+            arow.iter_mut().for_each(|a| *a *= alpha);
+            sum[i] *= alpha as f64;
+        }
+        *old = seen;
+    }
+    // Sums in f32 over runs of a few keys (so exp stays in f32 lanes), then in f64.
+    const RUN: usize = 16;
+    let mut block_sum = [0.0f64; BQ];
+    let block_sum = &mut block_sum[..rows];
+    for run in s.chunks_mut(RUN * rows) {
+        let mut part = [0.0f32; BQ];
+        let part = &mut part[..rows];
+        for key in run.chunks_exact_mut(rows) {
+            for ((x, &m), p) in key.iter_mut().zip(m.iter()).zip(part.iter_mut()) {
+                *x = exp_nonpositive_f32(*x - m);
+                *p += *x;
+            }
+        }
+        for (b, &p) in block_sum.iter_mut().zip(part.iter()) {
+            *b += p as f64;
+        }
+    }
+    for (s, b) in sum.iter_mut().zip(block_sum.iter()) {
+        *s += b;
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn mk(shape: [usize; 3], seed: usize) -> Tensor {
+        let n = shape.iter().product::<usize>();
+        let data = (0..n)
+            .map(|i| ((i * 7919 + seed * 104_729) % 1000) as f32 / 250.0 - 2.0)
+            .collect();
+        Tensor::new(shape, data).unwrap()
+    }
+
+    /// Straightforward f64 attention: scores, softmax and the weighted sum per (batch, head, query).
+    fn reference(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool) -> Vec<f64> {
+        let (b, nq, qc) = (q.shape()[0], q.shape()[1], q.shape()[2]);
+        let (nk, vc) = (k.shape()[1], v.shape()[2]);
+        let (d, dv) = (qc / heads, vc / heads);
+        let mut out = vec![0.0f64; b * nq * vc];
+        for bi in 0..b {
+            for h in 0..heads {
+                for i in 0..nq {
+                    let seen = if causal { i + 1 } else { nk };
+                    let s: Vec<f64> = (0..seen)
+                        .map(|j| {
+                            let dot: f64 = (0..d)
+                                .map(|c| {
+                                    q.data()[(bi * nq + i) * qc + h * d + c] as f64
+                                        * k.data()[(bi * nk + j) * qc + h * d + c] as f64
+                                })
+                                .sum();
+                            dot / (d as f64).sqrt()
+                        })
+                        .collect();
+                    let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+                    let total: f64 = e.iter().sum();
+                    for c in 0..dv {
+                        let o: f64 = (0..seen)
+                            .map(|j| e[j] * v.data()[(bi * nk + j) * vc + h * dv + c] as f64)
+                            .sum();
+                        out[(bi * nq + i) * vc + h * dv + c] = o / total;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn assert_close(got: &Tensor, want: &[f64], what: &str) {
+        let peak = want.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+        let worst = got
+            .data()
+            .iter()
+            .zip(want)
+            .map(|(&g, &w)| {
+                if g.is_nan() {
+                    f64::INFINITY
+                } else {
+                    (g as f64 - w).abs()
+                }
+            })
+            .fold(0.0f64, f64::max);
+        assert!(
+            worst <= 1e-5 * peak,
+            "{what}: max error {worst:e}, peak {peak}"
+        );
+    }
+
     #[test]
-    fn banding_does_not_change_bits() {
-        let mk = |n: usize, c: usize, seed: usize| {
-            let data = (0..2 * n * c)
-                .map(|i| ((i * 7919 + seed * 104_729) % 1000) as f32 / 500.0 - 1.0)
-                .collect();
-            Tensor::new([2, n, c], data).unwrap()
-        };
-        let (q, k, v) = (mk(37, 12, 1), mk(23, 12, 2), mk(23, 8, 3));
-        let whole = attention_banded(&q, &k, &v, 4, usize::MAX).unwrap();
-        for cap in [1, 23 * 5] {
-            let banded = attention_banded(&q, &k, &v, 4, cap).unwrap();
-            assert_eq!(banded.data(), whole.data(), "cap {cap}");
+    fn matches_f64_reference_on_awkward_shapes() {
+        // (batch, nq, nk, heads, d, dv): lengths off the block sizes, one key, nq != nk.
+        let cases = [
+            (2, 37, 23, 4, 3, 2),
+            (1, 5, 1, 2, 40, 40),
+            (2, 70, 300, 2, 40, 40),
+            (1, 129, 77, 3, 64, 64),
+            (1, 65, 333, 1, 80, 80),
+            (2, 100, 200, 1, 160, 160),
+            (1, 3, 600, 1, 16, 24),
+        ];
+        for (b, nq, nk, heads, d, dv) in cases {
+            let q = mk([b, nq, heads * d], 1);
+            let k = mk([b, nk, heads * d], 2);
+            let v = mk([b, nk, heads * dv], 3);
+            let got = scaled_dot_product_attention(&q, &k, &v, heads).unwrap();
+            assert_eq!(got.shape(), [b, nq, heads * dv]);
+            let what = format!("b {b} nq {nq} nk {nk} heads {heads} d {d} dv {dv}");
+            assert_close(&got, &reference(&q, &k, &v, heads, false), &what);
+            if nq == nk || nk >= nq {
+                // Causal needs nq == nk: use the first nq keys.
+                let n = nq;
+                let (k, v) = (mk([b, n, heads * d], 2), mk([b, n, heads * dv], 3));
+                let got = causal_scaled_dot_product_attention(&q, &k, &v, heads).unwrap();
+                assert_close(
+                    &got,
+                    &reference(&q, &k, &v, heads, true),
+                    &format!("causal {what}"),
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn fully_masked_rows_give_zero_not_nan() {
+        // Query row 1 has -inf·k scores for every key: all -inf.
+        let (nq, nk, d) = (3, 300, 4);
+        let mut q = mk([1, nq, d], 1);
+        let k = Tensor::new([1, nk, d], vec![1.0; nk * d]).unwrap();
+        let v = mk([1, nk, d], 3);
+        q.data_mut()[d..2 * d].fill(f32::NEG_INFINITY);
+        let out = scaled_dot_product_attention(&q, &k, &v, 1).unwrap();
+        assert_eq!(out.data()[d..2 * d], [0.0; 4]);
+        assert!(out.data().iter().all(|x| x.is_finite()));
+        // A NaN score still poisons its row.
+        q.data_mut()[0] = f32::NAN;
+        let out = scaled_dot_product_attention(&q, &k, &v, 1).unwrap();
+        assert!(out.data()[..d].iter().all(|x| x.is_nan()));
+        assert!(out.data()[2 * d..].iter().all(|x| x.is_finite()));
+    }
+
+    #[test]
+    fn thread_split_does_not_change_bits() {
+        // 300 queries: padded tiles, several key blocks; 256: tasks write the output directly.
+        for (n, causal) in [(300, false), (300, true), (256, false), (256, true)] {
+            let (q, k, v) = (mk([2, n, 80], 1), mk([2, n, 80], 2), mk([2, n, 40], 3));
+            let pooled = attention(&q, &k, &v, 2, causal, &|d, len, f| for_each_row(d, len, f));
+            let pooled = pooled.unwrap();
+            // Tasks in reverse order on one thread, and three threads with uneven shares.
+            let reversed = attention(&q, &k, &v, 2, causal, &|d, len, f| {
+                for (i, t) in d.chunks_mut(len).enumerate().rev() {
+                    f(i, t);
+                }
+            })
+            .unwrap();
+            let threaded = attention(&q, &k, &v, 2, causal, &|d, len, f| {
+                std::thread::scope(|s| {
+                    let (a, rest) = d.split_at_mut(len);
+                    let (b, c) = rest.split_at_mut(2 * len);
+                    s.spawn(move || f(0, a));
+                    s.spawn(move || b.chunks_mut(len).enumerate().for_each(|(i, t)| f(1 + i, t)));
+                    c.chunks_mut(len).enumerate().for_each(|(i, t)| f(3 + i, t));
+                });
+            })
+            .unwrap();
+            assert_eq!(pooled.data(), reversed.data(), "n {n} causal {causal}");
+            assert_eq!(pooled.data(), threaded.data(), "n {n} causal {causal}");
         }
     }
 }

@@ -11,12 +11,14 @@ const LN2_LO: f32 = -2.121_944_4e-4;
 /// Below this, exp underflows to subnormals; we return 0 (relative error irrelevant next to the
 /// row maximum's exp(0) = 1 in softmax).
 const MIN_X: f32 = -87.336_55;
+#[cfg(test)]
 const MAX_X: f32 = 88.376_26;
 /// 1.5 * 2^23: adding and subtracting it rounds to the nearest integer without a libm call.
 const ROUND_MAGIC: f32 = 12_582_912.0;
 
-/// `exp(x)` to within 2 ulp; 0 below -87.34 and +inf above 88.38; NaN stays NaN.
-#[inline(always)]
+/// `exp(x)` to within 2 ulp; 0 below -87.34 and +inf above 88.38; NaN stays NaN. The general
+/// form, kept as the reference for [`exp_nonpositive_f32`] (what softmax uses).
+#[cfg(test)]
 pub(crate) fn exp_f32(x: f32) -> f32 {
     let xc = x.clamp(MIN_X, MAX_X);
     let t = xc * LOG2E + ROUND_MAGIC;
@@ -40,6 +42,34 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
         f32::INFINITY
     } else if x.is_nan() {
         x
+    } else {
+        v
+    }
+}
+
+/// [`exp_f32`] for softmax arguments `x - max <= 0` (or NaN): the same bits as `exp_f32` for
+/// every `x <= 0`, -inf and NaN, in fewer instructions (no overflow handling; the clamp keeps
+/// NaN, so one compare finishes the job). Positive `x` are not supported.
+#[inline(always)]
+pub(crate) fn exp_nonpositive_f32(x: f32) -> f32 {
+    // Written as `MIN_X > x` so that a NaN x falls through (and stays NaN), as `maxps` does.
+    #[allow(clippy::manual_clamp)]
+    let xc = if MIN_X > x { MIN_X } else { x };
+    let t = xc * LOG2E + ROUND_MAGIC;
+    let n = t - ROUND_MAGIC;
+    let r = xc - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_1e-4f32;
+    p = p * r + 1.398_2e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let y = p * r * r + r + 1.0;
+    let n_bits = t.to_bits().wrapping_sub(ROUND_MAGIC.to_bits());
+    let scale = f32::from_bits(n_bits.wrapping_add(127) << 23);
+    let v = y * scale;
+    if x < MIN_X {
+        0.0
     } else {
         v
     }
@@ -71,5 +101,27 @@ mod tests {
         assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
         assert_eq!(exp_f32(1000.0), f32::INFINITY);
         assert!(exp_f32(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn nonpositive_variant_has_the_same_bits() {
+        let steps = 200_000;
+        for i in 0..=steps {
+            let x = (MIN_X - 5.0) * i as f32 / steps as f32;
+            assert_eq!(
+                exp_nonpositive_f32(x).to_bits(),
+                exp_f32(x).to_bits(),
+                "x = {x}"
+            );
+        }
+        for x in [0.0, -0.0, -1e-30, MIN_X, -1000.0, f32::NEG_INFINITY] {
+            assert_eq!(
+                exp_nonpositive_f32(x).to_bits(),
+                exp_f32(x).to_bits(),
+                "x = {x}"
+            );
+        }
+        assert_eq!(exp_nonpositive_f32(f32::NEG_INFINITY), 0.0);
+        assert!(exp_nonpositive_f32(f32::NAN).is_nan());
     }
 }

@@ -1,6 +1,6 @@
 //! Numerically stable softmax.
 
-use super::exp::exp_f32;
+use super::exp::exp_nonpositive_f32;
 use super::parallel::for_each_row;
 use crate::tensor::{OpError, OpResult, Tensor};
 
@@ -28,7 +28,7 @@ pub(crate) fn softmax_row(row: &mut [f32]) {
         return;
     }
     for v in row.iter_mut() {
-        *v = exp_f32(*v - max);
+        *v = exp_nonpositive_f32(*v - max);
     }
     let mut sums = [0.0f64; LANES];
     let mut chunks = row.chunks_exact(LANES);
