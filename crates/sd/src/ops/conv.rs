@@ -10,10 +10,10 @@
 use super::gemm::{gemm, gemm_serial, gemm_threads, MatMut, MatRef};
 use crate::tensor::{OpError, OpResult, Tensor};
 
-/// Upper bound on one thread's im2col buffer, in f32 elements (8 MiB, 16 MiB for two threads
-/// as before threading): a band stays cache-resident and memory stays bounded (a 512x512 VAE
-/// layer would otherwise need GBs).
-const MAX_COLS_ELEMS: usize = 2 << 20;
+/// Upper bound on the im2col buffers of all threads together, in f32 elements (16 MiB; each
+/// thread gets an equal share): a band stays cache-resident and memory stays bounded (a 512x512
+/// VAE layer would otherwise need GBs).
+const MAX_COLS_ELEMS: usize = 4 << 20;
 
 /// Below this many multiply-adds a convolution runs on the calling thread.
 const MIN_PARALLEL_MACS: usize = 1 << 21;
@@ -157,7 +157,7 @@ fn conv2d_banded(
     // Equal bands under the column-buffer cap; enough of them to keep every thread busy.
     let ckk = c * kh * kw;
     let band_rows = band_rows.unwrap_or_else(|| {
-        let cap_rows = (MAX_COLS_ELEMS / (ckk * wo)).clamp(1, ho);
+        let cap_rows = (MAX_COLS_ELEMS / threads / (ckk * wo)).clamp(1, ho);
         let mut per_img = ho.div_ceil(cap_rows);
         while per_img < ho && (n * per_img) % threads != 0 && n * per_img < 4 * threads {
             per_img += 1;
@@ -400,7 +400,8 @@ mod tests {
     #[test]
     fn matches_direct_reference_on_awkward_shapes() {
         // (x shape, weight shape, stride, padding [t, b, l, r], bias)
-        let cases: &[([usize; 4], [usize; 4], (usize, usize), [usize; 4], bool)] = &[
+        type Case = ([usize; 4], [usize; 4], (usize, usize), [usize; 4], bool);
+        let cases: &[Case] = &[
             ([1, 3, 7, 9], [4, 3, 3, 3], (1, 1), [1, 1, 1, 1], true),
             ([2, 5, 13, 11], [7, 5, 3, 3], (2, 2), [1, 1, 1, 1], true),
             ([1, 4, 8, 8], [3, 4, 3, 3], (2, 2), [0, 1, 0, 1], false),
