@@ -2,7 +2,7 @@
 //!
 //! `cargo bench -p ferry-sd --bench sd_ops`. Throughput is reported in elements/s where one
 //! "element" is one floating-point operation (multiply-adds count 2), so Gelem/s reads as GFLOP/s.
-//! `MATMUL_NUM_THREADS` sets the GEMM thread count (default: physical cores, at most 4).
+//! `MATMUL_NUM_THREADS` sets the GEMM and conv2d thread count (default: available parallelism).
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use ferry_sd::ops::{self, Conv2dParams};
@@ -39,6 +39,36 @@ fn bench_ops(c: &mut Criterion) {
         bn.iter(|| ops::conv2d(black_box(&x), &w, Some(&b), Conv2dParams::new(2, 1)).unwrap())
     });
 
+    // Deeper UNet levels and skip concatenations (3x3, pad 1, batch 2), then VAE decoder convs
+    // (batch 1): (name, n, c, o, h, w).
+    for (name, n, ci, co, h, w) in [
+        ("conv2d_3x3_960to320_64x64_b2", 2, 960, 320, 64, 64),
+        ("conv2d_3x3_640_32x32_b2", 2, 640, 640, 32, 32),
+        ("conv2d_3x3_1280_16x16_b2", 2, 1280, 1280, 16, 16),
+        ("conv2d_3x3_2560to1280_8x8_b2", 2, 2560, 1280, 8, 8),
+        ("conv2d_3x3_512_64x64_vae", 1, 512, 512, 64, 64),
+        ("conv2d_3x3_128_512x512_vae", 1, 128, 128, 512, 512),
+        ("conv2d_3x3_128to3_512x512_vae", 1, 128, 3, 512, 512),
+    ] {
+        let xi = filled(&[n, ci, h, w], 11);
+        let wi = filled(&[co, ci, 3, 3], 12);
+        let bi = filled(&[co], 13);
+        g.throughput(Throughput::Elements((2 * n * co * ci * 9 * h * w) as u64));
+        g.bench_function(name, |bn| {
+            bn.iter(|| {
+                ops::conv2d(black_box(&xi), &wi, Some(&bi), Conv2dParams::new(1, 1)).unwrap()
+            })
+        });
+    }
+
+    // ResNet shortcut / proj_in 1x1 conv on a skip concatenation: 960 -> 320 at 64x64, batch 2.
+    let x1 = filled(&[2, 960, 64, 64], 14);
+    let w1 = filled(&[320, 960, 1, 1], 15);
+    g.throughput(Throughput::Elements(2 * 2 * 320 * 960 * 64 * 64));
+    g.bench_function("conv2d_1x1_960to320_64x64_b2", |bn| {
+        bn.iter(|| ops::conv2d(black_box(&x1), &w1, Some(&b), Conv2dParams::default()).unwrap())
+    });
+
     // Transformer projection at 64x64: [4096, 320] · [320, 320]ᵀ.
     let xs = filled(&[1, 4096, 320], 4);
     let wl = filled(&[320, 320], 5);
@@ -46,6 +76,20 @@ fn bench_ops(c: &mut Criterion) {
     g.bench_function("linear_4096x320x320", |bn| {
         bn.iter(|| ops::linear(black_box(&xs), &wl, Some(&b)).unwrap())
     });
+
+    // GEGLU projection (320 -> 2x1280) and feed-forward output (1280 -> 320) at 64x64.
+    for (name, m, k, n) in [
+        ("linear_4096x320x2560", 4096, 320, 2560),
+        ("linear_4096x1280x320", 4096, 1280, 320),
+    ] {
+        let xl = filled(&[1, m, k], 16);
+        let wl = filled(&[n, k], 17);
+        let bl = filled(&[n], 18);
+        g.throughput(Throughput::Elements((2 * m * k * n) as u64));
+        g.bench_function(name, |bn| {
+            bn.iter(|| ops::linear(black_box(&xl), &wl, Some(&bl)).unwrap())
+        });
+    }
 
     // Self-attention at 64x64: 4096 tokens, 8 heads of 40, batch 1 (QKᵀ and PV GEMMs).
     let q = filled(&[1, 4096, 320], 6);

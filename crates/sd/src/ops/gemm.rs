@@ -3,11 +3,14 @@
 //! Built on `matrixmultiply` (bluss): a small, long-maintained pure-Rust GEMM with AVX-512, AVX2+FMA
 //! and scalar kernels chosen at run time, arbitrary row/column strides (so transposed and
 //! per-head operands need no copy) and optional threading. It was chosen over `gemm` (sarah-ek)
-//! for determinism and a small dependency tree: its threads only split the M dimension (loop 3 of
-//! the BLIS scheme) and each output's K-reduction runs in one fixed order, so results are
-//! bit-identical for any `MATMUL_NUM_THREADS` (default: physical cores, at most 4).
+//! for determinism and a small dependency tree. It runs single-threaded (its `threading` feature
+//! is off: its pool is shared by all callers, so callers that split work themselves, like
+//! conv2d, would queue on it); [`gemm`] splits large products over threads itself. Each
+//! output's K-reduction runs in one fixed order, so results are bit-identical for any
+//! `MATMUL_NUM_THREADS`.
 
 use crate::tensor::{OpError, OpResult};
+use std::sync::OnceLock;
 
 /// A read-only matrix view: element `(i, j)` is `data[offset + i * row_stride + j * col_stride]`.
 #[derive(Debug, Clone, Copy)]
@@ -159,8 +162,112 @@ impl<'a> MatMut<'a> {
     }
 }
 
+/// Threads [`gemm`] splits large products over: `MATMUL_NUM_THREADS` if set (as for
+/// `matrixmultiply`'s own threading, which this replaces), else the available parallelism.
+pub(crate) fn gemm_threads() -> usize {
+    static N: OnceLock<usize> = OnceLock::new();
+    *N.get_or_init(|| {
+        std::env::var("MATMUL_NUM_THREADS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(super::parallel::num_threads)
+            .max(1)
+    })
+}
+
+/// Below this many multiply-adds (`m * n * k`) a product runs on the calling thread.
+const MIN_PARALLEL_MACS: usize = 1 << 21;
+
 /// `c = alpha * a · b + beta * c`. With `beta == 0`, `c`'s old contents (even NaN) are ignored.
+///
+/// Large products are split over threads by blocks of `c`'s outer dimension; every element's
+/// K-reduction runs in the same fixed order whatever the split, so results are bit-identical for
+/// any thread count.
 pub fn gemm(alpha: f32, a: MatRef<'_>, b: MatRef<'_>, beta: f32, c: MatMut<'_>) -> OpResult<()> {
+    check_shapes(&a, &b, &c)?;
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    let threads = gemm_threads();
+    if threads <= 1 || m.saturating_mul(n).saturating_mul(k) < MIN_PARALLEL_MACS {
+        return gemm_serial(alpha, a, b, beta, c);
+    }
+    // Split c along its outer dimension (the larger stride): those blocks are contiguous
+    // ranges of c's buffer, so they can be handed to threads as disjoint slices.
+    let rows_outer = c.row_stride >= c.col_stride;
+    let (outer, stride) = if rows_outer {
+        (m, c.row_stride)
+    } else {
+        (n, c.col_stride)
+    };
+    // Blocks of whole 8-row/column micro-tiles (the kernel's tile), at least 64 per thread.
+    let per = outer.div_ceil(threads).div_ceil(8) * 8;
+    if per < 64 || per >= outer {
+        return gemm_serial(alpha, a, b, beta, c);
+    }
+    let MatMut {
+        data,
+        offset,
+        rows,
+        cols,
+        row_stride,
+        col_stride,
+    } = c;
+    let mut rest = &mut data[offset..];
+    let mut parts = Vec::new();
+    let mut start = 0;
+    while start < outer {
+        let len = per.min(outer - start);
+        let take = if start + len < outer {
+            len * stride
+        } else {
+            rest.len()
+        };
+        let (head, tail) = std::mem::take(&mut rest).split_at_mut(take);
+        rest = tail;
+        let (sub_a, sub_b, sub_c) = if rows_outer {
+            let sa = MatRef::new(
+                a.data,
+                a.offset + start * a.row_stride,
+                len,
+                a.cols,
+                a.row_stride,
+                a.col_stride,
+            )?;
+            let sc = MatMut::new(head, 0, len, cols, row_stride, col_stride)?;
+            (sa, b, sc)
+        } else {
+            let sb = MatRef::new(
+                b.data,
+                b.offset + start * b.col_stride,
+                b.rows,
+                len,
+                b.row_stride,
+                b.col_stride,
+            )?;
+            let sc = MatMut::new(head, 0, rows, len, row_stride, col_stride)?;
+            (a, sb, sc)
+        };
+        parts.push((sub_a, sub_b, sub_c));
+        start += len;
+    }
+    std::thread::scope(|s| {
+        let mut parts = parts.into_iter();
+        let first = parts.next();
+        let handles: Vec<_> = parts
+            .map(|(pa, pb, pc)| s.spawn(move || gemm_serial(alpha, pa, pb, beta, pc)))
+            .collect();
+        let mut result = match first {
+            Some((pa, pb, pc)) => gemm_serial(alpha, pa, pb, beta, pc),
+            None => Ok(()),
+        };
+        for h in handles {
+            let r = h.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
+            result = result.and(r);
+        }
+        result
+    })
+}
+
+fn check_shapes(a: &MatRef<'_>, b: &MatRef<'_>, c: &MatMut<'_>) -> OpResult<()> {
     if a.cols != b.rows || a.rows != c.rows || b.cols != c.cols {
         return Err(OpError::shape(
             "gemm",
@@ -171,6 +278,18 @@ pub fn gemm(alpha: f32, a: MatRef<'_>, b: MatRef<'_>, beta: f32, c: MatMut<'_>) 
             format!("b {}x{}, c {}x{}", b.rows, b.cols, c.rows, c.cols),
         ));
     }
+    Ok(())
+}
+
+/// [`gemm`] on the calling thread only (for callers that split work over threads themselves).
+pub(crate) fn gemm_serial(
+    alpha: f32,
+    a: MatRef<'_>,
+    b: MatRef<'_>,
+    beta: f32,
+    c: MatMut<'_>,
+) -> OpResult<()> {
+    check_shapes(&a, &b, &c)?;
     let (m, k, n) = (a.rows, a.cols, b.cols);
     if m == 0 || n == 0 {
         return Ok(());
@@ -241,5 +360,47 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("b 2x3"), "{err}");
+    }
+
+    #[test]
+    fn threaded_split_matches_serial_bits() {
+        // Row-major c (split by rows) and column-major c (split by columns), odd sizes.
+        let (m, k, n) = (203, 67, 181);
+        let a: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+            .collect();
+        let b: Vec<f32> = (0..k * n)
+            .map(|i| ((i * 53 % 97) as f32 - 48.0) / 5.0)
+            .collect();
+        let (ar, br) = (
+            MatRef::row_major(&a, m, k).unwrap(),
+            MatRef::row_major(&b, k, n).unwrap(),
+        );
+        assert!(m * n * k >= MIN_PARALLEL_MACS);
+        for col_major in [false, true] {
+            let (rs, cs) = if col_major { (1, m) } else { (n, 1) };
+            let mut serial = vec![1.5f32; m * n];
+            let mut threaded = serial.clone();
+            gemm_serial(
+                0.5,
+                ar,
+                br,
+                1.0,
+                MatMut::new(&mut serial, 0, m, n, rs, cs).unwrap(),
+            )
+            .unwrap();
+            gemm(
+                0.5,
+                ar,
+                br,
+                1.0,
+                MatMut::new(&mut threaded, 0, m, n, rs, cs).unwrap(),
+            )
+            .unwrap();
+            assert_eq!(serial, threaded, "col_major {col_major}");
+            let i = 17 * rs + 9 * cs;
+            let want: f32 = 0.5 * (0..k).map(|j| a[17 * k + j] * b[j * n + 9]).sum::<f32>() + 1.5;
+            assert!((serial[i] - want).abs() < 1e-2 * want.abs().max(1.0));
+        }
     }
 }
