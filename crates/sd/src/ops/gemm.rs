@@ -184,6 +184,8 @@ pub fn gemm(alpha: f32, a: MatRef<'_>, b: MatRef<'_>, beta: f32, c: MatMut<'_>) 
         }
         return Ok(());
     }
+    // Fixes the thread count (and MATMUL_NUM_THREADS, read at matrixmultiply's first GEMM).
+    super::parallel::num_threads();
     // Strides fit isize: check_bounds bounded every reachable index by isize::MAX.
     let s = |x: usize| x as isize;
     // SAFETY: the constructors checked that every element (offset + i*rs + j*cs for i < rows,
