@@ -1,7 +1,8 @@
 //! Point-wise activations, in f32 with branch-free polynomial `exp` and `erfc` (no libm calls) so
 //! that the loops over a tensor vectorise. Each is within a few ulp of the exact value over the
-//! whole f32 range (tested against f64 below), including the small negative tails of GELU and
-//! SiLU, which are computed from `exp(-x)` and `erfc` directly rather than by cancellation.
+//! whole f32 range (tested against f64 below: SiLU 3, sigmoid 2, GELU 5, tanh-GELU 3, quick GELU
+//! 3 ulp; results under 1e-30 in magnitude to within 1e-34), including the small negative tails
+//! of GELU, computed from `erfc` directly rather than by cancellation in `1 + erf`.
 
 use super::parallel::{map, map_inplace};
 use crate::tensor::Tensor;
