@@ -2,7 +2,8 @@
 //!
 //! `cargo bench -p ferry-sd --bench sd_ops`. Throughput is reported in elements/s where one
 //! "element" is one floating-point operation (multiply-adds count 2), so Gelem/s reads as GFLOP/s.
-//! `MATMUL_NUM_THREADS` sets the GEMM and conv2d thread count (default: available parallelism).
+//! `FERRY_THREADS=N` sets the thread count of all ops through `ops::set_threads` (default: all
+//! cores), like txt2img's `--threads`; `MATMUL_NUM_THREADS`, if set, still sets the GEMM's.
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use ferry_sd::ops::{self, Conv2dParams};
@@ -21,6 +22,8 @@ fn filled(shape: &[usize], seed: u32) -> Tensor {
 }
 
 fn bench_ops(c: &mut Criterion) {
+    let threads = std::env::var("FERRY_THREADS").map_or(0, |v| v.parse().expect("FERRY_THREADS"));
+    ops::set_threads(threads).expect("set_threads before the first op");
     let mut g = c.benchmark_group("sd15");
     g.sample_size(10);
 
@@ -129,6 +132,26 @@ fn bench_ops(c: &mut Criterion) {
     g.throughput(Throughput::Elements(x.numel() as u64));
     g.bench_function("group_norm_silu_320_64x64_b2", |bn| {
         bn.iter(|| ops::group_norm(black_box(&x), 32, Some(&b), Some(&b), 1e-5, true).unwrap())
+    });
+
+    // LayerNorm before a transformer block at 64x64: [2, 4096, 320] rows of 320.
+    let s = filled(&[2, 4096, 320], 9);
+    g.throughput(Throughput::Elements(s.numel() as u64));
+    g.bench_function("layer_norm_4096x320_b2", |bn| {
+        bn.iter(|| ops::layer_norm(black_box(&s), Some(&b), Some(&b), 1e-5).unwrap())
+    });
+
+    // GEGLU's gate at 64x64 (the feed-forward's 2 x 1280 projection): erf-GELU per element.
+    let h = filled(&[2, 4096, 2560], 10);
+    g.throughput(Throughput::Elements(h.numel() as u64 / 2));
+    g.bench_function("geglu_gate_4096x1280_b2", |bn| {
+        bn.iter(|| ops::geglu_gate(black_box(&h)).unwrap())
+    });
+
+    // A residual add on the ResNet activation.
+    g.throughput(Throughput::Elements(x.numel() as u64));
+    g.bench_function("add_320_64x64_b2", |bn| {
+        bn.iter(|| ops::add(black_box(&x), &x).unwrap())
     });
     g.finish();
 }

@@ -76,6 +76,10 @@ pub struct Args {
     /// Print the padded token ids as JSON and exit.
     #[arg(long)]
     pub print_tokens: bool,
+    /// CPU threads for the ops, GEMMs included (0 or omitted: all cores). Results do not depend
+    /// on it. MATMUL_NUM_THREADS, if set, still sets the GEMMs' count.
+    #[arg(long, default_value_t = 0, value_parser = parse_threads)]
+    pub threads: usize,
     /// On error, print each cause on its own line (by default: one line).
     #[arg(short, long)]
     pub verbose: bool,
@@ -185,6 +189,21 @@ pub fn parse_batch(s: &str) -> Result<usize, String> {
     parse_count(s, MAX_BATCH)
 }
 
+/// The most `--threads` accepted.
+pub const MAX_THREADS: usize = 4096;
+
+/// Parses `--threads`: 0 (all cores) up to [`MAX_THREADS`].
+pub fn parse_threads(s: &str) -> Result<usize, String> {
+    let v: usize = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a whole number of threads"))?;
+    if v > MAX_THREADS {
+        return Err(format!("must be at most {MAX_THREADS}, got {v}"));
+    }
+    Ok(v)
+}
+
 /// Parses `--width` / `--height`: a positive multiple of 8 up to [`MAX_DIM`].
 pub fn parse_dim(s: &str) -> Result<usize, String> {
     let v: usize = s
@@ -269,6 +288,19 @@ pub fn check_dim(name: &str, v: usize) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn threads_parse() {
+        assert_eq!(parse_threads("0").unwrap(), 0);
+        assert_eq!(parse_threads(" 2 ").unwrap(), 2);
+        assert!(parse_threads("-1").is_err());
+        assert!(parse_threads("two").unwrap_err().contains("whole number"));
+        assert!(parse_threads("5000").unwrap_err().contains("at most"));
+        let a = Args::try_parse_from(["txt2img", "--model", "m", "--threads", "1"]).unwrap();
+        assert_eq!(a.threads, 1);
+        let a = Args::try_parse_from(["txt2img", "--model", "m"]).unwrap();
+        assert_eq!(a.threads, 0);
+    }
 
     #[test]
     fn sizes_parse_with_units() {

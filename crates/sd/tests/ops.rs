@@ -426,7 +426,8 @@ fn shape_mismatches_are_errors() {
     }
 }
 
-/// Bits of a conv + attention big enough for the GEMM to use several threads.
+/// Bits of a conv + attention big enough for the GEMM to use several threads, and of the
+/// element-wise, norm and resampling ops on tensors big enough to be split over threads.
 fn threaded_workload_digest() -> u64 {
     let mk = |shape: &[usize], seed: u64| {
         let n: usize = shape.iter().product();
@@ -439,27 +440,59 @@ fn threaded_workload_digest() -> u64 {
     let w = mk(&[96, 64, 3, 3], 2);
     let y = ops::conv2d(&x, &w, None, Conv2dParams::new(1, 1)).unwrap();
     let q = y
+        .clone()
         .reshape([2, 96, 1024])
         .unwrap()
         .permute(&[0, 2, 1])
         .unwrap();
     let a = ops::scaled_dot_product_attention(&q, &q, &q, 4).unwrap();
+    let (g, b) = (mk(&[96], 3), mk(&[96], 4));
+    let mut outs = vec![
+        a,
+        ops::group_norm(&y, 8, Some(&g), Some(&b), 1e-5, true).unwrap(),
+        ops::group_norm(&y, 8, None, None, 1e-5, false).unwrap(),
+        ops::layer_norm(&q, Some(&g), Some(&b), 1e-5).unwrap(),
+        ops::gelu(&y),
+        ops::gelu_tanh(&y),
+        ops::quick_gelu(&y),
+        ops::silu(&y),
+        ops::sigmoid(&y),
+        ops::geglu_gate(&q).unwrap(),
+        ops::add(&y, &y).unwrap(),
+        ops::mul(&y, &y).unwrap(),
+        ops::scale(&y, 0.3),
+        ops::add_channel_bias(&y, &mk(&[2, 96], 5)).unwrap(),
+        ops::upsample_nearest2x(&y).unwrap(),
+        ops::resize_nearest(&y, 45, 50).unwrap(),
+        ops::mean_dim(&q, 1).unwrap(),
+        ops::cat_channels(&[&y, &y]).unwrap(),
+    ];
+    let mut acc = y.clone();
+    ops::add_assign(&mut acc, &outs[1]).unwrap();
+    outs.push(acc);
     // FNV-1a over the raw bits.
-    a.data().iter().fold(0xcbf2_9ce4_8422_2325u64, |h, v| {
-        (h ^ v.to_bits() as u64).wrapping_mul(0x100_0000_01b3)
-    })
+    outs.iter()
+        .flat_map(|t| t.data())
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, v| {
+            (h ^ v.to_bits() as u64).wrapping_mul(0x100_0000_01b3)
+        })
 }
 
 /// Run by `results_do_not_depend_on_thread_count` in child processes.
 #[test]
 #[ignore = "helper: run as a child process with MATMUL_NUM_THREADS set"]
 fn print_threaded_workload_digest() {
+    if let Ok(n) = std::env::var("FERRY_TEST_THREADS") {
+        ops::set_threads(n.parse().unwrap()).unwrap();
+        assert_eq!(ops::num_threads(), n.parse::<usize>().unwrap());
+    }
     println!("DIGEST {:016x}", threaded_workload_digest());
 }
 
 #[test]
 fn results_do_not_depend_on_thread_count() {
-    // matrixmultiply reads MATMUL_NUM_THREADS once per process, so compare child processes.
+    // The thread count is fixed once per process (matrixmultiply reads MATMUL_NUM_THREADS once),
+    // so compare child processes; each sets the ops' and the GEMM's count.
     let exe = std::env::current_exe().unwrap();
     let digest = |threads: &str| {
         let out = std::process::Command::new(&exe)
@@ -470,6 +503,7 @@ fn results_do_not_depend_on_thread_count() {
                 "--nocapture",
             ])
             .env("MATMUL_NUM_THREADS", threads)
+            .env("FERRY_TEST_THREADS", threads)
             .output()
             .expect("run test binary");
         let text = String::from_utf8_lossy(&out.stdout);
@@ -480,5 +514,17 @@ fn results_do_not_depend_on_thread_count() {
     let one = digest("1");
     assert_eq!(one, digest("2"), "1 vs 2 GEMM threads");
     assert_eq!(one, digest("4"), "1 vs 4 GEMM threads");
+    assert_eq!(one, digest("3"), "1 vs 3 threads");
     assert_eq!(one, format!("{:016x}", threaded_workload_digest()));
+}
+
+#[test]
+fn set_threads_after_the_first_op_is_refused() {
+    let n = ops::num_threads();
+    assert!(n >= 1);
+    assert_eq!(ops::set_threads(n), Ok(()));
+    let err = ops::set_threads(n + 1).unwrap_err();
+    assert_eq!((err.current, err.requested), (n, n + 1));
+    assert!(err.to_string().contains("before the first op"), "{err}");
+    assert_eq!(ops::num_threads(), n);
 }

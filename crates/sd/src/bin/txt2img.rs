@@ -24,6 +24,10 @@ fn main() -> ExitCode {
         Ok(a) => a,
         Err(e) => return clap_exit(e),
     };
+    // Before anything runs an op (and before any thread is spawned: it may set an env var).
+    if let Err(e) = ferry_sd::ops::set_threads(args.threads) {
+        eprintln!("txt2img: warning: {e}");
+    }
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

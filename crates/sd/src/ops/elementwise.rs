@@ -1,5 +1,6 @@
 //! Element-wise arithmetic, broadcasts SD needs, channel concat and means.
 
+use super::parallel::{for_each_row, map, zip_inplace, zip_map};
 use crate::tensor::{OpError, OpResult, Tensor};
 
 fn same_shape(op: &'static str, a: &Tensor, b: &Tensor) -> OpResult<()> {
@@ -16,32 +17,26 @@ fn same_shape(op: &'static str, a: &Tensor, b: &Tensor) -> OpResult<()> {
 
 /// `a + b` for equal shapes (residual connections).
 pub fn add(a: &Tensor, b: &Tensor) -> OpResult<Tensor> {
-    let mut out = a.clone();
-    add_assign(&mut out, b)?;
-    Ok(out)
+    same_shape("add", a, b)?;
+    Tensor::new(a.shape(), zip_map(a.data(), b.data(), |x, y| x + y))
 }
 
 /// `a += b` for equal shapes.
 pub fn add_assign(a: &mut Tensor, b: &Tensor) -> OpResult<()> {
     same_shape("add", a, b)?;
-    for (x, y) in a.data_mut().iter_mut().zip(b.data()) {
-        *x += y;
-    }
+    zip_inplace(a.data_mut(), b.data(), |x, y| x + y);
     Ok(())
 }
 
 /// `a * b` for equal shapes.
 pub fn mul(a: &Tensor, b: &Tensor) -> OpResult<Tensor> {
     same_shape("mul", a, b)?;
-    let data = a.data().iter().zip(b.data()).map(|(x, y)| x * y).collect();
-    Tensor::new(a.shape(), data)
+    Tensor::new(a.shape(), zip_map(a.data(), b.data(), |x, y| x * y))
 }
 
 /// `x * s`.
 pub fn scale(x: &Tensor, s: f32) -> Tensor {
-    let mut out = x.clone();
-    out.data_mut().iter_mut().for_each(|v| *v *= s);
-    out
+    Tensor::new(x.shape(), map(x.data(), |v| v * s)).expect("same shape and length")
 }
 
 /// `x + b[:, :, None, None]`: adds `b [n, c]` (e.g. a ResNet block's time embedding) or `b [c]`
@@ -63,13 +58,17 @@ pub fn add_channel_bias(x: &Tensor, b: &Tensor) -> OpResult<Tensor> {
         [bc] if *bc == c => false,
         _ => return Err(err()),
     };
-    let spatial: usize = x.shape()[2..].iter().product();
-    let mut out = x.clone();
-    for (i, plane) in out.data_mut().chunks_mut(spatial.max(1)).enumerate() {
+    let spatial: usize = x.shape()[2..].iter().product::<usize>().max(1);
+    let src = x.data();
+    let mut out = vec![0.0f32; x.numel()];
+    // Rows are (sample, channel) planes; a small plane still splits (rows are independent).
+    for_each_row(&mut out, spatial, |i, plane| {
         let bv = b.data()[if per_sample { i } else { i % c }];
-        plane.iter_mut().for_each(|v| *v += bv);
-    }
-    Ok(out)
+        for (o, &v) in plane.iter_mut().zip(&src[i * spatial..]) {
+            *o = v + bv;
+        }
+    });
+    Tensor::new(x.shape(), out)
 }
 
 /// `torch.cat(tensors, dim=1)`: UNet skip connections on NCHW tensors.
@@ -89,14 +88,23 @@ pub fn mean_dim(x: &Tensor, dim: usize) -> OpResult<Tensor> {
     }
     let outer: usize = x.shape()[..dim].iter().product();
     let inner: usize = x.shape()[dim + 1..].iter().product();
-    let mut out = Vec::with_capacity(outer * inner);
-    for o in 0..outer {
-        let block = &x.data()[o * size * inner..(o + 1) * size * inner];
-        out.extend((0..inner).map(|i| {
-            let s: f64 = (0..size).map(|k| block[k * inner + i] as f64).sum();
-            (s / size as f64) as f32
-        }));
-    }
+    let mut out = vec![0.0f32; outer * inner];
+    let src = x.data();
+    // Each output sums its `size` inputs in order (k = 0, 1, ...) in f64; an f64 row of
+    // partial sums keeps the inner loop contiguous (and vectorisable) without reordering.
+    let inner_rows = inner.max(1);
+    for_each_row(&mut out, inner_rows, |o, dst| {
+        let block = &src[o * size * inner..(o + 1) * size * inner];
+        let mut acc = vec![0.0f64; dst.len()];
+        for row in block.chunks_exact(inner_rows) {
+            for (a, &v) in acc.iter_mut().zip(row) {
+                *a += v as f64;
+            }
+        }
+        for (d, a) in dst.iter_mut().zip(&acc) {
+            *d = (a / size as f64) as f32;
+        }
+    });
     let mut shape = x.shape().to_vec();
     shape.remove(dim);
     Tensor::new(shape, out)

@@ -1,6 +1,6 @@
 //! diffusers' GEGLU feed-forward input: project, split in two, gate one half with GELU.
 
-use super::activation::Activation;
+use super::activation::gelu_gate_into;
 use super::linear::linear;
 use super::parallel::for_each_row;
 use crate::tensor::{OpError, OpResult, Tensor};
@@ -20,9 +20,7 @@ pub fn geglu_gate(h: &Tensor) -> OpResult<Tensor> {
     // erf per element is the cost here: split rows over threads.
     for_each_row(&mut out, f, |i, dst| {
         let (hidden, gate) = h.data()[i * two_f..(i + 1) * two_f].split_at(f);
-        for ((o, &x), &g) in dst.iter_mut().zip(hidden).zip(gate) {
-            *o = x * Activation::Gelu.apply(g);
-        }
+        gelu_gate_into(dst, hidden, gate);
     });
     let mut shape = h.shape().to_vec();
     if let Some(last) = shape.last_mut() {

@@ -303,6 +303,8 @@ pub(crate) fn gemm_serial(
         }
         return Ok(());
     }
+    // Fixes the thread count (and MATMUL_NUM_THREADS, read at matrixmultiply's first GEMM).
+    super::parallel::num_threads();
     // Strides fit isize: check_bounds bounded every reachable index by isize::MAX.
     let s = |x: usize| x as isize;
     // SAFETY: the constructors checked that every element (offset + i*rs + j*cs for i < rows,

@@ -9,6 +9,9 @@
 //! only ever split independent outputs (rows of a GEMM, rows of a softmax, norm groups); every
 //! reduction runs in a fixed sequential order. Results can differ between CPUs with different SIMD
 //! features (the GEMM picks an AVX-512, AVX2+FMA or scalar kernel at run time).
+//!
+//! Threads: [`set_threads`] (before the first op) sets how many the ops, GEMM included, use;
+//! the default is all cores.
 
 pub mod activation;
 pub mod attention;
@@ -36,6 +39,7 @@ pub use gemm::{gemm, MatMut, MatRef};
 pub use linear::linear;
 pub use matmul::matmul;
 pub use norm::{group_norm, layer_norm};
+pub use parallel::{num_threads, set_threads, ThreadsAlreadySet};
 pub use resize::resize_nearest;
 pub use softmax::{softmax_last_dim, softmax_rows_inplace};
 pub use upsample::upsample_nearest2x;

@@ -1,5 +1,6 @@
 //! Nearest-neighbour resize to any size (diffusers `Upsample2D` with `output_size`).
 
+use super::parallel::for_each_row;
 use crate::tensor::{OpError, OpResult, Tensor};
 
 /// PyTorch's source-index scale of `mode="nearest"` for a dimension resized from `input` to
@@ -34,12 +35,16 @@ pub fn resize_nearest(x: &Tensor, h: usize, w: usize) -> OpResult<Tensor> {
         (0..o).map(|d| nearest_source_index(d, scale, i)).collect()
     };
     let (rows, cols) = (src(h, ih), src(w, iw));
-    let mut out = Vec::with_capacity(n * c * h * w);
-    for p in x.data().chunks_exact(ih * iw) {
-        for &r in &rows {
-            let row = &p[r * iw..(r + 1) * iw];
-            out.extend(cols.iter().map(|&c| row[c]));
+    let mut out = vec![0.0f32; n * c * h * w];
+    let src = x.data();
+    for_each_row(&mut out, h * w, |p, plane| {
+        let input = &src[p * ih * iw..(p + 1) * ih * iw];
+        for (dst, &r) in plane.chunks_exact_mut(w).zip(&rows) {
+            let row = &input[r * iw..(r + 1) * iw];
+            for (d, &c) in dst.iter_mut().zip(&cols) {
+                *d = row[c];
+            }
         }
-    }
+    });
     Tensor::new([n, c, h, w], out)
 }
