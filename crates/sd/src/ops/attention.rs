@@ -288,6 +288,7 @@ fn attend_block(
 /// rescales the running sums and the output accumulator `acc` (`[rows, dv]`) from the old
 /// maximum to the new one. Scores of `-inf` get weight exactly 0; a query with no finite score
 /// yet keeps sum 0.
+#[multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
 fn online_softmax_block(
     s: &mut [f32],
     rows: usize,
