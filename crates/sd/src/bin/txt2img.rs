@@ -279,6 +279,9 @@ fn run(args: &Args) -> Result<(), BoxError> {
             host_budget: args.host_budget,
         },
     )?;
+    for note in pipe.notes() {
+        eprintln!("txt2img: {note}");
+    }
     let params = GenerateParams {
         prompt: args.prompt.clone(),
         negative_prompt: args.negative_prompt.clone(),
