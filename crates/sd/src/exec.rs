@@ -351,38 +351,51 @@ impl Executor {
         for r in ranges {
             spec = spec.reads(*r);
         }
-        let out: Arc<Mutex<Vec<Vec<u8>>>> = Arc::new(Mutex::new(Vec::new()));
+        if ranges.len() != info.tensors.len() {
+            return Err(Error::InvalidArgument(format!(
+                "group '{}': {} device ranges for {} tensors",
+                info.name,
+                ranges.len(),
+                info.tensors.len()
+            )));
+        }
+        // Each weight is decoded straight from device memory into its f32 tensor (one pass, no
+        // intermediate byte copy).
+        let mut jobs = Vec::with_capacity(ranges.len());
+        for (t, r) in info.tensors.iter().map(|(_, t)| t).zip(ranges) {
+            jobs.push((*r, tensor_dtype(t.dtype, &t.name)?, t.shape.clone()));
+        }
+        type Decoded = Vec<crate::tensor::OpResult<Tensor>>;
+        let out: Arc<Mutex<Decoded>> = Arc::new(Mutex::new(Vec::new()));
         let sink = out.clone();
-        let rs = ranges.to_vec();
         let stream = self.sched.compute_stream();
         self.dev.launch(stream, spec, move |mem| {
-            let mut bytes = Vec::with_capacity(rs.len());
-            for r in rs {
-                bytes.push(mem.read(r)?);
+            let mut tensors = Vec::with_capacity(jobs.len());
+            for (r, dt, shape) in jobs {
+                tensors.push(Tensor::from_bytes(mem.bytes(r)?, dt, shape));
             }
             if let Ok(mut s) = sink.lock() {
-                *s = bytes;
+                *s = tensors;
             }
             Ok(())
         })?;
         self.dev.sync_stream(stream)?;
-        let bytes = std::mem::take(
+        let tensors = std::mem::take(
             &mut *out
                 .lock()
                 .map_err(|_| Error::InvalidArgument("weight reader poisoned".into()))?,
         );
-        if bytes.len() != info.tensors.len() {
+        if tensors.len() != info.tensors.len() {
             return Err(Error::InvalidArgument(format!(
                 "group '{}': read {} tensors, expected {}",
                 info.name,
-                bytes.len(),
+                tensors.len(),
                 info.tensors.len()
             )));
         }
-        let mut map = HashMap::with_capacity(bytes.len());
-        for ((key, t), b) in info.tensors.iter().zip(bytes) {
-            let dt = tensor_dtype(t.dtype, &t.name)?;
-            map.insert(key.clone(), Tensor::from_bytes(&b, dt, t.shape.clone())?);
+        let mut map = HashMap::with_capacity(tensors.len());
+        for ((key, _), t) in info.tensors.iter().zip(tensors) {
+            map.insert(key.clone(), t?);
         }
         Ok(map)
     }

@@ -157,21 +157,10 @@ impl Tensor {
                 format!("{} bytes", bytes.len()),
             ));
         }
-        let data: Vec<f32> = match dtype {
-            DType::F32 => bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            DType::F16 => bytes
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            DType::BF16 => bytes
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-        };
-        Ok(Tensor { shape, data })
+        Ok(Tensor {
+            shape,
+            data: decode(bytes, dtype),
+        })
     }
 
     /// The dimensions.
@@ -432,6 +421,37 @@ impl Tensor {
     }
 }
 
+/// Little-endian `bytes` of `dtype` as f32 values, in one pass. Aligned input (the usual case:
+/// weights in device or mapped memory) goes through `half`'s slice conversion, which uses the
+/// CPU's F16C instructions where present; the conversion is exact either way.
+fn decode(bytes: &[u8], dtype: DType) -> Vec<f32> {
+    use half::slice::HalfFloatSliceExt;
+    let le = cfg!(target_endian = "little");
+    match dtype {
+        DType::F32 => match bytemuck::try_cast_slice::<u8, f32>(bytes) {
+            Ok(v) if le => v.to_vec(),
+            _ => bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        },
+        DType::F16 => match bytemuck::try_cast_slice::<u8, half::f16>(bytes) {
+            Ok(v) if le => v.to_f32_vec(),
+            _ => bytes
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+        },
+        DType::BF16 => match bytemuck::try_cast_slice::<u8, half::bf16>(bytes) {
+            Ok(v) if le => v.to_f32_vec(),
+            _ => bytes
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+        },
+    }
+}
+
 /// The larger of `a` and `b`, NaN when either is NaN (`f32::max` would drop the NaN).
 fn nan_max(a: f32, b: f32) -> f32 {
     if a.is_nan() || b.is_nan() {
@@ -503,6 +523,48 @@ mod tests {
         assert!(err.to_string().contains("8 bytes"), "{err}");
         let t = Tensor::from_bytes(&1.5f32.to_le_bytes(), DType::F32, [1]).unwrap();
         assert_eq!(t.data(), &[1.5]);
+    }
+
+    #[test]
+    fn decode_aligned_and_unaligned_agree_exactly() {
+        // Every f16 / bf16 bit pattern, decoded from an aligned and a misaligned buffer, must give
+        // the scalar conversion's bits (NaN payloads included).
+        let all: Vec<u8> = (0..=u16::MAX).flat_map(|b| b.to_le_bytes()).collect();
+        let mut shifted = vec![0u8; all.len() + 1];
+        shifted[1..].copy_from_slice(&all);
+        for dt in [DType::F16, DType::BF16] {
+            let a = Tensor::from_bytes(&all, dt, [1 << 16]).unwrap();
+            let u = Tensor::from_bytes(&shifted[1..], dt, [1 << 16]).unwrap();
+            for (i, (x, y)) in a.data().iter().zip(u.data()).enumerate() {
+                let bits = (i as u16).to_le_bytes();
+                let want = match dt {
+                    DType::F16 => half::f16::from_le_bytes(bits).to_f32(),
+                    _ => half::bf16::from_le_bytes(bits).to_f32(),
+                };
+                assert_eq!(
+                    x.to_bits(),
+                    want.to_bits(),
+                    "{dt:?} aligned, pattern {i:#06x}"
+                );
+                assert_eq!(
+                    y.to_bits(),
+                    want.to_bits(),
+                    "{dt:?} unaligned, pattern {i:#06x}"
+                );
+            }
+        }
+        let f: Vec<u8> = [1.5f32, -0.0, f32::INFINITY]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let mut g = vec![0u8; f.len() + 1];
+        g[1..].copy_from_slice(&f);
+        for b in [&f[..], &g[1..]] {
+            let t = Tensor::from_bytes(b, DType::F32, [3]).unwrap();
+            assert_eq!(t.data()[0], 1.5);
+            assert!(t.data()[1] == 0.0 && t.data()[1].is_sign_negative());
+            assert_eq!(t.data()[2], f32::INFINITY);
+        }
     }
 
     #[test]
