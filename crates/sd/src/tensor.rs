@@ -139,6 +139,17 @@ impl Tensor {
         dtype: DType,
         shape: impl Into<Vec<usize>>,
     ) -> OpResult<Tensor> {
+        Tensor::from_bytes_in(bytes, dtype, shape, Vec::new())
+    }
+
+    /// [`Tensor::from_bytes`] into `buf`'s allocation when it is large enough (its contents are
+    /// overwritten), else into a fresh one.
+    pub fn from_bytes_in(
+        bytes: &[u8],
+        dtype: DType,
+        shape: impl Into<Vec<usize>>,
+        buf: Vec<f32>,
+    ) -> OpResult<Tensor> {
         let shape = shape.into();
         let n = numel_of(&shape).ok_or_else(|| {
             OpError::invalid("Tensor::from_bytes", format!("shape {shape:?} overflows"))
@@ -159,7 +170,7 @@ impl Tensor {
         }
         Ok(Tensor {
             shape,
-            data: decode(bytes, dtype),
+            data: decode(bytes, dtype, buf),
         })
     }
 
@@ -421,35 +432,52 @@ impl Tensor {
     }
 }
 
-/// Little-endian `bytes` of `dtype` as f32 values, in one pass. Aligned input (the usual case:
-/// weights in device or mapped memory) goes through `half`'s slice conversion, which uses the
-/// CPU's F16C instructions where present; the conversion is exact either way.
-fn decode(bytes: &[u8], dtype: DType) -> Vec<f32> {
+/// Little-endian `bytes` of `dtype` as f32 values, in one pass, in `buf` when it has the
+/// capacity (reusing warm memory saves the page faults of a fresh allocation). Aligned input (the
+/// usual case: weights in device or mapped memory) goes through `half`'s slice conversion, which
+/// uses the CPU's F16C instructions where present; the conversion is exact either way.
+fn decode(bytes: &[u8], dtype: DType, mut buf: Vec<f32>) -> Vec<f32> {
     use half::slice::HalfFloatSliceExt;
+    let n = bytes.len() / dtype.size();
+    let reuse = buf.capacity() >= n;
+    buf.clear();
     let le = cfg!(target_endian = "little");
     match dtype {
         DType::F32 => match bytemuck::try_cast_slice::<u8, f32>(bytes) {
-            Ok(v) if le => v.to_vec(),
-            _ => bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
+            Ok(v) if le && reuse => buf.extend_from_slice(v),
+            Ok(v) if le => return v.to_vec(),
+            _ => buf.extend(
+                bytes
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            ),
         },
         DType::F16 => match bytemuck::try_cast_slice::<u8, half::f16>(bytes) {
-            Ok(v) if le => v.to_f32_vec(),
-            _ => bytes
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
+            Ok(v) if le && reuse => {
+                buf.resize(n, 0.0);
+                v.convert_to_f32_slice(&mut buf);
+            }
+            Ok(v) if le => return v.to_f32_vec(),
+            _ => buf.extend(
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()),
+            ),
         },
         DType::BF16 => match bytemuck::try_cast_slice::<u8, half::bf16>(bytes) {
-            Ok(v) if le => v.to_f32_vec(),
-            _ => bytes
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
+            Ok(v) if le && reuse => {
+                buf.resize(n, 0.0);
+                v.convert_to_f32_slice(&mut buf);
+            }
+            Ok(v) if le => return v.to_f32_vec(),
+            _ => buf.extend(
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()),
+            ),
         },
     }
+    buf
 }
 
 /// The larger of `a` and `b`, NaN when either is NaN (`f32::max` would drop the NaN).
@@ -535,6 +563,18 @@ mod tests {
         for dt in [DType::F16, DType::BF16] {
             let a = Tensor::from_bytes(&all, dt, [1 << 16]).unwrap();
             let u = Tensor::from_bytes(&shifted[1..], dt, [1 << 16]).unwrap();
+            // Into a reused (dirty, larger) buffer: the same bits, the old contents gone.
+            let r = Tensor::from_bytes_in(&all, dt, [1 << 16], vec![7.0; (1 << 16) + 5]).unwrap();
+            assert_eq!(r.numel(), 1 << 16);
+            let ru = Tensor::from_bytes_in(&shifted[1..], dt, [1 << 16], vec![7.0; 1 << 17]);
+            let ru = ru.unwrap();
+            for (x, y) in [(&a, &r), (&a, &ru)] {
+                assert!(x
+                    .data()
+                    .iter()
+                    .zip(y.data())
+                    .all(|(p, q)| p.to_bits() == q.to_bits()));
+            }
             for (i, (x, y)) in a.data().iter().zip(u.data()).enumerate() {
                 let bits = (i as u16).to_le_bytes();
                 let want = match dt {
@@ -559,8 +599,9 @@ mod tests {
             .collect();
         let mut g = vec![0u8; f.len() + 1];
         g[1..].copy_from_slice(&f);
-        for b in [&f[..], &g[1..]] {
-            let t = Tensor::from_bytes(b, DType::F32, [3]).unwrap();
+        for (b, buf) in [(&f[..], vec![]), (&g[1..], vec![]), (&f[..], vec![9.0; 4])] {
+            let t = Tensor::from_bytes_in(b, DType::F32, [3], buf).unwrap();
+            assert_eq!(t.numel(), 3);
             assert_eq!(t.data()[0], 1.5);
             assert!(t.data()[1] == 0.0 && t.data()[1].is_sign_negative());
             assert_eq!(t.data()[2], f32::INFINITY);
