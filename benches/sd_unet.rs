@@ -2,14 +2,25 @@
 //! latents, 77-token context), with random fp16 weights generated on the fly and paged through
 //! the executor on the simulated device.
 //!
+//! The same weights (written as a diffusers folder in a temp dir) and inputs (`.npy`) then go to
+//! diffusers' `UNet2DConditionModel` in PyTorch fp32 with the same thread count, in a child process
+//! (`scripts/cpu-bench/torch_step.py`); the bench prints both step times, the ratio, both peak RSS
+//! and the largest difference between the two outputs.
+//!
 //! `cargo bench -p ferry-sd --bench sd_unet`. Environment: `FERRY_BENCH_STEPS` (timed steps per
-//! mode, default 2), `FERRY_BENCH_MODES` (comma-separated `none`, `sequential`; default both),
-//! `MATMUL_NUM_THREADS` (GEMM threads). Takes ~1.7 GB of host memory for the weights, plus as
-//! much again of simulated device memory in mode `none`.
+//! side and mode, default 2; the first is cold), `FERRY_BENCH_MODES` (comma-separated `none`,
+//! `sequential`; default `none`), `MATMUL_NUM_THREADS` (threads, both sides),
+//! `FERRY_BENCH_PYTHON` (default `python3`; PyTorch is skipped when torch/diffusers do not import),
+//! `FERRY_BENCH_TORCH=0` (skip PyTorch), `FERRY_BENCH_TMP` (where the 1.7 GB folder goes). Takes
+//! ~1.7 GB of host memory for the weights, plus as much again of simulated device memory in mode
+//! `none`; the PyTorch child peaks at ~4.3 GB.
 
+#[path = "sd_cpu_common.rs"]
+mod common;
+
+use common::{Rng, RssWindow};
 use ferry_pager::device::sim::{SimConfig, SimDevice};
 use ferry_pager::host::HostStore;
-use ferry_pager::weights::DType;
 use ferry_pager::Device;
 use ferry_sched::Mode;
 use ferry_sd::exec::{ExecConfig, Executor};
@@ -51,58 +62,6 @@ const SD15_UNET_CONFIG: &str = r#"{
   ]
 }"#;
 
-/// A small deterministic generator (splitmix64) for weights and inputs.
-struct Rng(u64);
-
-impl Rng {
-    /// Uniform in [-1, 1).
-    fn next(&mut self) -> f32 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        (z >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
-}
-
-fn tensor(shape: &[usize], rng: &mut Rng) -> Tensor {
-    let n = shape.iter().product();
-    Tensor::new(shape, (0..n).map(|_| rng.next()).collect()).expect("shape matches data")
-}
-
-/// Registers every weight the config implies as fp16: norm weights near 1, other weights
-/// uniform with std ~1/sqrt(fan_in) (PyTorch-like init keeps activations finite), biases small.
-fn register_weights(store: &HostStore, unet: &UNet2DConditionModel) -> u64 {
-    let mut rng = Rng(0x5D15);
-    let mut bytes = 0u64;
-    for (name, shape) in unet.weight_shapes() {
-        let n: usize = shape.iter().product();
-        let is_norm = name.contains("norm") && shape.len() == 1;
-        let fan_in: usize = shape[1..].iter().product::<usize>().max(1);
-        let scale = if shape.len() == 1 {
-            0.05
-        } else {
-            (3.0 / fan_in as f32).sqrt()
-        };
-        let mut data = Vec::with_capacity(n * 2);
-        for _ in 0..n {
-            let v = rng.next() * scale
-                + if is_norm && name.ends_with("weight") {
-                    1.0
-                } else {
-                    0.0
-                };
-            data.extend_from_slice(&half::f16::from_f32(v).to_le_bytes());
-        }
-        store
-            .register_bytes(&format!("unet.{name}"), DType::F16, &shape, &data)
-            .expect("register weight");
-        bytes += data.len() as u64;
-    }
-    bytes
-}
-
 fn main() {
     // `cargo bench` passes `--bench`; `cargo test --all-targets` runs this binary without it, and
     // a minute-long step does not belong in the test suite.
@@ -110,20 +69,24 @@ fn main() {
         println!("sd_unet: skipped (run it with `cargo bench -p ferry-sd --bench sd_unet`)");
         return;
     }
-    let steps: usize = std::env::var("FERRY_BENCH_STEPS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(2);
-    let modes = std::env::var("FERRY_BENCH_MODES").unwrap_or_else(|_| "none,sequential".into());
+    let steps = common::steps(2);
+    let threads = common::threads();
+    let modes = std::env::var("FERRY_BENCH_MODES").unwrap_or_else(|_| "none".into());
+    let with_torch = std::env::var("FERRY_BENCH_TORCH").map_or(true, |v| v != "0");
 
     let unet = UNet2DConditionModel::new(UNetConfig::from_json(SD15_UNET_CONFIG).expect("config"))
         .expect("model");
     let dev = SimDevice::new(SimConfig::default());
     let store = HostStore::new(dev.clone() as Arc<dyn Device>);
+    let tmp = common::temp_dir("ferry-sd-unet-bench");
+    let dir = with_torch.then(|| tmp.path());
+    if let Some(d) = dir {
+        std::fs::write(d.join("config.json"), SD15_UNET_CONFIG).expect("write config");
+    }
     let t0 = Instant::now();
-    let bytes = register_weights(&store, &unet);
+    let bytes = common::register_weights(&store, "unet", &unet.weight_shapes(), 0x5D15, dir);
     println!(
-        "sd15 unet: {} weights, {:.3} GB fp16, {} groups, generated in {:.1} s",
+        "sd15 unet: {} weights, {:.3} GB fp16, {} groups, generated in {:.1} s; {threads} threads",
         unet.weight_shapes().len(),
         bytes as f64 / 1e9,
         unet.group_prefixes().len(),
@@ -131,9 +94,16 @@ fn main() {
     );
 
     let mut rng = Rng(42);
-    let sample = tensor(&[2, 4, 64, 64], &mut rng);
-    let context = tensor(&[2, 77, 768], &mut rng);
+    let sample = common::tensor(&[2, 4, 64, 64], &mut rng);
+    let context = common::tensor(&[2, 77, 768], &mut rng);
+    let timestep = 500.0f32;
+    if let Some(d) = dir {
+        ferry_sd::npy::write_f32(&d.join("sample.npy"), &sample).expect("npy");
+        ferry_sd::npy::write_f32(&d.join("context.npy"), &context).expect("npy");
+        ferry_sd::npy::write_f32(&d.join("timestep.npy"), &Tensor::scalar(timestep)).expect("npy");
+    }
     let groups = [unet.groups()];
+    let mut results = Vec::new();
     for mode_name in modes.split(',') {
         let mode = match mode_name.trim() {
             "none" => Mode::None,
@@ -151,12 +121,14 @@ fn main() {
             reserve,
             ..ExecConfig::default()
         };
+        let rss = RssWindow::start();
         let exec = Executor::new(dev.clone(), &store, &groups, cfg).expect("executor");
-        let mut last = None;
+        let mut last: Option<Tensor> = None;
+        let mut times = Vec::new();
         for step in 0..steps {
             let t = Instant::now();
             let out = unet
-                .forward(&exec, &sample, &[500.0], &context, None)
+                .forward(&exec, &sample, &[timestep], &context, None)
                 .expect("forward");
             let secs = t.elapsed().as_secs_f64();
             assert!(
@@ -175,6 +147,29 @@ fn main() {
                 assert!(&out == prev, "step outputs differ");
             }
             last = Some(out);
+            times.push(secs);
+        }
+        drop(exec);
+        let (comparable, line) = rss.report(bytes);
+        println!("mode {mode_name}: {line}");
+        results.push((mode_name.trim().to_string(), times, comparable, last));
+    }
+
+    let torch = if with_torch {
+        println!("running PyTorch ({steps} steps, {threads} threads) ...");
+        common::run_torch("unet", tmp.path(), threads, steps)
+    } else {
+        Err("FERRY_BENCH_TORCH=0".into())
+    };
+    for (mode, times, rss, out) in &results {
+        if let Some(out) = out {
+            common::print_summary(
+                &format!("SD 1.5 UNet step, batch 2, 64x64, mode {mode}"),
+                times,
+                *rss,
+                out,
+                &torch,
+            );
         }
     }
 }

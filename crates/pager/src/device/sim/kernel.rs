@@ -52,6 +52,11 @@ pub struct SimMemory<'a> {
 impl SimMemory<'_> {
     /// The bytes of `r`, which must lie inside a declared read (or write) range.
     pub fn read(&self, r: DeviceRange) -> Result<Vec<u8>> {
+        Ok(self.bytes(r)?.to_vec())
+    }
+
+    /// The bytes of `r` in place (no copy), under the same rule as [`SimMemory::read`].
+    pub fn bytes(&self, r: DeviceRange) -> Result<&[u8]> {
         let declared = self.spec.reads.iter().chain(&self.spec.writes);
         if !declared.clone().any(|d| contains(d, &r)) {
             return Err(Error::OutOfBounds(format!(
@@ -59,7 +64,7 @@ impl SimMemory<'_> {
                 self.spec.name
             )));
         }
-        Ok(slice(self.allocs, r)?.to_vec())
+        slice(self.allocs, r)
     }
 
     /// The f32 values of `r` (little-endian), which must lie inside a declared range.
