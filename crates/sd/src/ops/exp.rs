@@ -11,14 +11,13 @@ const LN2_LO: f32 = -2.121_944_4e-4;
 /// Below this, exp underflows to subnormals; we return 0 (relative error irrelevant next to the
 /// row maximum's exp(0) = 1 in softmax).
 const MIN_X: f32 = -87.336_55;
-#[cfg(test)]
 const MAX_X: f32 = 88.376_26;
 /// 1.5 * 2^23: adding and subtracting it rounds to the nearest integer without a libm call.
 const ROUND_MAGIC: f32 = 12_582_912.0;
 
-/// `exp(x)` to within 2 ulp; 0 below -87.34 and +inf above 88.38; NaN stays NaN. The general
-/// form, kept as the reference for [`exp_nonpositive_f32`] (what softmax uses).
-#[cfg(test)]
+/// `exp(x)` to within 2 ulp; 0 below -87.34 and +inf above 88.38; NaN stays NaN (SiLU and
+/// sigmoid; softmax uses [`exp_nonpositive_f32`]).
+#[inline(always)]
 pub(crate) fn exp_f32(x: f32) -> f32 {
     let xc = x.clamp(MIN_X, MAX_X);
     let t = xc * LOG2E + ROUND_MAGIC;
