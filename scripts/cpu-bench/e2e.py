@@ -13,7 +13,7 @@
    one after the other, and prints the wall time and peak RSS of each, the ratios, and the largest
    pixel difference between the two images.
 
-Ferry's threads: MATMUL_NUM_THREADS=N is set for it; its element-wise ops use all cores.
+Ferry's threads: `txt2img --threads N` (and MATMUL_NUM_THREADS=N) for every op.
 """
 import argparse
 import json
@@ -179,7 +179,7 @@ def main():
             "--model", a.model_dir, "--device", "cpu",
             "--prompt", a.prompt, "--steps", str(a.steps), "--guidance", str(a.guidance),
             "--width", str(a.size), "--height", str(a.size), "--seed", str(a.seed),
-            "-o", ferry_png,
+            "--threads", str(a.threads), "-o", ferry_png,
         ],
         env=env,
     )
