@@ -67,26 +67,14 @@ impl Activation {
 /// below -87.34 (also for `hi = -inf`) and +inf above 88.38; otherwise NaN stays NaN.
 #[inline(always)]
 fn exp_hilo(hi: f32, lo: f32) -> f32 {
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    const MIN_X: f32 = -87.336_55;
-    const MAX_X: f32 = 88.376_26;
-    const ROUND_MAGIC: f32 = 12_582_912.0;
+    use super::exp::{exp_reduced, LN2_HI, LN2_LO, MAX_X, MIN_X, ROUND_MAGIC};
     let x = hi + lo;
     let xc = x.clamp(MIN_X, MAX_X);
     let t = xc * std::f32::consts::LOG2_E + ROUND_MAGIC;
     let n = t - ROUND_MAGIC;
     // hi - n * LN2_HI is exact (n * LN2_HI is, and the two are close), so lo is not swamped.
     let r = (hi - n * LN2_HI) + (lo - n * LN2_LO);
-    let mut p = 1.987_569_1e-4f32;
-    p = p * r + 1.398_2e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5;
-    let y = p * r * r + r + 1.0;
-    let n_bits = t.to_bits().wrapping_sub(ROUND_MAGIC.to_bits());
-    let v = y * f32::from_bits(n_bits.wrapping_add(127) << 23);
+    let v = exp_reduced(t, r);
     if x < MIN_X || hi < MIN_X {
         0.0
     } else if x > MAX_X {

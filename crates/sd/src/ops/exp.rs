@@ -6,23 +6,19 @@
 
 const LOG2E: f32 = std::f32::consts::LOG2_E;
 // 0.693359375 exactly (355/512), so n * LN2_HI is exact for |n| <= 2^15.
-const LN2_HI: f32 = 0.693_359_4;
-const LN2_LO: f32 = -2.121_944_4e-4;
+pub(crate) const LN2_HI: f32 = 0.693_359_4;
+pub(crate) const LN2_LO: f32 = -2.121_944_4e-4;
 /// Below this, exp underflows to subnormals; we return 0 (relative error irrelevant next to the
 /// row maximum's exp(0) = 1 in softmax).
-const MIN_X: f32 = -87.336_55;
-const MAX_X: f32 = 88.376_26;
+pub(crate) const MIN_X: f32 = -87.336_55;
+pub(crate) const MAX_X: f32 = 88.376_26;
 /// 1.5 * 2^23: adding and subtracting it rounds to the nearest integer without a libm call.
-const ROUND_MAGIC: f32 = 12_582_912.0;
+pub(crate) const ROUND_MAGIC: f32 = 12_582_912.0;
 
-/// `exp(x)` to within 2 ulp; 0 below -87.34 and +inf above 88.38; NaN stays NaN (SiLU and
-/// sigmoid; softmax uses [`exp_nonpositive_f32`]).
+/// `2^n * exp(r)` for the reduced argument `r` (|r| <= ln2 / 2) and `t = x * log2(e) +
+/// ROUND_MAGIC`, whose low mantissa bits hold `n`: Cephes' degree-6 polynomial, then the scale.
 #[inline(always)]
-pub(crate) fn exp_f32(x: f32) -> f32 {
-    let xc = x.clamp(MIN_X, MAX_X);
-    let t = xc * LOG2E + ROUND_MAGIC;
-    let n = t - ROUND_MAGIC;
-    let r = xc - n * LN2_HI - n * LN2_LO;
+pub(crate) fn exp_reduced(t: f32, r: f32) -> f32 {
     let mut p = 1.987_569_1e-4f32;
     p = p * r + 1.398_2e-3;
     p = p * r + 8.333_452e-3;
@@ -33,8 +29,18 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     // 2^n via the exponent bits: t's low mantissa bits hold n (in [-126, 127] after the clamp)
     // as an offset from ROUND_MAGIC's bits. Integer ops, not `as i32`, so this vectorises.
     let n_bits = t.to_bits().wrapping_sub(ROUND_MAGIC.to_bits());
-    let scale = f32::from_bits(n_bits.wrapping_add(127) << 23);
-    let v = y * scale;
+    y * f32::from_bits(n_bits.wrapping_add(127) << 23)
+}
+
+/// `exp(x)` to within 2 ulp; 0 below -87.34 and +inf above 88.38; NaN stays NaN (SiLU and
+/// sigmoid; softmax uses [`exp_nonpositive_f32`]).
+#[inline(always)]
+pub(crate) fn exp_f32(x: f32) -> f32 {
+    let xc = x.clamp(MIN_X, MAX_X);
+    let t = xc * LOG2E + ROUND_MAGIC;
+    let n = t - ROUND_MAGIC;
+    let r = xc - n * LN2_HI - n * LN2_LO;
+    let v = exp_reduced(t, r);
     if x < MIN_X {
         0.0
     } else if x > MAX_X {
@@ -57,16 +63,7 @@ pub(crate) fn exp_nonpositive_f32(x: f32) -> f32 {
     let t = xc * LOG2E + ROUND_MAGIC;
     let n = t - ROUND_MAGIC;
     let r = xc - n * LN2_HI - n * LN2_LO;
-    let mut p = 1.987_569_1e-4f32;
-    p = p * r + 1.398_2e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5;
-    let y = p * r * r + r + 1.0;
-    let n_bits = t.to_bits().wrapping_sub(ROUND_MAGIC.to_bits());
-    let scale = f32::from_bits(n_bits.wrapping_add(127) << 23);
-    let v = y * scale;
+    let v = exp_reduced(t, r);
     if x < MIN_X {
         0.0
     } else {
