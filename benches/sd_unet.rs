@@ -11,7 +11,8 @@
 //! side and mode, default 2; the first is cold), `FERRY_BENCH_MODES` (comma-separated `none`,
 //! `sequential`; default `none`), `MATMUL_NUM_THREADS` (threads, both sides),
 //! `FERRY_BENCH_PYTHON` (default `python3`; PyTorch is skipped when torch/diffusers do not import),
-//! `FERRY_BENCH_TORCH=0` (skip PyTorch), `FERRY_BENCH_TMP` (where the 1.7 GB folder goes). Takes
+//! `FERRY_BENCH_TORCH=0` (skip PyTorch), `FERRY_BENCH_TMP` (where the 1.7 GB folder goes),
+//! `FERRY_OP_PROFILE=1` (per-op times of each step). Takes
 //! ~1.7 GB of host memory for the weights, plus as much again of simulated device memory in mode
 //! `none`; the PyTorch child peaks at ~4.3 GB.
 
@@ -126,6 +127,7 @@ fn main() {
         let mut last: Option<Tensor> = None;
         let mut times = Vec::new();
         for step in 0..steps {
+            ferry_sd::backend::profile::reset();
             let t = Instant::now();
             let out = unet
                 .forward(&exec, &sample, &[timestep], &context, None)
@@ -143,6 +145,9 @@ fn main() {
                 )),
                 out.max_abs()
             );
+            if ferry_sd::backend::profile::enabled() {
+                println!("{}", ferry_sd::backend::profile::report());
+            }
             if let Some(prev) = &last {
                 assert!(&out == prev, "step outputs differ");
             }

@@ -387,8 +387,14 @@ impl Executor {
             Error::InvalidArgument(format!("no weight group '{name}' was declared"))
         })?;
         let info = &self.groups[gid.0];
-        let view = self.sched.acquire(gid)?;
-        let read = self.read_group(gid, &view.tensors);
+        let (_view, read) = crate::backend::profile::timed(
+            || "weights: acquire + decode".to_string(),
+            || -> Result<_> {
+                let view = self.sched.acquire(gid)?;
+                let read = self.read_group(gid, &view.tensors);
+                Ok((view, read))
+            },
+        )?;
         let tensors = match read {
             Ok(t) => t,
             Err(e) => {

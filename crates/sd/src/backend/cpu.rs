@@ -1,5 +1,6 @@
 //! The CPU backend: every op is the f32 reference op of [`crate::ops`].
 
+use super::profile::timed;
 use super::Backend;
 use crate::error::Result;
 use crate::ops::{self, Activation, Conv2dParams};
@@ -51,7 +52,8 @@ impl Backend for CpuBackend {
     }
 
     fn linear(&self, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-        Ok(ops::linear(x, weight, bias)?)
+        let label = || format!("linear {:?} -> {:?}", x.shape(), weight.shape());
+        Ok(timed(label, || ops::linear(x, weight, bias))?)
     }
 
     fn conv2d(
@@ -61,7 +63,8 @@ impl Backend for CpuBackend {
         bias: Option<&Tensor>,
         params: Conv2dParams,
     ) -> Result<Tensor> {
-        Ok(ops::conv2d(x, weight, bias, params)?)
+        let label = || format!("conv2d x{:?} w{:?} {params:?}", x.shape(), weight.shape());
+        Ok(timed(label, || ops::conv2d(x, weight, bias, params))?)
     }
 
     fn group_norm(
@@ -73,7 +76,8 @@ impl Backend for CpuBackend {
         eps: f32,
         silu: bool,
     ) -> Result<Tensor> {
-        Ok(ops::group_norm(x, groups, weight, bias, eps, silu)?)
+        let label = || format!("group_norm silu={silu} {:?}", x.shape());
+        Ok(timed(label, || ops::group_norm(x, groups, weight, bias, eps, silu))?)
     }
 
     fn layer_norm(
@@ -83,7 +87,8 @@ impl Backend for CpuBackend {
         bias: Option<&Tensor>,
         eps: f32,
     ) -> Result<Tensor> {
-        Ok(ops::layer_norm(x, weight, bias, eps)?)
+        let label = || format!("layer_norm {:?}", x.shape());
+        Ok(timed(label, || ops::layer_norm(x, weight, bias, eps))?)
     }
 
     fn attention(
@@ -94,39 +99,46 @@ impl Backend for CpuBackend {
         heads: usize,
         causal: bool,
     ) -> Result<Tensor> {
-        if causal {
-            Ok(causal_attention(q, k, v, heads)?)
-        } else {
-            Ok(ops::scaled_dot_product_attention(q, k, v, heads)?)
-        }
+        let label = || format!("attention q{:?} k{:?} heads {heads}", q.shape(), k.shape());
+        timed(label, || {
+            if causal {
+                Ok(causal_attention(q, k, v, heads)?)
+            } else {
+                Ok(ops::scaled_dot_product_attention(q, k, v, heads)?)
+            }
+        })
     }
 
     fn activation(&self, act: Activation, x: &Tensor) -> Result<Tensor> {
-        Ok(act.forward(x))
+        timed(|| format!("{act:?} {:?}", x.shape()), || Ok(act.forward(x)))
     }
 
     fn geglu(&self, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-        Ok(ops::geglu(x, weight, bias)?)
+        let label = || format!("geglu {:?} -> {:?}", x.shape(), weight.shape());
+        Ok(timed(label, || ops::geglu(x, weight, bias))?)
     }
 
     fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-        Ok(ops::add(a, b)?)
+        Ok(timed(|| format!("add {:?}", a.shape()), || ops::add(a, b))?)
     }
 
     fn scale(&self, x: &Tensor, s: f32) -> Result<Tensor> {
-        Ok(ops::scale(x, s))
+        Ok(timed(|| format!("scale {:?}", x.shape()), || ops::scale(x, s)))
     }
 
     fn add_channel_bias(&self, x: &Tensor, b: &Tensor) -> Result<Tensor> {
-        Ok(ops::add_channel_bias(x, b)?)
+        let label = || format!("add_channel_bias {:?}", x.shape());
+        Ok(timed(label, || ops::add_channel_bias(x, b))?)
     }
 
     fn upsample_nearest2x(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(ops::upsample_nearest2x(x)?)
+        let label = || format!("upsample_nearest2x {:?}", x.shape());
+        Ok(timed(label, || ops::upsample_nearest2x(x))?)
     }
 
     fn cat_channels(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-        Ok(ops::cat_channels(&[a, b])?)
+        let label = || format!("cat_channels {:?} {:?}", a.shape(), b.shape());
+        Ok(timed(label, || ops::cat_channels(&[a, b]))?)
     }
 
     fn nchw_to_tokens(&self, x: &Tensor) -> Result<Tensor> {
@@ -134,7 +146,8 @@ impl Backend for CpuBackend {
             let found = format!("{:?}", x.shape());
             return Err(OpError::shape("nchw_to_tokens", "x [b, c, h, w]", found).into());
         };
-        Ok(x.permute(&[0, 2, 3, 1])?.reshape([b, h * w, c])?)
+        let label = || format!("nchw_to_tokens {:?}", x.shape());
+        Ok(timed(label, || x.permute(&[0, 2, 3, 1]))?.reshape([b, h * w, c])?)
     }
 
     fn tokens_to_nchw(&self, x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
@@ -150,7 +163,8 @@ impl Backend for CpuBackend {
             )
             .into());
         }
-        Ok(x.transpose(1, 2)?.reshape([b, c, h, w])?)
+        let label = || format!("tokens_to_nchw {:?}", x.shape());
+        Ok(timed(label, || x.transpose(1, 2))?.reshape([b, c, h, w])?)
     }
 
     fn embedding(&self, table: &Tensor, ids: &[Vec<u32>]) -> Result<Tensor> {

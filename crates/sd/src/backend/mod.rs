@@ -18,6 +18,7 @@
 mod arena;
 mod cpu;
 mod cuda;
+pub mod profile;
 
 pub use arena::{ActivationArena, ArenaError, ArenaMark, ARENA_ALIGN};
 pub use cpu::CpuBackend;
