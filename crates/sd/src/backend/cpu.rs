@@ -77,7 +77,9 @@ impl Backend for CpuBackend {
         silu: bool,
     ) -> Result<Tensor> {
         let label = || format!("group_norm silu={silu} {:?}", x.shape());
-        Ok(timed(label, || ops::group_norm(x, groups, weight, bias, eps, silu))?)
+        Ok(timed(label, || {
+            ops::group_norm(x, groups, weight, bias, eps, silu)
+        })?)
     }
 
     fn layer_norm(
@@ -123,7 +125,10 @@ impl Backend for CpuBackend {
     }
 
     fn scale(&self, x: &Tensor, s: f32) -> Result<Tensor> {
-        Ok(timed(|| format!("scale {:?}", x.shape()), || ops::scale(x, s)))
+        Ok(timed(
+            || format!("scale {:?}", x.shape()),
+            || ops::scale(x, s),
+        ))
     }
 
     fn add_channel_bias(&self, x: &Tensor, b: &Tensor) -> Result<Tensor> {

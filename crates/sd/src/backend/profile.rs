@@ -48,7 +48,10 @@ pub fn report() -> String {
     let mut rows: Vec<_> = tab.iter().collect();
     rows.sort_by(|a, b| b.1 .1.cmp(&a.1 .1).then(a.0.cmp(b.0)));
     let total: f64 = rows.iter().map(|r| r.1 .1.as_secs_f64()).sum();
-    let mut s = format!("{:>10}  {:>6}  {:>6}  op (total {:.3} s)\n", "ms", "share", "calls", total);
+    let mut s = format!(
+        "{:>10}  {:>6}  {:>6}  op (total {:.3} s)\n",
+        "ms", "share", "calls", total
+    );
     for (label, (n, d)) in rows {
         let ms = d.as_secs_f64() * 1e3;
         let share = 100.0 * d.as_secs_f64() / total.max(1e-12);
