@@ -136,6 +136,14 @@ pub fn proc_status_bytes(key: &str) -> Option<u64> {
 }
 
 /// Resets the process's peak RSS (`VmHWM`) to the current RSS (Linux >= 4.0); false if it could not.
+/// Minor page faults of this process so far (`/proc/self/stat` field 10), if readable.
+pub fn minor_faults() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name, which may itself contain spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split_whitespace().nth(7)?.parse().ok()
+}
+
 pub fn reset_peak_rss() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }

@@ -63,7 +63,12 @@ const SD15_UNET_CONFIG: &str = r#"{
   ]
 }"#;
 
+/// Keeps freed activation memory for reuse (see `ferry_sd::allocator`).
+#[global_allocator]
+static GLOBAL: ferry_sd::allocator::MiMalloc = ferry_sd::allocator::MiMalloc;
+
 fn main() {
+    ferry_sd::allocator::keep_freed_memory();
     // `cargo bench` passes `--bench`; `cargo test --all-targets` runs this binary without it, and
     // a minute-long step does not belong in the test suite.
     if !std::env::args().any(|a| a == "--bench") {
@@ -128,6 +133,7 @@ fn main() {
         let mut times = Vec::new();
         for step in 0..steps {
             ferry_sd::backend::profile::reset();
+            let faults = common::minor_faults();
             let t = Instant::now();
             let out = unet
                 .forward(&exec, &sample, &[timestep], &context, None)
@@ -137,8 +143,11 @@ fn main() {
                 out.data().iter().all(|v| v.is_finite()),
                 "non-finite output"
             );
+            let faults = common::minor_faults()
+                .zip(faults)
+                .map_or("?".into(), |(b, a)| (b - a).to_string());
             println!(
-                "mode {mode_name}: budget {}, step {step}: {secs:.2} s (out max |x| {:.3})",
+                "mode {mode_name}: budget {}, step {step}: {secs:.2} s (out max |x| {:.3}, {faults} minor page faults)",
                 budget.map_or("all resident".to_string(), |b| format!(
                     "{:.1} MB",
                     b as f64 / 1e6

@@ -49,7 +49,12 @@ const SD15_VAE_CONFIG: &str = r#"{
   ]
 }"#;
 
+/// Keeps freed activation memory for reuse (see `ferry_sd::allocator`).
+#[global_allocator]
+static GLOBAL: ferry_sd::allocator::MiMalloc = ferry_sd::allocator::MiMalloc;
+
 fn main() {
+    ferry_sd::allocator::keep_freed_memory();
     // `cargo test --all-targets` runs this binary without `--bench`; a full decode is not a test.
     if !std::env::args().any(|a| a == "--bench") {
         println!("sd_vae: skipped (run it with `cargo bench -p ferry-sd --bench sd_vae`)");
@@ -90,13 +95,17 @@ fn main() {
     let mut last: Option<Tensor> = None;
     let mut times = Vec::new();
     for step in 0..steps {
+        let faults = common::minor_faults();
         let t = Instant::now();
         let out = vae.decode(&exec, &latents).expect("decode");
         let secs = t.elapsed().as_secs_f64();
         assert_eq!(out.shape(), &[1, 3, 512, 512]);
         assert!(out.first_non_finite().is_none(), "non-finite output");
+        let faults = common::minor_faults()
+            .zip(faults)
+            .map_or("?".into(), |(b, a)| (b - a).to_string());
         println!(
-            "decode {step}: {secs:.2} s (out max |x| {:.3})",
+            "decode {step}: {secs:.2} s (out max |x| {:.3}, {faults} minor page faults)",
             out.max_abs()
         );
         if let Some(prev) = &last {

@@ -189,7 +189,7 @@ struct BufferPool {
 }
 
 impl BufferPool {
-    /// A buffer for `n` values: the smallest pooled one that holds them (and is not more than
+    /// A buffer of at least `n` initialised values: the smallest pooled one (and not more than
     /// twice too large), else an empty one.
     fn take(&self, n: usize) -> Vec<f32> {
         if n * 4 < MIN_POOLED_BYTES {
@@ -201,8 +201,8 @@ impl BufferPool {
         let best = bufs
             .iter()
             .enumerate()
-            .filter(|(_, b)| b.capacity() >= n && b.capacity() <= 2 * n)
-            .min_by_key(|(_, b)| b.capacity())
+            .filter(|(_, b)| b.len() >= n && b.len() <= 2 * n)
+            .min_by_key(|(_, b)| b.len())
             .map(|(i, _)| i);
         best.map_or_else(Vec::new, |i| bufs.swap_remove(i))
     }

@@ -1,6 +1,7 @@
 //! A minimal Stable Diffusion executor (CLIP text encoders, UNet, VAE) whose layers take their
 //! weights from Ferry's scheduler just in time, with f32 CPU reference ops and CUDA kernels.
 
+pub mod allocator;
 pub mod backend;
 pub mod cli;
 pub mod cuda;

@@ -432,51 +432,53 @@ impl Tensor {
     }
 }
 
-/// Little-endian `bytes` of `dtype` as f32 values, in one pass, in `buf` when it has the
-/// capacity (reusing warm memory saves the page faults of a fresh allocation). Aligned input (the
-/// usual case: weights in device or mapped memory) goes through `half`'s slice conversion, which
-/// uses the CPU's F16C instructions where present; the conversion is exact either way.
+/// Little-endian `bytes` of `dtype` as f32 values, in one pass, in `buf` when it already holds
+/// at least that many values (overwriting warm memory saves the page faults of a fresh
+/// allocation and the zero-fill of a resize). Large inputs are converted in parallel chunks.
+/// Aligned input (the usual case: weights in device or mapped memory) goes through `half`'s
+/// slice conversion, which uses the CPU's F16C instructions where present; the conversion is
+/// exact either way, so the result does not depend on the split.
 fn decode(bytes: &[u8], dtype: DType, mut buf: Vec<f32>) -> Vec<f32> {
     use half::slice::HalfFloatSliceExt;
     let n = bytes.len() / dtype.size();
-    let reuse = buf.capacity() >= n;
-    buf.clear();
-    let le = cfg!(target_endian = "little");
-    match dtype {
-        DType::F32 => match bytemuck::try_cast_slice::<u8, f32>(bytes) {
-            Ok(v) if le && reuse => buf.extend_from_slice(v),
-            Ok(v) if le => return v.to_vec(),
-            _ => buf.extend(
-                bytes
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-            ),
-        },
-        DType::F16 => match bytemuck::try_cast_slice::<u8, half::f16>(bytes) {
-            Ok(v) if le && reuse => {
-                buf.resize(n, 0.0);
-                v.convert_to_f32_slice(&mut buf);
-            }
-            Ok(v) if le => return v.to_f32_vec(),
-            _ => buf.extend(
-                bytes
-                    .chunks_exact(2)
-                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()),
-            ),
-        },
-        DType::BF16 => match bytemuck::try_cast_slice::<u8, half::bf16>(bytes) {
-            Ok(v) if le && reuse => {
-                buf.resize(n, 0.0);
-                v.convert_to_f32_slice(&mut buf);
-            }
-            Ok(v) if le => return v.to_f32_vec(),
-            _ => buf.extend(
-                bytes
-                    .chunks_exact(2)
-                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()),
-            ),
-        },
+    if buf.len() >= n {
+        buf.truncate(n);
+    } else {
+        // A fresh zeroed allocation comes from untouched pages: no memset pass.
+        buf = vec![0.0; n];
     }
+    let size = dtype.size();
+    let convert = |start: usize, dst: &mut [f32]| {
+        let src = &bytes[start * size..(start + dst.len()) * size];
+        let le = cfg!(target_endian = "little");
+        match dtype {
+            DType::F32 => match bytemuck::try_cast_slice::<u8, f32>(src) {
+                Ok(v) if le => dst.copy_from_slice(v),
+                _ => {
+                    for (o, c) in dst.iter_mut().zip(src.chunks_exact(4)) {
+                        *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                    }
+                }
+            },
+            DType::F16 => match bytemuck::try_cast_slice::<u8, half::f16>(src) {
+                Ok(v) if le => v.convert_to_f32_slice(dst),
+                _ => {
+                    for (o, c) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                        *o = half::f16::from_le_bytes([c[0], c[1]]).to_f32();
+                    }
+                }
+            },
+            DType::BF16 => match bytemuck::try_cast_slice::<u8, half::bf16>(src) {
+                Ok(v) if le => v.convert_to_f32_slice(dst),
+                _ => {
+                    for (o, c) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                        *o = half::bf16::from_le_bytes([c[0], c[1]]).to_f32();
+                    }
+                }
+            },
+        }
+    };
+    crate::ops::parallel::for_each_chunk(&mut buf, convert);
     buf
 }
 

@@ -19,7 +19,12 @@ use std::process::ExitCode;
 /// Any error the command reports; its `source()` chain is printed.
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Keeps freed activation memory for reuse (see `ferry_sd::allocator`).
+#[global_allocator]
+static GLOBAL: ferry_sd::allocator::MiMalloc = ferry_sd::allocator::MiMalloc;
+
 fn main() -> ExitCode {
+    ferry_sd::allocator::keep_freed_memory();
     let args = match Args::try_parse() {
         Ok(a) => a,
         Err(e) => return clap_exit(e),

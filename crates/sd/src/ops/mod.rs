@@ -24,7 +24,7 @@ pub mod gemm;
 pub mod linear;
 pub mod matmul;
 pub mod norm;
-mod parallel;
+pub(crate) mod parallel;
 pub mod resize;
 pub mod softmax;
 pub mod upsample;
