@@ -1,6 +1,7 @@
 //! 2-d convolution (PyTorch `F.conv2d`, groups = 1, dilation = 1) as im2col + GEMM.
 //!
-//! The output is computed in bands of output rows: each band's input patches are gathered into
+//! Deep channels at low resolution (weights larger than the patches) take one whole-batch
+//! product, so the weights are packed once. Otherwise the output is computed in bands of output rows: each band's input patches are gathered into
 //! a bounded column buffer (im2col) and multiplied by the weights `[o, c * kh * kw]`. Bands are
 //! independent and split over threads, each running a single-threaded GEMM, so the gather and
 //! the GEMM's packing run in parallel too. Each output's reduction (bias, then the GEMM's fixed
@@ -14,6 +15,9 @@ use crate::tensor::{OpError, OpResult, Tensor};
 /// thread gets an equal share): a band stays cache-resident and memory stays bounded (a 512x512
 /// VAE layer would otherwise need GBs).
 const MAX_COLS_ELEMS: usize = 4 << 20;
+
+/// Upper bound on the whole-batch column buffer of [`conv_batched`], in f32 elements (64 MiB).
+const MAX_BATCH_COLS_ELEMS: usize = 16 << 20;
 
 /// Below this many multiply-adds a convolution runs on the calling thread.
 const MIN_PARALLEL_MACS: usize = 1 << 21;
@@ -154,8 +158,15 @@ fn conv2d_banded(
         return Tensor::new([n, o, ho, wo], out);
     }
 
-    // Equal bands under the column-buffer cap; enough of them to keep every thread busy.
     let ckk = c * kh * kw;
+    if band_rows.is_none() && o >= n * p / 2 && ckk * n * p <= MAX_BATCH_COLS_ELEMS {
+        // Deep channels at low resolution: the weights outweigh the patches, so gather the
+        // whole batch once and pack the weights once (bands would re-pack them per band).
+        conv_batched(&g, n, x.data(), weight.data(), bias, threads, &mut out)?;
+        return Tensor::new([n, o, ho, wo], out);
+    }
+
+    // Equal bands under the column-buffer cap; enough of them to keep every thread busy.
     let band_rows = band_rows.unwrap_or_else(|| {
         let cap_rows = (MAX_COLS_ELEMS / threads / (ckk * wo)).clamp(1, ho);
         let mut per_img = ho.div_ceil(cap_rows);
@@ -213,6 +224,65 @@ fn conv2d_banded(
         result
     })?;
     Tensor::new([n, o, ho, wo], out)
+}
+
+/// The whole batch as one product: patches `[c*kh*kw, n*p]` (gathered in parallel over channel
+/// ranges), `W [o, c*kh*kw]` times them into `[o, n*p]` (split over threads by output channel,
+/// so each thread packs its share of the weights once), then scattered into `out [n, o, p]`.
+/// Each output's reduction (bias, then the GEMM's fixed K order) is the one the bands use.
+fn conv_batched(
+    g: &Geom,
+    n: usize,
+    x: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    threads: usize,
+    out: &mut [f32],
+) -> OpResult<()> {
+    let (c, h, w, o) = (g.c, g.h, g.w, g.o);
+    let kk = g.kh * g.kw;
+    let ho = out.len() / (n * o * g.wo).max(1);
+    let p = ho * g.wo;
+    let np = n * p;
+    let mut cols = vec![0.0f32; c * kk * np];
+    let chans_per = c.div_ceil(threads.clamp(1, c));
+    let gather = |c0: usize, block: &mut [f32]| {
+        let cn = block.len() / (kk * np);
+        for b in 0..n {
+            let img = &x[(b * c + c0) * h * w..(b * c + c0 + cn) * h * w];
+            im2col(
+                img,
+                (cn, h, w),
+                (g.kh, g.kw),
+                (g.sh, g.sw),
+                (g.pt, g.pl),
+                (0, ho, g.wo),
+                (&mut *block, np, b * p),
+            );
+        }
+    };
+    std::thread::scope(|s| {
+        for (t, block) in cols.chunks_mut(chans_per * kk * np).enumerate() {
+            let gather = &gather;
+            s.spawn(move || gather(t * chans_per, block));
+        }
+    });
+    let mut acc = vec![0.0f32; o * np];
+    let beta = fill_bias(&mut acc, np, bias);
+    let wmat = MatRef::row_major(weight, o, c * kk)?;
+    let cmat = MatRef::row_major(&cols, c * kk, np)?;
+    let dst = MatMut::row_major(&mut acc, o, np)?;
+    if threads > 1 {
+        gemm(1.0, wmat, cmat, beta, dst)?;
+    } else {
+        gemm_serial(1.0, wmat, cmat, beta, dst)?;
+    }
+    for (b, img_out) in out.chunks_mut(o * p).enumerate() {
+        for (dst, row) in img_out.chunks_mut(p).zip(acc.chunks_exact(np)) {
+            dst.copy_from_slice(&row[b * p..(b + 1) * p]);
+        }
+    }
+    Ok(())
 }
 
 /// Fills each `p`-sized plane of `dst` with its channel's bias; returns the GEMM `beta` (1 with
@@ -275,7 +345,7 @@ fn conv_band(
         (sh, sw),
         (pt, pl),
         (oh0, bp / wo, wo),
-        &mut scratch.cols,
+        (&mut scratch.cols, bp, 0),
     );
     scratch.acc.resize(o * bp, 0.0);
     let beta = fill_bias(&mut scratch.acc, bp, bias);
@@ -292,8 +362,8 @@ fn conv_band(
     Ok(())
 }
 
-/// Fills `cols [c*kh*kw, rows*wo]` (row-major) with the input patches for output rows
-/// `oh0..oh0 + rows`; out-of-image taps are zero.
+/// Fills columns `col0..col0 + rows*wo` of `cols [c*kh*kw, ld]` (row-major) with the input
+/// patches for output rows `oh0..oh0 + rows`; out-of-image taps are zero.
 fn im2col(
     img: &[f32],
     (c, h, w): (usize, usize, usize),
@@ -301,7 +371,7 @@ fn im2col(
     (sh, sw): (usize, usize),
     (pt, pl): (usize, usize),
     (oh0, rows, wo): (usize, usize, usize),
-    cols: &mut [f32],
+    (cols, ld, col0): (&mut [f32], usize, usize),
 ) {
     let bp = rows * wo;
     for ci in 0..c {
@@ -309,7 +379,7 @@ fn im2col(
         for ki in 0..kh {
             for kj in 0..kw {
                 let row = (ci * kh + ki) * kw + kj;
-                let dst = &mut cols[row * bp..(row + 1) * bp];
+                let dst = &mut cols[row * ld + col0..row * ld + col0 + bp];
                 // Output columns whose tap lands inside the image: pl <= ow*sw + kj < w + pl.
                 let ow_lo = pl.saturating_sub(kj).div_ceil(sw).min(wo);
                 let ow_hi = if w + pl > kj {
@@ -452,6 +522,33 @@ mod tests {
             ] {
                 let banded = conv2d_banded(&x, &w, Some(&b), params, rows, threads).unwrap();
                 assert_eq!(banded.data(), whole.data(), "{rows:?} {threads} {params:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn whole_batch_path_matches_bands_and_reference() {
+        // o >= n*p/2: deep channels at low resolution take the whole-batch product.
+        for (xs, ws) in [
+            ([2, 24, 5, 6], [64, 24, 3, 3]),
+            ([2, 64, 8, 8], [256, 64, 3, 3]),
+        ] {
+            let x = pseudo_random(&xs, 7);
+            let w = pseudo_random(&ws, 8);
+            let b = pseudo_random(&[ws[0]], 9);
+            for params in [Conv2dParams::new(1, 1), Conv2dParams::new(2, 1)] {
+                let want = reference(&x, &w, Some(&b), params);
+                let bands = conv2d_banded(&x, &w, Some(&b), params, Some(1), 2).unwrap();
+                for threads in [1, 2, 3] {
+                    let got = conv2d_banded(&x, &w, Some(&b), params, None, threads).unwrap();
+                    assert_eq!(got.data(), bands.data(), "{xs:?} {params:?} {threads}");
+                    for (g, r) in got.data().iter().zip(&want) {
+                        assert!(
+                            (*g as f64 - r).abs() <= 1e-5 * (1.0 + r.abs()),
+                            "{g} vs {r}"
+                        );
+                    }
+                }
             }
         }
     }
