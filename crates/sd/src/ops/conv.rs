@@ -1,12 +1,12 @@
 //! 2-d convolution (PyTorch `F.conv2d`, groups = 1, dilation = 1) as im2col + GEMM.
 //!
 //! Deep channels at low resolution (weights larger than the patches) take one whole-batch
-//! product, so the weights are packed once. Otherwise the output is computed in bands of output rows: each band's input patches are gathered into
-//! a bounded column buffer (im2col) and multiplied by the weights `[o, c * kh * kw]`. Bands are
-//! independent and split over threads, each running a single-threaded GEMM, so the gather and
-//! the GEMM's packing run in parallel too. Each output's reduction (bias, then the GEMM's fixed
-//! K order) is the same whatever the band size or thread count, so results are bit-identical
-//! for any of them.
+//! product, so the weights are packed once. Otherwise the output is computed in bands of output
+//! rows: each band's input patches are gathered into a bounded column buffer (im2col) and
+//! multiplied by the weights `[o, c * kh * kw]`. Bands are independent and split over threads,
+//! each running a single-threaded GEMM, so the gather and the GEMM's packing run in parallel too.
+//! Each output's reduction (bias, then the GEMM's fixed K order) is the same whatever the path,
+//! band size or thread count, so results are bit-identical for any of them.
 
 use super::gemm::{gemm, gemm_serial, gemm_threads, MatMut, MatRef};
 use crate::tensor::{OpError, OpResult, Tensor};
