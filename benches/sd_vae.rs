@@ -8,7 +8,7 @@
 //! `cargo bench -p ferry-sd --bench sd_vae`. Environment: `FERRY_BENCH_STEPS` (decodes per side,
 //! default 2; the first is cold), `MATMUL_NUM_THREADS` (threads, both sides), `FERRY_BENCH_PYTHON`
 //! (default `python3`; PyTorch is skipped when torch/diffusers do not import), `FERRY_BENCH_TORCH=0`
-//! (skip PyTorch), `FERRY_BENCH_TMP` (where the folder goes).
+//! (skip PyTorch), `FERRY_BENCH_TMP` (where the folder goes), `FERRY_OP_PROFILE=1` (per-op times).
 
 #[path = "sd_cpu_common.rs"]
 mod common;
@@ -95,6 +95,7 @@ fn main() {
     let mut last: Option<Tensor> = None;
     let mut times = Vec::new();
     for step in 0..steps {
+        ferry_sd::backend::profile::reset();
         let faults = common::minor_faults();
         let t = Instant::now();
         let out = vae.decode(&exec, &latents).expect("decode");
@@ -108,6 +109,9 @@ fn main() {
             "decode {step}: {secs:.2} s (out max |x| {:.3}, {faults} minor page faults)",
             out.max_abs()
         );
+        if ferry_sd::backend::profile::enabled() {
+            println!("{}", ferry_sd::backend::profile::report());
+        }
         if let Some(prev) = &last {
             assert!(&out == prev, "decode outputs differ");
         }
