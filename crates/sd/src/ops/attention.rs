@@ -8,12 +8,13 @@
 //! are independent and each runs the same fixed sequence of operations, so the result does not
 //! depend on how tasks are split over threads.
 
-use super::exp::exp_nonpositive_f32;
+use super::exp::{exp_nonpositive_fused, madd};
 use super::parallel::for_each_row;
 use crate::tensor::{OpError, OpResult, Tensor};
 
 /// Query rows per task (a whole number of strips).
-const BQ: usize = 128;
+const BQ_: usize = 128;
+fn bq() -> usize { static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new(); *V.get_or_init(|| std::env::var("ATTN_BQ").map_or(BQ_, |v| v.parse().unwrap())) }
 
 /// Queries per strip: the lanes of the micro-kernels (two AVX2 registers).
 const LANES: usize = 16;
@@ -27,7 +28,8 @@ const VG: usize = 5;
 
 /// Keys per block: a multiple of [`KG`]; a strip's score tile (`BK x LANES`) stays in L1 and
 /// the block's packed keys and values in L2.
-const BK: usize = 192;
+const BK_: usize = 192;
+fn bk() -> usize { static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new(); *V.get_or_init(|| std::env::var("ATTN_BK").map_or(BK_, |v| v.parse().unwrap())) }
 
 /// Signature of the task runner: calls `f(i, tile)` once for every `len`-sized tile of `data`.
 type RunTasks<'a> = &'a dyn Fn(&mut [f32], usize, &(dyn Fn(usize, &mut [f32]) + Sync));
@@ -121,14 +123,14 @@ fn attention(
     let kp = pack_keys(k.data(), b, nk, heads, d, run);
     let vp = pack_values(v.data(), b, nk, heads, dv, run);
     let qd = q.data();
-    // One tile of BQ query rows x all heads per (batch, query block) task.
-    let q_blocks = nq.div_ceil(BQ);
-    let tile_len = BQ * vc;
+    // One tile of bq() query rows x all heads per (batch, query block) task.
+    let q_blocks = nq.div_ceil(bq());
+    let tile_len = bq() * vc;
     let task = |i: usize, tile: &mut [f32]| {
         let (bi, qb) = (i / q_blocks, i % q_blocks);
-        attend_block(&dims, qd, &kp, &vp, bi, qb * BQ, tile);
+        attend_block(&dims, qd, &kp, &vp, bi, qb * bq(), tile);
     };
-    if nq.is_multiple_of(BQ) {
+    if nq.is_multiple_of(bq()) {
         // The tiles are exactly the output's blocks of rows.
         run(&mut out, tile_len, &task);
         return Tensor::new([b, nq, vc], out);
@@ -136,8 +138,8 @@ fn attention(
     let mut tiles = vec![0.0f32; b * q_blocks * tile_len];
     run(&mut tiles, tile_len, &task);
     for (i, tile) in tiles.chunks_exact(tile_len).enumerate() {
-        let (bi, q0) = (i / q_blocks, (i % q_blocks) * BQ);
-        let rows = BQ.min(nq - q0);
+        let (bi, q0) = (i / q_blocks, (i % q_blocks) * bq());
+        let rows = bq().min(nq - q0);
         let start = (bi * nq + q0) * vc;
         out[start..start + rows * vc].copy_from_slice(&tile[..rows * vc]);
     }
@@ -199,7 +201,7 @@ fn pack_values(
 fn attend_block(dm: &Dims, q: &[f32], kp: &[f32], vp: &[f32], bi: usize, q0: usize, tile: &mut [f32]) {
     let (d, dv, dvp, nq, nk) = (dm.d, dm.dv, dm.dvp, dm.nq, dm.nk);
     let (qc, vc) = (dm.heads * d, dm.heads * dv);
-    let rows = BQ.min(nq - q0);
+    let rows = bq().min(nq - q0);
     let strips = rows.div_ceil(LANES);
     // Keys any of these queries can see.
     let k_end = if dm.causal { (q0 + rows).min(nk) } else { nk };
@@ -208,7 +210,7 @@ fn attend_block(dm: &Dims, q: &[f32], kp: &[f32], vp: &[f32], bi: usize, q0: usi
     // past `rows` stay zero queries and are never written out.
     let mut qs = vec![0.0f32; strips * d * LANES];
     let mut os = vec![0.0f32; strips * dvp * LANES];
-    let mut scores = vec![0.0f32; BK * LANES];
+    let mut scores = vec![0.0f32; bk() * LANES];
     let mut row_max = vec![[f32::NEG_INFINITY; LANES]; strips];
     let mut row_sum = vec![[0.0f64; LANES]; strips];
     for h in 0..dm.heads {
@@ -228,7 +230,7 @@ fn attend_block(dm: &Dims, q: &[f32], kp: &[f32], vp: &[f32], bi: usize, q0: usi
         row_sum.fill([0.0; LANES]);
         let mut k0 = 0;
         while k0 < k_end {
-            let cols = BK.min(k_end - k0);
+            let cols = bk().min(k_end - k0);
             for (st, ((qs, os), (max, sum))) in qs
                 .chunks_exact(d * LANES)
                 .zip(os.chunks_exact_mut(dvp * LANES))
@@ -287,16 +289,6 @@ struct StripBlock<'a> {
     /// Causal: the strip's first query; key `k0 + j` is masked for lane `l` when `k0 + j >
     /// first + l`.
     mask: Option<usize>,
-}
-
-/// `a * b + c`, fused where the target has FMA.
-#[inline(always)]
-fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
-    if FMA {
-        a.mul_add(b, c)
-    } else {
-        a * b + c
-    }
 }
 
 /// One key block for one strip of queries `qs` (`[d, LANES]`, pre-scaled): scores into
@@ -371,7 +363,7 @@ fn strip_block_body<const FMA: bool>(
             *new = 0.0;
         }
         // exp(-inf) = 0 on the first block; exactly 1 when the maximum did not grow.
-        *a = exp_nonpositive_f32(*old - *new);
+        *a = exp_nonpositive_fused::<FMA>(*old - *new);
         *old = seen;
     }
     for row in acc.chunks_exact_mut(LANES) {
@@ -388,7 +380,7 @@ fn strip_block_body<const FMA: bool>(
         let mut part = [0.0f32; LANES];
         for key in run.chunks_exact_mut(LANES) {
             for ((x, &m), p) in key.iter_mut().zip(&m).zip(part.iter_mut()) {
-                *x = exp_nonpositive_f32(*x - m);
+                *x = exp_nonpositive_fused::<FMA>(*x - m);
                 *p += *x;
             }
         }
