@@ -13,8 +13,7 @@ use super::parallel::for_each_row;
 use crate::tensor::{OpError, OpResult, Tensor};
 
 /// Query rows per task (a whole number of strips).
-const BQ_: usize = 128;
-fn bq() -> usize { static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new(); *V.get_or_init(|| std::env::var("ATTN_BQ").map_or(BQ_, |v| v.parse().unwrap())) }
+const BQ: usize = 128;
 
 /// Queries per strip: the lanes of the micro-kernels (two AVX2 registers).
 const LANES: usize = 16;
@@ -28,8 +27,7 @@ const VG: usize = 5;
 
 /// Keys per block: a multiple of [`KG`]; a strip's score tile (`BK x LANES`) stays in L1 and
 /// the block's packed keys and values in L2.
-const BK_: usize = 192;
-fn bk() -> usize { static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new(); *V.get_or_init(|| std::env::var("ATTN_BK").map_or(BK_, |v| v.parse().unwrap())) }
+const BK: usize = 192;
 
 /// Signature of the task runner: calls `f(i, tile)` once for every `len`-sized tile of `data`.
 type RunTasks<'a> = &'a dyn Fn(&mut [f32], usize, &(dyn Fn(usize, &mut [f32]) + Sync));
@@ -123,14 +121,14 @@ fn attention(
     let kp = pack_keys(k.data(), b, nk, heads, d, run);
     let vp = pack_values(v.data(), b, nk, heads, dv, run);
     let qd = q.data();
-    // One tile of bq() query rows x all heads per (batch, query block) task.
-    let q_blocks = nq.div_ceil(bq());
-    let tile_len = bq() * vc;
+    // One tile of BQ query rows x all heads per (batch, query block) task.
+    let q_blocks = nq.div_ceil(BQ);
+    let tile_len = BQ * vc;
     let task = |i: usize, tile: &mut [f32]| {
         let (bi, qb) = (i / q_blocks, i % q_blocks);
-        attend_block(&dims, qd, &kp, &vp, bi, qb * bq(), tile);
+        attend_block(&dims, qd, &kp, &vp, bi, qb * BQ, tile);
     };
-    if nq.is_multiple_of(bq()) {
+    if nq.is_multiple_of(BQ) {
         // The tiles are exactly the output's blocks of rows.
         run(&mut out, tile_len, &task);
         return Tensor::new([b, nq, vc], out);
@@ -138,8 +136,8 @@ fn attention(
     let mut tiles = vec![0.0f32; b * q_blocks * tile_len];
     run(&mut tiles, tile_len, &task);
     for (i, tile) in tiles.chunks_exact(tile_len).enumerate() {
-        let (bi, q0) = (i / q_blocks, (i % q_blocks) * bq());
-        let rows = bq().min(nq - q0);
+        let (bi, q0) = (i / q_blocks, (i % q_blocks) * BQ);
+        let rows = BQ.min(nq - q0);
         let start = (bi * nq + q0) * vc;
         out[start..start + rows * vc].copy_from_slice(&tile[..rows * vc]);
     }
@@ -148,7 +146,14 @@ fn attention(
 
 /// `k [b, nk, heads*d]` as `[b, heads, nk/KG, d, KG]` (keys padded with zeros to a multiple of
 /// [`KG`]): each score micro-kernel step reads `KG` keys' channel `c` side by side.
-fn pack_keys(k: &[f32], b: usize, nk: usize, heads: usize, d: usize, run: RunTasks<'_>) -> Vec<f32> {
+fn pack_keys(
+    k: &[f32],
+    b: usize,
+    nk: usize,
+    heads: usize,
+    d: usize,
+    run: RunTasks<'_>,
+) -> Vec<f32> {
     let groups = nk.div_ceil(KG);
     let len = groups * d * KG;
     let mut kp = vec![0.0f32; b * heads * len];
@@ -198,10 +203,18 @@ fn pack_values(
 
 /// All heads of query rows `q0..q0 + BQ` (clipped to `nq`) of batch item `bi`, written to `tile`
 /// as `[BQ, heads*dv]`. `kp` and `vp` are packed by [`pack_keys`] and [`pack_values`].
-fn attend_block(dm: &Dims, q: &[f32], kp: &[f32], vp: &[f32], bi: usize, q0: usize, tile: &mut [f32]) {
+fn attend_block(
+    dm: &Dims,
+    q: &[f32],
+    kp: &[f32],
+    vp: &[f32],
+    bi: usize,
+    q0: usize,
+    tile: &mut [f32],
+) {
     let (d, dv, dvp, nq, nk) = (dm.d, dm.dv, dm.dvp, dm.nq, dm.nk);
     let (qc, vc) = (dm.heads * d, dm.heads * dv);
-    let rows = bq().min(nq - q0);
+    let rows = BQ.min(nq - q0);
     let strips = rows.div_ceil(LANES);
     // Keys any of these queries can see.
     let k_end = if dm.causal { (q0 + rows).min(nk) } else { nk };
@@ -210,7 +223,7 @@ fn attend_block(dm: &Dims, q: &[f32], kp: &[f32], vp: &[f32], bi: usize, q0: usi
     // past `rows` stay zero queries and are never written out.
     let mut qs = vec![0.0f32; strips * d * LANES];
     let mut os = vec![0.0f32; strips * dvp * LANES];
-    let mut scores = vec![0.0f32; bk() * LANES];
+    let mut scores = vec![0.0f32; BK * LANES];
     let mut row_max = vec![[f32::NEG_INFINITY; LANES]; strips];
     let mut row_sum = vec![[0.0f64; LANES]; strips];
     for h in 0..dm.heads {
@@ -230,7 +243,7 @@ fn attend_block(dm: &Dims, q: &[f32], kp: &[f32], vp: &[f32], bi: usize, q0: usi
         row_sum.fill([0.0; LANES]);
         let mut k0 = 0;
         while k0 < k_end {
-            let cols = bk().min(k_end - k0);
+            let cols = BK.min(k_end - k0);
             for (st, ((qs, os), (max, sum))) in qs
                 .chunks_exact(d * LANES)
                 .zip(os.chunks_exact_mut(dvp * LANES))
@@ -581,26 +594,40 @@ mod tests {
             let k = mk([b, nk, heads * d], 2);
             let v = mk([b, nk, heads * d], 3);
             let new = scaled_dot_product_attention(&q, &k, &v, heads).unwrap();
-            let old = crate::ops::attention_old::scaled_dot_product_attention(&q, &k, &v, heads)
-                .unwrap();
+            let old =
+                crate::ops::attention_old::scaled_dot_product_attention(&q, &k, &v, heads).unwrap();
             let diff = new
                 .data()
                 .iter()
                 .zip(old.data())
                 .map(|(a, b)| (a - b).abs())
                 .fold(0.0f32, f32::max);
-            let (mut to, mut tn) = (vec![], vec![]);
+            // Process CPU time (all threads) in ms, from /proc/self/stat (10 ms ticks).
+            fn cpu_ms() -> f64 {
+                let st = std::fs::read_to_string("/proc/self/stat").unwrap();
+                let f: Vec<&str> = st.rsplit(')').next().unwrap().split_whitespace().collect();
+                (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) * 10.0
+            }
+            let (mut to, mut tn, mut co, mut cn) = (vec![], vec![], 0.0, 0.0);
             for _ in 0..reps {
-                let t = std::time::Instant::now();
+                let (t, c) = (std::time::Instant::now(), cpu_ms());
                 std::hint::black_box(
                     crate::ops::attention_old::scaled_dot_product_attention(&q, &k, &v, heads)
                         .unwrap(),
                 );
                 to.push(t.elapsed().as_secs_f64() * 1e3);
-                let t = std::time::Instant::now();
+                co += cpu_ms() - c;
+                let (t, c) = (std::time::Instant::now(), cpu_ms());
                 std::hint::black_box(scaled_dot_product_attention(&q, &k, &v, heads).unwrap());
                 tn.push(t.elapsed().as_secs_f64() * 1e3);
+                cn += cpu_ms() - c;
             }
+            println!(
+                "{name}: CPU time per call old {:.0} ms new {:.0} ms (new/old {:.3})",
+                co / reps as f64,
+                cn / reps as f64,
+                cn / co
+            );
             to.sort_by(f64::total_cmp);
             tn.sort_by(f64::total_cmp);
             println!(

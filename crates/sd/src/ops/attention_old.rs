@@ -345,4 +345,3 @@ fn online_softmax_block(
         *s += b;
     }
 }
-
