@@ -15,9 +15,6 @@
 
 pub mod activation;
 pub mod attention;
-#[doc(hidden)]
-#[allow(missing_docs, dead_code)]
-pub mod attention_old;
 pub mod conv;
 pub mod elementwise;
 pub mod embedding;
