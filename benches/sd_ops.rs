@@ -102,13 +102,17 @@ fn bench_ops(c: &mut Criterion) {
         bn.iter(|| ops::scaled_dot_product_attention(black_box(&q), &k, &k, 8).unwrap())
     });
 
-    // Other attention shapes: SD 2.x/SDXL heads of 64 at 4096 tokens, SD 1.5 at 32x32 (1024
-    // tokens, heads of 80), cross-attention to 77 text tokens, and the VAE mid-block (one head
-    // of 512 channels at 64x64 latents).
+    // Other attention shapes: the UNet's batch of 2 (CFG) at 64x64, SD 2.x/SDXL heads of 64 at
+    // 4096 tokens, SD 1.5 at 32x32 (1024 tokens, heads of 80) and 16x16 (256 tokens, heads of
+    // 160), cross-attention to 77 text tokens, and the VAE mid-block (one head of 512 channels
+    // at 64x64 latents).
     for (name, b, nq, nk, heads, d) in [
+        ("attention_4096_8x40_b2", 2, 4096, 4096, 8, 40),
         ("attention_4096_5x64_b1", 1, 4096, 4096, 5, 64),
         ("attention_1024_8x80_b2", 2, 1024, 1024, 8, 80),
+        ("attention_256_8x160_b2", 2, 256, 256, 8, 160),
         ("attention_cross_4096x77_8x40_b2", 2, 4096, 77, 8, 40),
+        ("attention_cross_1024x77_8x80_b2", 2, 1024, 77, 8, 80),
         ("attention_vae_4096_1x512_b1", 1, 4096, 4096, 1, 512),
     ] {
         let q = filled(&[b, nq, heads * d], 9);

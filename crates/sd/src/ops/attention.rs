@@ -2,56 +2,32 @@
 //!
 //! Flash-style: each task takes one batch item and a block of query rows, walks the keys in
 //! blocks, and keeps a running row maximum and sum (online softmax), rescaling its output
-//! accumulator when the maximum grows, so only a `query block x key block` score tile exists at a
-//! time. Tasks are independent and each runs the same fixed sequence of operations, so the
-//! result does not depend on how tasks are split over threads.
+//! accumulator when the maximum grows, so only a `strip x key block` score tile exists at a
+//! time. The queries are handled in strips of [`LANES`] (the vector lanes of the micro-kernels);
+//! keys and values are packed once per call into the order the micro-kernels read them. Tasks
+//! are independent and each runs the same fixed sequence of operations, so the result does not
+//! depend on how tasks are split over threads.
 
-use super::exp::exp_nonpositive_f32;
-use super::gemm::{gemm, MatMut, MatRef};
+use super::exp::{exp_nonpositive_fused, madd};
 use super::parallel::for_each_row;
 use crate::tensor::{OpError, OpResult, Tensor};
 
-/// Query rows per task: two of matrixmultiply's 64-row blocks, so each packed key/value block
-/// serves 128 queries, yet below the size at which it would split rows over threads.
+/// Query rows per task (a whole number of strips).
 const BQ: usize = 128;
 
-/// matrixmultiply splits a product over threads once `m*k + k*n` reaches 2^15; the block
-/// products stay below so that each runs on the calling task's thread.
-const GEMM_SINGLE_THREAD: usize = 1 << 15;
+/// Queries per strip: the lanes of the micro-kernels (two AVX2 registers).
+const LANES: usize = 16;
 
-/// Keys per block for head sizes `d` (queries/keys) and `dv` (values): as many as keep both block
-/// products below matrixmultiply's threading threshold (the score tile and the key/value blocks
-/// then sit in L2), a multiple of 16, at least 64. Depends only on the shapes, never on the thread
-/// count.
-fn key_block(d: usize, dv: usize) -> usize {
-    let mut bk = 512;
-    while bk > 64 && !single_threaded_gemms(d, dv, bk) {
-        bk -= 16;
-    }
-    if single_threaded_gemms(d, dv, bk) {
-        bk
-    } else {
-        LARGE_HEAD_BK
-    }
-}
+/// Keys per step of the score micro-kernel (`KG x 2` accumulator registers).
+const KG: usize = 6;
 
-/// Keys per block for heads too large for single-threaded block products.
-const LARGE_HEAD_BK: usize = 256;
+/// Value channels per step of the `P·V` micro-kernel (`VG x 2` accumulator registers); SD's head
+/// sizes 40, 80 and 160 are multiples of it.
+const VG: usize = 5;
 
-/// Whether matrixmultiply runs both block products on the calling thread.
-fn single_threaded_gemms(d: usize, dv: usize, bk: usize) -> bool {
-    d * (BQ + bk) < GEMM_SINGLE_THREAD && bk * (BQ + dv) < GEMM_SINGLE_THREAD
-}
-
-/// Our threads split the tasks when each block product runs on one thread; for larger heads the
-/// tasks run in order and matrixmultiply threads each product (same bits either way).
-fn run_tasks(data: &mut [f32], len: usize, f: &(dyn Fn(usize, &mut [f32]) + Sync), split: bool) {
-    if split {
-        for_each_row(data, len, f);
-    } else {
-        data.chunks_mut(len).enumerate().for_each(|(i, t)| f(i, t));
-    }
-}
+/// Keys per block: a multiple of [`KG`]; a strip's score tile (`BK x LANES`) stays in L1 and
+/// the block's packed keys and values in L2.
+const BK: usize = 192;
 
 /// Signature of the task runner: calls `f(i, tile)` once for every `len`-sized tile of `data`.
 type RunTasks<'a> = &'a dyn Fn(&mut [f32], usize, &(dyn Fn(usize, &mut [f32]) + Sync));
@@ -66,10 +42,7 @@ pub fn scaled_dot_product_attention(
     v: &Tensor,
     heads: usize,
 ) -> OpResult<Tensor> {
-    let split = split_tasks(q, v, heads);
-    attention(q, k, v, heads, false, &|d, len, f| {
-        run_tasks(d, len, f, split)
-    })
+    attention(q, k, v, heads, false, &|d, len, f| for_each_row(d, len, f))
 }
 
 /// Causal [`scaled_dot_product_attention`] for self-attention (`nq == nk`): query `i` attends to
@@ -80,19 +53,7 @@ pub(crate) fn causal_scaled_dot_product_attention(
     v: &Tensor,
     heads: usize,
 ) -> OpResult<Tensor> {
-    let split = split_tasks(q, v, heads);
-    attention(q, k, v, heads, true, &|d, len, f| {
-        run_tasks(d, len, f, split)
-    })
-}
-
-/// Whether our threads split the tasks (see [`run_tasks`]); shapes are checked later.
-fn split_tasks(q: &Tensor, v: &Tensor, heads: usize) -> bool {
-    let (d, dv) = match (q.shape().last(), v.shape().last()) {
-        (Some(&qc), Some(&vc)) if heads > 0 => (qc / heads, vc / heads),
-        _ => return true,
-    };
-    single_threaded_gemms(d, dv, key_block(d, dv))
+    attention(q, k, v, heads, true, &|d, len, f| for_each_row(d, len, f))
 }
 
 /// Shapes and constants shared by every task.
@@ -102,7 +63,8 @@ struct Dims {
     heads: usize,
     d: usize,
     dv: usize,
-    bk: usize,
+    /// `dv` rounded up to a multiple of [`VG`].
+    dvp: usize,
     scale: f32,
     causal: bool,
 }
@@ -152,21 +114,19 @@ fn attention(
         heads,
         d,
         dv,
-        bk: key_block(d, dv),
+        dvp: dv.div_ceil(VG) * VG,
         scale: 1.0 / (d as f32).sqrt(),
         causal,
     };
-    // A per-head transposed copy `[b, heads, d, nk]` of k, so that its blocks are read in
-    // contiguous runs when matrixmultiply packs them (as are the per-task copies of q blocks).
-    let kt = per_head_transposed(k.data(), b, nk, heads, d, run);
-    let (qd, vd) = (q.data(), v.data());
+    let kp = pack_keys(k.data(), b, nk, heads, d, run);
+    let vp = pack_values(v.data(), b, nk, heads, dv, run);
+    let qd = q.data();
     // One tile of BQ query rows x all heads per (batch, query block) task.
     let q_blocks = nq.div_ceil(BQ);
     let tile_len = BQ * vc;
     let task = |i: usize, tile: &mut [f32]| {
         let (bi, qb) = (i / q_blocks, i % q_blocks);
-        // Block views are in bounds by the shape checks above.
-        attend_block(&dims, qd, &kt, vd, bi, qb * BQ, tile).expect("attention block views");
+        attend_block(&dims, qd, &kp, &vp, bi, qb * BQ, tile);
     };
     if nq.is_multiple_of(BQ) {
         // The tiles are exactly the output's blocks of rows.
@@ -184,165 +144,281 @@ fn attention(
     Tensor::new([b, nq, vc], out)
 }
 
-/// `x [b, n, heads*d]` as `[b, heads, d, n]`.
-fn per_head_transposed(
-    x: &[f32],
+/// `k [b, nk, heads*d]` as `[b, heads, nk/KG, d, KG]` (keys padded with zeros to a multiple of
+/// [`KG`]): each score micro-kernel step reads `KG` keys' channel `c` side by side.
+fn pack_keys(
+    k: &[f32],
     b: usize,
-    n: usize,
+    nk: usize,
     heads: usize,
     d: usize,
     run: RunTasks<'_>,
 ) -> Vec<f32> {
-    let c = heads * d;
-    let mut t = vec![0.0f32; b * c * n];
-    // Row r of the result is channel r % c of batch item r / c.
-    run(&mut t, n, &|r, row| {
-        let (bi, ch) = (r / c, r % c);
-        let src = &x[bi * n * c + ch..];
-        for (i, dst) in row.iter_mut().enumerate() {
-            *dst = src[i * c];
+    let groups = nk.div_ceil(KG);
+    let len = groups * d * KG;
+    let mut kp = vec![0.0f32; b * heads * len];
+    run(&mut kp, len, &|bh, dst| {
+        let (bi, h) = (bh / heads, bh % heads);
+        for (j, key) in k[bi * nk * heads * d..]
+            .chunks_exact(heads * d)
+            .take(nk)
+            .enumerate()
+        {
+            let group = &mut dst[(j / KG) * d * KG..][..d * KG];
+            for (c, &x) in key[h * d..(h + 1) * d].iter().enumerate() {
+                group[c * KG + j % KG] = x;
+            }
         }
     });
-    t
+    kp
+}
+
+/// `v [b, nk, heads*dv]` as `[b, heads, dvp/VG, nk, VG]` (channels padded with zeros to a
+/// multiple of [`VG`]): each `P·V` micro-kernel step reads `VG` channels of one key.
+fn pack_values(
+    v: &[f32],
+    b: usize,
+    nk: usize,
+    heads: usize,
+    dv: usize,
+    run: RunTasks<'_>,
+) -> Vec<f32> {
+    let cgroups = dv.div_ceil(VG);
+    let len = cgroups * nk * VG;
+    let mut vp = vec![0.0f32; b * heads * len];
+    run(&mut vp, len, &|bh, dst| {
+        let (bi, h) = (bh / heads, bh % heads);
+        for (j, key) in v[bi * nk * heads * dv..]
+            .chunks_exact(heads * dv)
+            .take(nk)
+            .enumerate()
+        {
+            for (c, &x) in key[h * dv..(h + 1) * dv].iter().enumerate() {
+                dst[((c / VG) * nk + j) * VG + c % VG] = x;
+            }
+        }
+    });
+    vp
 }
 
 /// All heads of query rows `q0..q0 + BQ` (clipped to `nq`) of batch item `bi`, written to `tile`
-/// as `[BQ, heads*dv]`. `kt` is per-head transposed (see [`per_head_transposed`]).
+/// as `[BQ, heads*dv]`. `kp` and `vp` are packed by [`pack_keys`] and [`pack_values`].
 fn attend_block(
     dm: &Dims,
     q: &[f32],
-    kt: &[f32],
-    v: &[f32],
+    kp: &[f32],
+    vp: &[f32],
     bi: usize,
     q0: usize,
     tile: &mut [f32],
-) -> OpResult<()> {
-    let (d, dv, bk, nq, nk) = (dm.d, dm.dv, dm.bk, dm.nq, dm.nk);
+) {
+    let (d, dv, dvp, nq, nk) = (dm.d, dm.dv, dm.dvp, dm.nq, dm.nk);
     let (qc, vc) = (dm.heads * d, dm.heads * dv);
     let rows = BQ.min(nq - q0);
+    let strips = rows.div_ceil(LANES);
     // Keys any of these queries can see.
     let k_end = if dm.causal { (q0 + rows).min(nk) } else { nk };
-    // Scores and then weights of one key block, key-major (`[cols, rows]`), so the softmax
-    // runs across queries in lanes and the weights pack contiguously as the left operand.
-    let mut scores = vec![0.0f32; bk * rows];
-    let mut acc = vec![0.0f32; rows * dv];
-    let mut q_t = vec![0.0f32; d * rows];
-    let mut row_max = [f32::NEG_INFINITY; BQ];
-    let mut row_sum = [0.0f64; BQ];
+    let (kp_len, vp_len) = (nk.div_ceil(KG) * d * KG, nk * dvp);
+    // Per strip: scaled queries `[d, LANES]` and the output accumulator `[dvp, LANES]`; lanes
+    // past `rows` stay zero queries and are never written out.
+    let mut qs = vec![0.0f32; strips * d * LANES];
+    let mut os = vec![0.0f32; strips * dvp * LANES];
+    let mut scores = vec![0.0f32; BK * LANES];
+    let mut row_max = vec![[f32::NEG_INFINITY; LANES]; strips];
+    let mut row_sum = vec![[0.0f64; LANES]; strips];
     for h in 0..dm.heads {
-        acc.fill(0.0);
-        let (row_max, row_sum) = (&mut row_max[..rows], &mut row_sum[..rows]);
-        row_max.fill(f32::NEG_INFINITY);
-        row_sum.fill(0.0);
         let head = bi * dm.heads + h;
-        // This head's queries, transposed to `[d, rows]`.
+        let (kp_h, vp_h) = (
+            &kp[head * kp_len..][..kp_len],
+            &vp[head * vp_len..][..vp_len],
+        );
         for (i, qrow) in q[(bi * nq + q0) * qc..].chunks(qc).take(rows).enumerate() {
+            let strip = &mut qs[(i / LANES) * d * LANES..][..d * LANES];
             for (c, &x) in qrow[h * d..(h + 1) * d].iter().enumerate() {
-                q_t[c * rows + i] = x;
+                strip[c * LANES + i % LANES] = x * dm.scale;
             }
         }
-        let q_h = MatRef::new(&q_t, 0, rows, d, 1, rows)?;
+        os.fill(0.0);
+        row_max.fill([f32::NEG_INFINITY; LANES]);
+        row_sum.fill([0.0; LANES]);
         let mut k0 = 0;
         while k0 < k_end {
-            let cols = bk.min(k_end - k0);
-            let s = &mut scores[..cols * rows];
-            let k_t = MatRef::new(kt, head * d * nk + k0, d, cols, nk, 1)?;
-            gemm(
-                dm.scale,
-                q_h,
-                k_t,
-                0.0,
-                MatMut::new(s, 0, rows, cols, 1, rows)?,
-            )?;
-            if dm.causal && k0 + cols > q0 + 1 {
-                // Key k0 + j is after query q0 + i when i < k0 + j - q0.
-                for (j, key) in s.chunks_exact_mut(rows).enumerate() {
-                    let first_seen = (k0 + j).saturating_sub(q0).min(rows);
-                    key[..first_seen].fill(f32::NEG_INFINITY);
+            let cols = BK.min(k_end - k0);
+            for (st, ((qs, os), (max, sum))) in qs
+                .chunks_exact(d * LANES)
+                .zip(os.chunks_exact_mut(dvp * LANES))
+                .zip(row_max.iter_mut().zip(row_sum.iter_mut()))
+                .enumerate()
+            {
+                let first = q0 + st * LANES;
+                // Causal: keys past the strip's last query are masked for all its lanes.
+                let (cols, mask) = if dm.causal {
+                    ((first + LANES).saturating_sub(k0).min(cols), Some(first))
+                } else {
+                    (cols, None)
+                };
+                if cols == 0 {
+                    continue;
                 }
+                let blk = StripBlock {
+                    keys: &kp_h[(k0 / KG) * d * KG..],
+                    values: vp_h,
+                    nk,
+                    k0,
+                    cols,
+                    mask,
+                };
+                strip_block(&blk, qs, &mut scores, os, max, sum);
             }
-            online_softmax_block(s, rows, row_max, row_sum, &mut acc, dv);
-            let p = MatRef::new(s, 0, rows, cols, 1, rows)?;
-            let v_blk = MatRef::new(v, (bi * nk + k0) * vc + h * dv, cols, dv, vc, 1)?;
-            gemm(1.0, p, v_blk, 1.0, MatMut::row_major(&mut acc, rows, dv)?)?;
             k0 += cols;
         }
-        for (i, arow) in acc.chunks_exact(dv).enumerate() {
+        for (i, trow) in tile.chunks_exact_mut(vc).take(rows).enumerate() {
+            let (st, lane) = (i / LANES, i % LANES);
+            let sum = row_sum[st][lane];
             // A query that never saw a finite score has sum 0 and a zero accumulator: output 0.
-            let inv = if row_sum[i] > 0.0 {
-                (1.0 / row_sum[i]) as f32
-            } else {
-                0.0
-            };
-            let o = &mut tile[i * vc + h * dv..i * vc + (h + 1) * dv];
-            for (o, &a) in o.iter_mut().zip(arow) {
+            let inv = if sum > 0.0 { (1.0 / sum) as f32 } else { 0.0 };
+            let acc = &os[st * dvp * LANES..][..dv * LANES];
+            for (o, a) in trow[h * dv..(h + 1) * dv]
+                .iter_mut()
+                .zip(acc.iter().skip(lane).step_by(LANES))
+            {
                 *o = a * inv;
             }
         }
     }
-    Ok(())
 }
 
-/// One key block of the online softmax for `rows` queries: turns the key-major scores `s`
-/// (`[keys, rows]`) into weights `exp(s - m)` for each query's new running maximum `m`, and
-/// rescales the running sums and the output accumulator `acc` (`[rows, dv]`) from the old
-/// maximum to the new one. Scores of `-inf` get weight exactly 0; a query with no finite score
-/// yet keeps sum 0.
+/// One key block as seen by one strip.
+struct StripBlock<'a> {
+    /// This head's packed keys from the block's first key group on.
+    keys: &'a [f32],
+    /// This head's packed values (all keys).
+    values: &'a [f32],
+    nk: usize,
+    /// The block's first key (a multiple of [`KG`]).
+    k0: usize,
+    /// Keys of the block this strip uses.
+    cols: usize,
+    /// Causal: the strip's first query; key `k0 + j` is masked for lane `l` when `k0 + j >
+    /// first + l`.
+    mask: Option<usize>,
+}
+
+/// One key block for one strip of queries `qs` (`[d, LANES]`, pre-scaled): scores into
+/// `scores` (`[keys, LANES]`), online softmax against the strip's running maximum and sum, and
+/// the weighted values accumulated into `acc` (`[dvp, LANES]`), rescaled when the maximum grows.
+/// Scores of `-inf` get weight exactly 0; a query with no finite score yet keeps sum 0.
 #[multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
-fn online_softmax_block(
-    s: &mut [f32],
-    rows: usize,
-    max: &mut [f32],
-    sum: &mut [f64],
+fn strip_block<'a>(
+    blk: &StripBlock<'a>,
+    qs: &[f32],
+    scores: &mut [f32],
     acc: &mut [f32],
-    dv: usize,
+    max: &mut [f32; LANES],
+    sum: &mut [f64; LANES],
 ) {
-    let mut m = [f32::NEG_INFINITY; BQ];
-    let m = &mut m[..rows];
-    m.copy_from_slice(max);
-    for key in s.chunks_exact(rows) {
+    const FMA: bool = multiversion::target::target_cfg_f!(target_feature = "fma");
+    strip_block_body::<FMA>(blk, qs, scores, acc, max, sum);
+}
+
+/// The body of [`strip_block`], inlined into each of its target versions.
+#[inline(always)]
+fn strip_block_body<const FMA: bool>(
+    blk: &StripBlock<'_>,
+    qs: &[f32],
+    scores: &mut [f32],
+    acc: &mut [f32],
+    max: &mut [f32; LANES],
+    sum: &mut [f64; LANES],
+) {
+    let d = qs.len() / LANES;
+    let cols = blk.cols;
+    // Scores, KG keys at a time (the last group may run into padding or later keys: unused).
+    for (sg, kg) in scores
+        .chunks_exact_mut(KG * LANES)
+        .zip(blk.keys.chunks_exact(d * KG))
+        .take(cols.div_ceil(KG))
+    {
+        let mut s = [[0.0f32; LANES]; KG];
+        for (qv, kv) in qs.chunks_exact(LANES).zip(kg.chunks_exact(KG)) {
+            let qv: &[f32; LANES] = qv.try_into().expect("LANES-long chunk");
+            for (s, &k) in s.iter_mut().zip(kv) {
+                for (s, &q) in s.iter_mut().zip(qv) {
+                    *s = madd::<FMA>(k, q, *s);
+                }
+            }
+        }
+        for (dst, s) in sg.chunks_exact_mut(LANES).zip(&s) {
+            dst.copy_from_slice(s);
+        }
+    }
+    let s = &mut scores[..cols * LANES];
+    if let Some(first) = blk.mask {
+        for (j, key) in s.chunks_exact_mut(LANES).enumerate() {
+            // Lanes l < k0 + j - first are earlier queries than key k0 + j.
+            let hidden = (blk.k0 + j).saturating_sub(first).min(LANES);
+            key[..hidden].fill(f32::NEG_INFINITY);
+        }
+    }
+    // Online softmax across the strip's lanes.
+    let mut m = *max;
+    for key in s.chunks_exact(LANES) {
         for (m, &x) in m.iter_mut().zip(key) {
             // NaNs are skipped here; they reach the output through exp.
             *m = if x > *m { x } else { *m };
         }
     }
-    for (i, (arow, (old, new))) in acc
-        .chunks_exact_mut(dv)
-        .zip(max.iter_mut().zip(m.iter_mut()))
-        .enumerate()
-    {
+    let mut alpha = [0.0f32; LANES];
+    for ((a, old), new) in alpha.iter_mut().zip(max.iter_mut()).zip(m.iter_mut()) {
         let seen = *new;
         // Subtracting a finite stand-in for a -inf maximum keeps exp(-inf - m) = 0, not NaN.
         if *new == f32::NEG_INFINITY {
             *new = 0.0;
         }
         // exp(-inf) = 0 on the first block; exactly 1 when the maximum did not grow.
-        let alpha = exp_nonpositive_f32(*old - *new);
-        if alpha != 1.0 {
-            arow.iter_mut().for_each(|a| *a *= alpha);
-            sum[i] *= alpha as f64;
-        }
+        *a = exp_nonpositive_fused::<FMA>(*old - *new);
         *old = seen;
+    }
+    for row in acc.chunks_exact_mut(LANES) {
+        for (x, &a) in row.iter_mut().zip(&alpha) {
+            *x *= a;
+        }
+    }
+    for (s, &a) in sum.iter_mut().zip(&alpha) {
+        *s *= a as f64;
     }
     // Sums in f32 over runs of a few keys (so exp stays in f32 lanes), then in f64.
     const RUN: usize = 16;
-    let mut block_sum = [0.0f64; BQ];
-    let block_sum = &mut block_sum[..rows];
-    for run in s.chunks_mut(RUN * rows) {
-        let mut part = [0.0f32; BQ];
-        let part = &mut part[..rows];
-        for key in run.chunks_exact_mut(rows) {
-            for ((x, &m), p) in key.iter_mut().zip(m.iter()).zip(part.iter_mut()) {
-                *x = exp_nonpositive_f32(*x - m);
+    for run in s.chunks_mut(RUN * LANES) {
+        let mut part = [0.0f32; LANES];
+        for key in run.chunks_exact_mut(LANES) {
+            for ((x, &m), p) in key.iter_mut().zip(&m).zip(part.iter_mut()) {
+                *x = exp_nonpositive_fused::<FMA>(*x - m);
                 *p += *x;
             }
         }
-        for (b, &p) in block_sum.iter_mut().zip(part.iter()) {
-            *b += p as f64;
+        for (t, &p) in sum.iter_mut().zip(&part) {
+            *t += p as f64;
         }
     }
-    for (s, b) in sum.iter_mut().zip(block_sum.iter()) {
-        *s += b;
+    // acc += weights · values, VG channels at a time.
+    for (cg, ag) in acc.chunks_exact_mut(VG * LANES).enumerate() {
+        let vals = &blk.values[(cg * blk.nk + blk.k0) * VG..][..cols * VG];
+        let mut o = [[0.0f32; LANES]; VG];
+        for (o, a) in o.iter_mut().zip(ag.chunks_exact(LANES)) {
+            o.copy_from_slice(a);
+        }
+        for (pv, vv) in s.chunks_exact(LANES).zip(vals.chunks_exact(VG)) {
+            let pv: &[f32; LANES] = pv.try_into().expect("LANES-long chunk");
+            for (o, &v) in o.iter_mut().zip(vv) {
+                for (o, &p) in o.iter_mut().zip(pv) {
+                    *o = madd::<FMA>(v, p, *o);
+                }
+            }
+        }
+        for (a, o) in ag.chunks_exact_mut(LANES).zip(&o) {
+            a.copy_from_slice(o);
+        }
     }
 }
 

@@ -71,6 +71,44 @@ pub(crate) fn exp_nonpositive_f32(x: f32) -> f32 {
     }
 }
 
+/// `a * b + c`, fused (one rounding) when `FMA`: callers inside `multiversion` functions pass
+/// whether the selected target has FMA, where `mul_add` is one instruction.
+#[inline(always)]
+pub(crate) fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+/// [`exp_nonpositive_f32`] (same algorithm and special cases, same accuracy) with its
+/// multiply-adds fused when `FMA`, for the attention's softmax inside AVX2+FMA code; the bits may
+/// differ from [`exp_nonpositive_f32`] in the last place.
+#[inline(always)]
+pub(crate) fn exp_nonpositive_fused<const FMA: bool>(x: f32) -> f32 {
+    #[allow(clippy::manual_clamp)]
+    let xc = if MIN_X > x { MIN_X } else { x };
+    let t = madd::<FMA>(xc, LOG2E, ROUND_MAGIC);
+    let n = t - ROUND_MAGIC;
+    let r = madd::<FMA>(-n, LN2_HI, xc);
+    let r = madd::<FMA>(-n, LN2_LO, r);
+    let mut p = 1.987_569_1e-4f32;
+    p = madd::<FMA>(p, r, 1.398_2e-3);
+    p = madd::<FMA>(p, r, 8.333_452e-3);
+    p = madd::<FMA>(p, r, 4.166_579_6e-2);
+    p = madd::<FMA>(p, r, 1.666_666_5e-1);
+    p = madd::<FMA>(p, r, 0.5);
+    let y = madd::<FMA>(p * r, r, r) + 1.0;
+    let n_bits = t.to_bits().wrapping_sub(ROUND_MAGIC.to_bits());
+    let v = y * f32::from_bits(n_bits.wrapping_add(127) << 23);
+    if x < MIN_X {
+        0.0
+    } else {
+        v
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,5 +157,35 @@ mod tests {
         }
         assert_eq!(exp_nonpositive_f32(f32::NEG_INFINITY), 0.0);
         assert!(exp_nonpositive_f32(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn fused_variant_within_two_ulp() {
+        fn check<const FMA: bool>() {
+            let mut worst = 0;
+            let steps = 200_000;
+            for i in 0..=steps {
+                let x = MIN_X * i as f32 / steps as f32;
+                let want = (x as f64).exp() as f32;
+                if want < f32::MIN_POSITIVE {
+                    continue;
+                }
+                worst = worst.max(ulps(exp_nonpositive_fused::<FMA>(x), want));
+            }
+            assert!(worst <= 2, "FMA {FMA}: worst error {worst} ulp");
+            assert_eq!(exp_nonpositive_fused::<FMA>(0.0), 1.0);
+            assert_eq!(exp_nonpositive_fused::<FMA>(-1000.0), 0.0);
+            assert_eq!(exp_nonpositive_fused::<FMA>(f32::NEG_INFINITY), 0.0);
+            assert!(exp_nonpositive_fused::<FMA>(f32::NAN).is_nan());
+        }
+        check::<true>();
+        check::<false>();
+        // Without FMA it is exp_nonpositive_f32 itself.
+        for x in [-0.3f32, -1.7, -20.25, -80.0] {
+            assert_eq!(
+                exp_nonpositive_fused::<false>(x).to_bits(),
+                exp_nonpositive_f32(x).to_bits()
+            );
+        }
     }
 }
