@@ -197,8 +197,9 @@ pub(crate) fn erf_f32(x: f32) -> f32 {
     }
 }
 
+/// SiLU of one value (for kernels that fuse it).
 #[inline(always)]
-fn silu1(x: f32) -> f32 {
+pub(crate) fn silu1(x: f32) -> f32 {
     x / (1.0 + super::exp::exp_f32(-x))
 }
 
