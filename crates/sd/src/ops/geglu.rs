@@ -5,6 +5,7 @@ use super::gemm::{gemm_serial, gemm_threads, MatMut, MatRef};
 use super::linear::{check_linear, linear};
 use super::parallel::for_each_row;
 use crate::tensor::{OpError, OpResult, Tensor};
+use std::ops::Range;
 
 /// `hidden * gelu(gate)` where `[hidden, gate] = h.chunk(2, dim=-1)`; `h [..., 2*f]` -> `[..., f]`.
 pub fn geglu_gate(h: &Tensor) -> OpResult<Tensor> {
@@ -84,18 +85,16 @@ pub(crate) fn geglu_blocked(
     let row_blocks = rows.div_ceil(row_block);
     if threads <= 1 || rows == 0 {
         let segs = out.chunks_mut(f.max(1)).collect();
-        task.run(0..rows, 0..f, segs);
+        task.run(0..rows, 0..f, segs)?;
     } else if row_blocks >= threads {
         // Whole row blocks per thread: contiguous output rows.
         let per = row_blocks.div_ceil(threads) * row_block;
-        std::thread::scope(|s| {
-            for (t, chunk) in out.chunks_mut(per * f).enumerate() {
-                let task = &task;
-                let r0 = t * per;
-                let r1 = r0 + chunk.len() / f;
-                s.spawn(move || task.run(r0..r1, 0..f, chunk.chunks_mut(f).collect()));
-            }
+        let parts = out.chunks_mut(per * f).enumerate().map(|(t, chunk)| {
+            let r0 = t * per;
+            let r1 = r0 + chunk.len() / f;
+            (r0..r1, 0..f, chunk.chunks_mut(f).collect())
         });
+        task.run_threads(parts.collect())?;
     } else {
         // Few rows (small latents): split the columns, in multiples of 64 (whole GEMM tiles).
         let per = f.div_ceil(threads).div_ceil(64) * 64;
@@ -106,14 +105,11 @@ pub(crate) fn geglu_blocked(
                 segs[p].push(seg);
             }
         }
-        std::thread::scope(|s| {
-            for (p, seg) in segs.into_iter().enumerate() {
-                let task = &task;
-                let c0 = p * per;
-                let c1 = (c0 + per).min(f);
-                s.spawn(move || task.run(0..rows, c0..c1, seg));
-            }
+        let parts = segs.into_iter().enumerate().map(|(p, seg)| {
+            let c0 = p * per;
+            (0..rows, c0..(c0 + per).min(f), seg)
         });
+        task.run_threads(parts.collect())?;
     }
     let mut shape = x.shape().to_vec();
     if let Some(last) = shape.last_mut() {
@@ -136,22 +132,46 @@ struct Task<'a> {
     col_block: usize,
 }
 
+/// One thread's share of a [`Task`]: output rows, output columns, and those outputs (one slice
+/// per row).
+type Part<'o> = (Range<usize>, Range<usize>, Vec<&'o mut [f32]>);
+
 impl Task<'_> {
+    /// Runs each part on its own thread (the first on the calling thread).
+    fn run_threads(&self, parts: Vec<Part<'_>>) -> OpResult<()> {
+        std::thread::scope(|s| {
+            let mut parts = parts.into_iter();
+            let first = parts.next();
+            let handles: Vec<_> = parts
+                .map(|(r, c, seg)| s.spawn(move || self.run(r, c, seg)))
+                .collect();
+            let mut result = match first {
+                Some((r, c, seg)) => self.run(r, c, seg),
+                None => Ok(()),
+            };
+            for h in handles {
+                let r = h.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
+                result = result.and(r);
+            }
+            result
+        })
+    }
+
     /// Projects and gates output rows `rows` x columns `cols`; `segs[i]` is output row
     /// `rows.start + i`, columns `cols`.
     fn run(
         &self,
-        rows: std::ops::Range<usize>,
-        cols: std::ops::Range<usize>,
+        rows: Range<usize>,
+        cols: Range<usize>,
         mut segs: Vec<&mut [f32]>,
-    ) {
+    ) -> OpResult<()> {
         let (in_f, f) = (self.in_f, self.f);
         let cb = self.col_block.min(cols.len());
         let mut buf = vec![0.0f32; self.row_block.min(rows.len()) * 2 * cb];
         let beta = if self.b.is_some() { 1.0 } else { 0.0 };
         for r0 in rows.clone().step_by(self.row_block) {
             let rn = self.row_block.min(rows.end - r0);
-            let a = MatRef::new(self.x, r0 * in_f, rn, in_f, in_f, 1).expect("rows in x");
+            let a = MatRef::new(self.x, r0 * in_f, rn, in_f, in_f, 1)?;
             for j0 in cols.clone().step_by(cb) {
                 let cn = cb.min(cols.end - j0);
                 let tile = &mut buf[..rn * 2 * cn];
@@ -165,16 +185,13 @@ impl Task<'_> {
                 }
                 if cn == f {
                     // Both halves in one product: weight rows [0, 2f) are [hidden | gate].
-                    let w = MatRef::row_major(self.w, 2 * f, in_f).expect("weight").t();
-                    let c = MatMut::row_major(tile, rn, 2 * f).expect("tile");
-                    gemm_serial(1.0, a, w, beta, c).expect("checked shapes");
+                    let w = MatRef::row_major(self.w, 2 * f, in_f)?.t();
+                    gemm_serial(1.0, a, w, beta, MatMut::row_major(tile, rn, 2 * f)?)?;
                 } else {
                     for (half, w0) in [(0, j0), (cn, f + j0)] {
-                        let w = MatRef::new(self.w, w0 * in_f, cn, in_f, in_f, 1)
-                            .expect("weight rows")
-                            .t();
-                        let c = MatMut::new(tile, half, rn, cn, 2 * cn, 1).expect("tile");
-                        gemm_serial(1.0, a, w, beta, c).expect("checked shapes");
+                        let w = MatRef::new(self.w, w0 * in_f, cn, in_f, in_f, 1)?.t();
+                        let c = MatMut::new(tile, half, rn, cn, 2 * cn, 1)?;
+                        gemm_serial(1.0, a, w, beta, c)?;
                     }
                 }
                 for (i, row) in tile.chunks_exact(2 * cn).enumerate() {
@@ -185,6 +202,7 @@ impl Task<'_> {
                 }
             }
         }
+        Ok(())
     }
 }
 
