@@ -160,5 +160,46 @@ fn bench_ops(c: &mut Criterion) {
     g.finish();
 }
 
+/// GEGLU (fused projection + gate, and the unfused pair it replaces) and the layout permutes.
+/// The old element-wise loops are timed side by side with the new ones by the ignored
+/// `perf_*` unit tests (`cargo test -p ferry-sd --release --lib -- --ignored --nocapture perf_`).
+fn bench_elementwise(c: &mut Criterion) {
+    let threads = std::env::var("FERRY_THREADS").map_or(0, |v| v.parse().expect("FERRY_THREADS"));
+    // Repeating the count bench_ops set is fine; a different one is a bug.
+    ops::set_threads(threads).expect("set_threads before the first op");
+    let mut g = c.benchmark_group("sd15_ew");
+    g.sample_size(10);
+
+    // GEGLU at 64x64 and 32x32 (batch 2): x [rows, in] · W [2f, in]ᵀ, then hidden * gelu(gate).
+    for (name, rows, k, f) in [
+        ("geglu_8192x320x1280", 8192, 320, 1280),
+        ("geglu_2048x640x2560", 2048, 640, 2560),
+    ] {
+        let x = filled(&[rows, k], 21);
+        let w = filled(&[2 * f, k], 22);
+        let b = filled(&[2 * f], 23);
+        g.throughput(Throughput::Elements((2 * rows * k * 2 * f) as u64));
+        g.bench_function(format!("{name}_fused"), |bn| {
+            bn.iter(|| ops::geglu(black_box(&x), &w, Some(&b)).unwrap())
+        });
+        g.bench_function(format!("{name}_linear_then_gate"), |bn| {
+            bn.iter(|| ops::geglu_gate(&ops::linear(black_box(&x), &w, Some(&b)).unwrap()).unwrap())
+        });
+    }
+
+    // nchw_to_tokens / tokens_to_nchw at 64x64, 320 channels, batch 2.
+    let x = filled(&[2, 320, 64, 64], 24);
+    let t = filled(&[2, 4096, 320], 25);
+    g.throughput(Throughput::Elements(x.numel() as u64));
+    g.bench_function("nchw_to_tokens_320_64x64_b2", |bn| {
+        bn.iter(|| black_box(&x).permute(&[0, 2, 3, 1]).unwrap())
+    });
+    g.bench_function("tokens_to_nchw_4096x320_b2", |bn| {
+        bn.iter(|| black_box(&t).transpose(1, 2).unwrap())
+    });
+    g.finish();
+}
+
 criterion_group!(benches, bench_ops);
-criterion_main!(benches);
+criterion_group!(ew_benches, bench_elementwise);
+criterion_main!(benches, ew_benches);

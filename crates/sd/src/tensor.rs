@@ -346,35 +346,11 @@ impl Tensor {
                 format!("{perm:?} for shape {:?}", self.shape),
             ));
         }
-        let in_strides = strides(&self.shape);
         let shape: Vec<usize> = perm.iter().map(|&p| self.shape[p]).collect();
-        let src_strides: Vec<usize> = perm.iter().map(|&p| in_strides[p]).collect();
-        let n = self.data.len();
-        let mut data = Vec::with_capacity(n);
-        if n > 0 {
-            // Odometer over the output index; the innermost dim is copied in a tight loop.
-            let last = rank.saturating_sub(1);
-            let inner_len = shape.get(last).copied().unwrap_or(1);
-            let inner_stride = src_strides.get(last).copied().unwrap_or(1);
-            let mut idx = vec![0usize; rank];
-            loop {
-                let base: usize = idx.iter().zip(&src_strides).map(|(i, s)| i * s).sum();
-                data.extend((0..inner_len).map(|j| self.data[base + j * inner_stride]));
-                // Advance all but the innermost dim.
-                let mut d = last;
-                loop {
-                    if d == 0 {
-                        return Ok(Tensor { shape, data });
-                    }
-                    d -= 1;
-                    idx[d] += 1;
-                    if idx[d] < shape[d] {
-                        break;
-                    }
-                    idx[d] = 0;
-                }
-            }
-        }
+        let data = match transpose_form(&self.shape, perm) {
+            Some((b, r, c, d)) => transpose_blocked(&self.data, b, r, c, d),
+            None => permute_strided(&self.data, &self.shape, perm),
+        };
         Ok(Tensor { shape, data })
     }
 
@@ -491,6 +467,196 @@ fn nan_max(a: f32, b: f32) -> f32 {
     }
 }
 
+/// The permutation as a batched transpose `[b, r, c, d] -> [b, c, r, d]` of contiguous runs
+/// of `d` elements, when it is one (after dropping size-1 dims and merging dims that stay
+/// adjacent and in order); `r` and `c` may be 1 (a plain copy).
+fn transpose_form(shape: &[usize], perm: &[usize]) -> Option<(usize, usize, usize, usize)> {
+    // Output dims in order, as input dims, without size-1 dims.
+    let dims: Vec<usize> = perm.iter().copied().filter(|&p| shape[p] > 1).collect();
+    // Runs of output dims that are consecutive input dims: (first input dim, size).
+    let mut groups: Vec<(usize, usize)> = Vec::new();
+    let mut prev: Option<usize> = None;
+    for &p in &dims {
+        // Consecutive up to the size-1 input dims in between.
+        let joins = prev.is_some_and(|q| q < p && (q + 1..p).all(|k| shape[k] == 1));
+        match groups.last_mut() {
+            Some(g) if joins => g.1 *= shape[p],
+            _ => groups.push((p, shape[p])),
+        }
+        prev = Some(p);
+    }
+    // Input order of the groups: rank of each group's first dim.
+    let mut order: Vec<usize> = (0..groups.len()).collect();
+    order.sort_by_key(|&g| groups[g].0);
+    let mut rank = vec![0; groups.len()];
+    for (k, &g) in order.iter().enumerate() {
+        rank[g] = k;
+    }
+    let size = |g: usize| groups[g].1;
+    match rank.as_slice() {
+        [] => Some((1, 1, 1, 1)),
+        [0] => Some((1, 1, 1, size(0))),
+        [1, 0] => Some((1, size(1), size(0), 1)),
+        [0, 2, 1] => Some((size(0), size(2), size(1), 1)),
+        [1, 0, 2] => Some((1, size(1), size(0), size(2))),
+        [0, 2, 1, 3] => Some((size(0), size(2), size(1), size(3))),
+        _ => None,
+    }
+}
+
+/// Output rows per cache tile of [`transpose_blocked`] (and input rows read per tile).
+const TILE: usize = 32;
+
+/// `src [b, r, c, d] -> [b, c, r, d]`, in `TILE x TILE` tiles (each tile's reads and writes
+/// stay in L1), output rows split over threads. A copy: no arithmetic, so nothing depends on
+/// the split.
+fn transpose_blocked(src: &[f32], b: usize, r: usize, c: usize, d: usize) -> Vec<f32> {
+    transpose_blocked_on(src, b, r, c, d, crate::ops::num_threads())
+}
+
+/// [`transpose_blocked`] on at most `max_threads` threads.
+fn transpose_blocked_on(
+    src: &[f32],
+    b: usize,
+    r: usize,
+    c: usize,
+    d: usize,
+    max_threads: usize,
+) -> Vec<f32> {
+    let n = src.len();
+    let mut out = vec![0.0f32; n];
+    if n == 0 {
+        return out;
+    }
+    if r == 1 || c == 1 {
+        out.copy_from_slice(src);
+        return out;
+    }
+    // One output row: (batch, column) -> r * d elements.
+    let row_len = r * d;
+    let out_rows = b * c;
+    let threads = max_threads
+        .min(n / MIN_PARALLEL_COPY)
+        .min(out_rows.div_ceil(TILE))
+        .max(1);
+    let per = out_rows.div_ceil(threads).div_ceil(TILE) * TILE;
+    let work = |first_row: usize, dst: &mut [f32]| {
+        for (t, tile) in dst.chunks_mut(TILE * row_len).enumerate() {
+            let row0 = first_row + t * TILE;
+            // Rows of one tile may span two batches: go row by row within the tile's range.
+            let rows_here = tile.len() / row_len;
+            let mut k = 0;
+            while k < rows_here {
+                let (bi, ci) = ((row0 + k) / c, (row0 + k) % c);
+                // Output rows ci.. of batch bi, up to the tile's or the batch's end.
+                let m = (rows_here - k).min(c - ci);
+                let block = &mut tile[k * row_len..(k + m) * row_len];
+                let base = bi * r * c * d;
+                let mut buf = [0.0f32; TILE * TILE];
+                for r0 in (0..r).step_by(TILE) {
+                    let rn = TILE.min(r - r0);
+                    if d == 1 && rn == TILE && m == TILE {
+                        transpose_tile(&src[base + r0 * c + ci..], c, &mut block[r0..], row_len);
+                        continue;
+                    }
+                    if d == 1 {
+                        // Stage the tile (m <= TILE columns of rn input rows) contiguously: the
+                        // input rows are often 2^k floats apart, and reading them column-wise
+                        // would thrash one L1 set.
+                        for k in 0..rn {
+                            let s = base + (r0 + k) * c + ci;
+                            buf[k * TILE..k * TILE + m].copy_from_slice(&src[s..s + m]);
+                        }
+                        for (j, orow) in block.chunks_exact_mut(row_len).enumerate() {
+                            for (k, v) in orow[r0..r0 + rn].iter_mut().enumerate() {
+                                *v = buf[k * TILE + j];
+                            }
+                        }
+                        continue;
+                    }
+                    for (j, orow) in block.chunks_exact_mut(row_len).enumerate() {
+                        let col = ci + j;
+                        {
+                            for ri in r0..r0 + rn {
+                                let s = base + (ri * c + col) * d;
+                                orow[ri * d..(ri + 1) * d].copy_from_slice(&src[s..s + d]);
+                            }
+                        }
+                    }
+                }
+                k += m;
+            }
+        }
+    };
+    if threads <= 1 {
+        work(0, &mut out);
+    } else {
+        std::thread::scope(|s| {
+            for (t, chunk) in out.chunks_mut(per * row_len).enumerate() {
+                let work = &work;
+                s.spawn(move || work(t * per, chunk));
+            }
+        });
+    }
+    out
+}
+
+/// Transposes one full `TILE x TILE` tile: `dst[j * dst_stride + k] = src[k * src_stride + j]`.
+/// Staged through a local tile, since the input rows are often 2^k floats apart and reading
+/// them column-wise would thrash one L1 set; fixed sizes, so the copies compile to vector moves.
+#[multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
+fn transpose_tile(src: &[f32], src_stride: usize, dst: &mut [f32], dst_stride: usize) {
+    let mut t = [[0.0f32; TILE]; TILE];
+    for (k, row) in src.chunks(src_stride).take(TILE).enumerate() {
+        let row: &[f32; TILE] = row[..TILE].try_into().expect("a full tile row");
+        for (tj, &v) in t.iter_mut().zip(row) {
+            tj[k] = v;
+        }
+    }
+    for (out, tj) in dst.chunks_mut(dst_stride).zip(&t) {
+        let out: &mut [f32; TILE] = (&mut out[..TILE]).try_into().expect("a full tile row");
+        *out = *tj;
+    }
+}
+
+/// Below this many elements a layout copy runs on one thread.
+const MIN_PARALLEL_COPY: usize = 1 << 16;
+
+/// Any permutation, by an odometer over the output index (strided reads).
+fn permute_strided(src: &[f32], in_shape: &[usize], perm: &[usize]) -> Vec<f32> {
+    let rank = in_shape.len();
+    let in_strides = strides(in_shape);
+    let shape: Vec<usize> = perm.iter().map(|&p| in_shape[p]).collect();
+    let src_strides: Vec<usize> = perm.iter().map(|&p| in_strides[p]).collect();
+    let n = src.len();
+    let mut data = Vec::with_capacity(n);
+    if n > 0 {
+        // Odometer over the output index; the innermost dim is copied in a tight loop.
+        let last = rank.saturating_sub(1);
+        let inner_len = shape.get(last).copied().unwrap_or(1);
+        let inner_stride = src_strides.get(last).copied().unwrap_or(1);
+        let mut idx = vec![0usize; rank];
+        loop {
+            let base: usize = idx.iter().zip(&src_strides).map(|(i, s)| i * s).sum();
+            data.extend((0..inner_len).map(|j| src[base + j * inner_stride]));
+            // Advance all but the innermost dim.
+            let mut d = last;
+            loop {
+                if d == 0 {
+                    return data;
+                }
+                d -= 1;
+                idx[d] += 1;
+                if idx[d] < shape[d] {
+                    break;
+                }
+                idx[d] = 0;
+            }
+        }
+    }
+    data
+}
+
 /// Row-major strides (in elements) of a contiguous tensor of `shape`.
 pub fn strides(shape: &[usize]) -> Vec<usize> {
     let mut s = vec![1usize; shape.len()];
@@ -518,6 +684,86 @@ mod tests {
         let err = Tensor::new([2, 3], vec![0.0; 5]).unwrap_err();
         assert!(err.to_string().contains("6 elements"), "{err}");
         assert!(err.to_string().contains("found 5"), "{err}");
+    }
+
+    #[test]
+    fn blocked_permutes_match_strided() {
+        // Shapes whose permutation is a batched transpose (with and without an inner run, size-1
+        // dims, tiles spanning batches) and ones that are not.
+        let cases: &[(&[usize], &[usize])] = &[
+            (&[2, 37, 5, 7], &[0, 2, 3, 1]),
+            (&[3, 41, 70], &[0, 2, 1]),
+            (&[300, 333], &[1, 0]),
+            (&[2, 1, 33, 1, 9], &[0, 4, 3, 2, 1]),
+            (&[4, 35, 3, 6], &[0, 2, 1, 3]),
+            (&[35, 3, 6], &[1, 0, 2]),
+            (&[2, 3, 4, 5], &[3, 1, 0, 2]),
+            (&[2, 3, 4], &[0, 1, 2]),
+            (&[2, 0, 4], &[2, 1, 0]),
+            (&[1, 1], &[1, 0]),
+            (&[2, 320, 64, 64], &[0, 2, 3, 1]),
+        ];
+        for &(shape, perm) in cases {
+            let n: usize = shape.iter().product();
+            let x = Tensor::new(shape, (0..n).map(|i| i as f32).collect::<Vec<_>>()).unwrap();
+            let got = x.permute(perm).unwrap();
+            let want = permute_strided(x.data(), shape, perm);
+            assert_eq!(got.data(), &want[..], "{shape:?} {perm:?}");
+            let back: Vec<usize> = (0..perm.len())
+                .map(|i| perm.iter().position(|&p| p == i).unwrap())
+                .collect();
+            assert_eq!(got.permute(&back).unwrap(), x, "{shape:?} {perm:?}");
+        }
+        assert_eq!(
+            transpose_form(&[2, 320, 64, 64], &[0, 2, 3, 1]),
+            Some((2, 320, 4096, 1))
+        );
+        assert_eq!(
+            transpose_form(&[2, 4096, 320], &[0, 2, 1]),
+            Some((2, 4096, 320, 1))
+        );
+        assert_eq!(transpose_form(&[2, 3, 4, 5], &[3, 1, 0, 2]), None);
+    }
+
+    /// Strided (old) vs blocked permutes at the UNet's layout changes, all threads:
+    /// `cargo test -p ferry-sd --release --lib -- --ignored --nocapture perf_permute`.
+    #[test]
+    #[ignore = "timing, run by hand in release"]
+    fn perf_permute() {
+        use crate::ops::geglu::tests::{time_runs, Run};
+        for (shape, perm) in [
+            (vec![2, 320, 64, 64], vec![0, 2, 3, 1]),
+            (vec![2, 4096, 320], vec![0, 2, 1]),
+            (vec![2, 640, 32, 32], vec![0, 2, 3, 1]),
+            (vec![2, 1024, 640], vec![0, 2, 1]),
+        ] {
+            let n: usize = shape.iter().product();
+            let x = Tensor::new(&shape[..], (0..n).map(|i| i as f32).collect::<Vec<_>>()).unwrap();
+            let runs: Vec<Run<'_, Vec<f32>>> = vec![
+                (
+                    "old".into(),
+                    Box::new(|| permute_strided(x.data(), &shape, &perm)),
+                ),
+                (
+                    "new".into(),
+                    Box::new(|| x.permute(&perm).unwrap().into_data()),
+                ),
+                ("plain copy".into(), Box::new(|| x.data().to_vec())),
+                (
+                    "new 1 thread".into(),
+                    Box::new(|| {
+                        let (b, r, c, d) = transpose_form(&shape, &perm).unwrap();
+                        transpose_blocked_on(x.data(), b, r, c, d, 1)
+                    }),
+                ),
+            ];
+            let (best, cpu) = time_runs(&runs, 7);
+            println!(
+                "permute {shape:?} {perm:?}: old {:.2} ms (cpu {:.0}), new {:.2} ms (cpu {:.0}), \
+                 copy {:.2} ms (cpu {:.0}), new 1 thread {:.2} ms",
+                best[0], cpu[0], best[1], cpu[1], best[2], cpu[2], best[3]
+            );
+        }
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! 3 ulp; results under 1e-30 in magnitude to within 1e-34), including the small negative tails
 //! of GELU, computed from `erfc` directly rather than by cancellation in `1 + erf`.
 
-use super::parallel::{map, map_inplace};
+use super::parallel::for_each_chunk;
 use crate::tensor::Tensor;
 
 /// A point-wise activation, for ops that fuse one (see [`Activation::apply`]).
@@ -37,29 +37,61 @@ impl Activation {
 
     /// Applies the activation to every element in place.
     pub fn apply_inplace(self, data: &mut [f32]) {
-        // One monomorphic loop per activation, so each vectorises.
-        match self {
-            Activation::Silu => map_inplace(data, silu1),
-            Activation::Gelu => map_inplace(data, gelu1),
-            Activation::GeluTanh => map_inplace(data, gelu_tanh1),
-            Activation::QuickGelu => map_inplace(data, quick_gelu1),
-            Activation::Sigmoid => map_inplace(data, sigmoid1),
-        }
+        // One monomorphic, multiversioned kernel per activation, so each vectorises (AVX2 too).
+        let kernel: fn(&mut [f32]) = match self {
+            Activation::Silu => silu_inplace,
+            Activation::Gelu => gelu_inplace,
+            Activation::GeluTanh => gelu_tanh_inplace,
+            Activation::QuickGelu => quick_gelu_inplace,
+            Activation::Sigmoid => sigmoid_inplace,
+        };
+        for_each_chunk(data, |_, chunk| kernel(chunk));
     }
 
     /// A new tensor with the activation applied.
     pub fn forward(self, x: &Tensor) -> Tensor {
-        let src = x.data();
-        let data = match self {
-            Activation::Silu => map(src, silu1),
-            Activation::Gelu => map(src, gelu1),
-            Activation::GeluTanh => map(src, gelu_tanh1),
-            Activation::QuickGelu => map(src, quick_gelu1),
-            Activation::Sigmoid => map(src, sigmoid1),
+        let kernel: fn(&mut [f32], &[f32]) = match self {
+            Activation::Silu => silu_into,
+            Activation::Gelu => gelu_into,
+            Activation::GeluTanh => gelu_tanh_into,
+            Activation::QuickGelu => quick_gelu_into,
+            Activation::Sigmoid => sigmoid_into,
         };
+        let src = x.data();
+        let mut data = vec![0.0f32; src.len()];
+        for_each_chunk(&mut data, |start, dst| {
+            kernel(dst, &src[start..start + dst.len()])
+        });
         Tensor::new(x.shape(), data).expect("same shape and length")
     }
 }
+
+/// Defines `$into(dst, src)` (`dst[i] = f(src[i])`) and `$inplace(d)` for the scalar `$f`,
+/// compiled for AVX2+FMA and NEON as well and picked at run time. No `mul_add` in `$f`, so
+/// every target computes the same bits.
+macro_rules! slice_kernels {
+    ($f:ident, $into:ident, $inplace:ident) => {
+        #[multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
+        fn $into(dst: &mut [f32], src: &[f32]) {
+            for (o, &x) in dst.iter_mut().zip(src) {
+                *o = $f(x);
+            }
+        }
+
+        #[multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
+        pub(crate) fn $inplace(d: &mut [f32]) {
+            for v in d.iter_mut() {
+                *v = $f(*v);
+            }
+        }
+    };
+}
+
+slice_kernels!(silu1, silu_into, silu_inplace);
+slice_kernels!(gelu1, gelu_into, gelu_inplace);
+slice_kernels!(gelu_tanh1, gelu_tanh_into, gelu_tanh_inplace);
+slice_kernels!(quick_gelu1, quick_gelu_into, quick_gelu_inplace);
+slice_kernels!(sigmoid1, sigmoid_into, sigmoid_inplace);
 
 /// `exp(hi + lo)` for a two-part argument, branch-free so that it vectorises: Cephes' `expf`
 /// (as in [`super::exp`]) with the argument reduced as `(hi - n ln2) + lo`, so arguments that are
@@ -165,8 +197,9 @@ pub(crate) fn erf_f32(x: f32) -> f32 {
     }
 }
 
+/// SiLU of one value (for kernels that fuse it).
 #[inline(always)]
-fn silu1(x: f32) -> f32 {
+pub(crate) fn silu1(x: f32) -> f32 {
     x / (1.0 + super::exp::exp_f32(-x))
 }
 
@@ -198,12 +231,8 @@ fn sigmoid1(x: f32) -> f32 {
     1.0 / (1.0 + super::exp::exp_f32(-x))
 }
 
-/// SiLU of every element of `d` (one thread; for fused callers that already split the work).
-pub(crate) fn silu_inplace(d: &mut [f32]) {
-    d.iter_mut().for_each(|v| *v = silu1(*v));
-}
-
-/// `x * gelu(g)` for each pair (GEGLU's gate), one thread.
+/// `x * gelu(g)` for each pair (GEGLU's gate), one thread; compiled for AVX2+FMA / NEON too.
+#[multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
 pub(crate) fn gelu_gate_into(dst: &mut [f32], hidden: &[f32], gate: &[f32]) {
     for ((o, &x), &g) in dst.iter_mut().zip(hidden).zip(gate) {
         *o = x * gelu1(g);
@@ -236,7 +265,7 @@ pub fn sigmoid(x: &Tensor) -> Tensor {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn ulps(a: f32, b: f32) -> u64 {
@@ -348,15 +377,93 @@ mod tests {
 
     #[test]
     fn tensor_path_matches_scalar() {
+        // The multiversioned slice kernels (AVX2 here when the CPU has it) give the scalar bits:
+        // no FMA contraction, so every target computes the same arithmetic.
         let x: Vec<f32> = inputs().take(300_000).collect();
         let t = Tensor::new([x.len()], x.clone()).unwrap();
-        for a in [Activation::Silu, Activation::Gelu, Activation::Sigmoid] {
+        for a in [
+            Activation::Silu,
+            Activation::Gelu,
+            Activation::GeluTanh,
+            Activation::QuickGelu,
+            Activation::Sigmoid,
+        ] {
             let y = a.forward(&t);
-            assert!(y
-                .data()
-                .iter()
-                .zip(&x)
-                .all(|(y, &x)| y.to_bits() == a.apply(x).to_bits()));
+            let same = |y: &[f32]| {
+                y.iter()
+                    .zip(&x)
+                    .all(|(y, &x)| y.to_bits() == a.apply(x).to_bits() || y.is_nan())
+            };
+            assert!(same(y.data()), "{a:?}");
+            let mut z = x.clone();
+            a.apply_inplace(&mut z);
+            assert!(same(&z), "{a:?}");
+            assert_eq!(y.data().iter().filter(|v| v.is_nan()).count(), 0, "{a:?}");
         }
+        let rev: Vec<f32> = x.iter().rev().copied().collect();
+        let mut gated = vec![0.0f32; x.len()];
+        gelu_gate_into(&mut gated, &rev, &x);
+        let mut scalar = vec![0.0f32; x.len()];
+        gelu_gate_scalar(&mut scalar, &rev, &x);
+        assert!(gated
+            .iter()
+            .zip(&scalar)
+            .all(|(a, b)| a.to_bits() == b.to_bits() || a.is_nan() && b.is_nan()));
+    }
+
+    /// The gate as it was before the multiversioned kernel (baseline x86-64: SSE2).
+    pub(crate) fn gelu_gate_scalar(dst: &mut [f32], hidden: &[f32], gate: &[f32]) {
+        for ((o, &x), &g) in dst.iter_mut().zip(hidden).zip(gate) {
+            *o = x * gelu1(g);
+        }
+    }
+
+    /// Old (SSE2) vs new (multiversioned) loops, one thread:
+    /// `cargo test -p ferry-sd --release --lib -- --ignored --nocapture perf_activations`.
+    #[test]
+    #[ignore = "timing, run by hand in release"]
+    fn perf_activations() {
+        let n = 2 * 4096 * 1280;
+        let x: Vec<f32> = (0..n)
+            .map(|i| ((i * 7919 % 10007) as f32 - 5000.0) / 1000.0)
+            .collect();
+        let h: Vec<f32> = x.iter().rev().copied().collect();
+        let mut out = vec![0.0f32; n];
+        // Old and new alternate, best of 7 each (the machine is shared).
+        let pair = |old: &mut dyn FnMut(), new: &mut dyn FnMut()| {
+            let (mut o, mut n) = (f64::MAX, f64::MAX);
+            for _ in 0..7 {
+                let t = std::time::Instant::now();
+                old();
+                o = o.min(t.elapsed().as_secs_f64() * 1e3);
+                let t = std::time::Instant::now();
+                new();
+                n = n.min(t.elapsed().as_secs_f64() * 1e3);
+            }
+            (o, n)
+        };
+        let mut out2 = out.clone();
+        let (old, new) = pair(&mut || gelu_gate_scalar(&mut out, &h, &x), &mut || {
+            gelu_gate_into(&mut out2, &h, &x)
+        });
+        println!("gelu gate [{n}] 1 thread: old {old:.1} ms, new {new:.1} ms");
+        macro_rules! act {
+            ($name:literal, $f:ident, $k:ident) => {
+                let (old, new) = pair(
+                    &mut || {
+                        for (o, &v) in out.iter_mut().zip(&x) {
+                            *o = $f(v);
+                        }
+                    },
+                    &mut || $k(&mut out2, &x),
+                );
+                println!("{} [{n}] 1 thread: old {old:.1} ms, new {new:.1} ms", $name);
+            };
+        }
+        act!("silu", silu1, silu_into);
+        act!("gelu", gelu1, gelu_into);
+        act!("gelu_tanh", gelu_tanh1, gelu_tanh_into);
+        act!("quick_gelu", quick_gelu1, quick_gelu_into);
+        act!("sigmoid", sigmoid1, sigmoid_into);
     }
 }

@@ -109,3 +109,52 @@ pub fn mean_dim(x: &Tensor, dim: usize) -> OpResult<Tensor> {
     shape.remove(dim);
     Tensor::new(shape, out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::parallel::for_each_chunk;
+
+    #[multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
+    fn add_into(dst: &mut [f32], a: &[f32], b: &[f32]) {
+        for ((o, &x), &y) in dst.iter_mut().zip(a).zip(b) {
+            *o = x + y;
+        }
+    }
+
+    /// zip_map (baseline x86-64) vs a multiversioned add, all threads:
+    /// `cargo test -p ferry-sd --release --lib -- --ignored --nocapture perf_add`.
+    #[test]
+    #[ignore = "timing, run by hand in release"]
+    fn perf_add() {
+        use crate::ops::geglu::tests::{time_runs, Run};
+        let n = 2 * 320 * 64 * 64;
+        let a: Vec<f32> = (0..n).map(|i| i as f32).collect();
+        let b: Vec<f32> = (0..n).map(|i| (i % 7) as f32).collect();
+        let x = Tensor::new([n], a.clone()).unwrap();
+        let bias = Tensor::new([2, 320], (0..640).map(|i| i as f32).collect::<Vec<_>>()).unwrap();
+        let x4 = Tensor::new([2, 320, 64, 64], a.clone()).unwrap();
+        let runs: Vec<Run<'_, Vec<f32>>> = vec![
+            ("old add".into(), Box::new(|| zip_map(&a, &b, |x, y| x + y))),
+            (
+                "multiversioned add".into(),
+                Box::new(|| {
+                    let mut out = vec![0.0f32; n];
+                    for_each_chunk(&mut out, |s, d| {
+                        add_into(d, &a[s..s + d.len()], &b[s..s + d.len()])
+                    });
+                    out
+                }),
+            ),
+            ("scale".into(), Box::new(|| scale(&x, 0.5).into_data())),
+            (
+                "add_channel_bias".into(),
+                Box::new(|| add_channel_bias(&x4, &bias).unwrap().into_data()),
+            ),
+        ];
+        let (best, _) = time_runs(&runs, 9);
+        for ((name, _), t) in runs.iter().zip(&best) {
+            println!("{name} [{n}]: {t:.2} ms");
+        }
+    }
+}

@@ -3,8 +3,12 @@
 use super::gemm::{gemm, MatMut, MatRef};
 use crate::tensor::{OpError, OpResult, Tensor};
 
-/// `x · weightᵀ + bias` for `x [..., in]`, `weight [out, in]`, `bias [out]`; returns `[..., out]`.
-pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> OpResult<Tensor> {
+/// Checks `linear`'s operands; returns `(out, in, rows)`.
+pub(crate) fn check_linear(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+) -> OpResult<(usize, usize, usize)> {
     weight.expect_rank("linear", 2, "weight [out, in]")?;
     let (out_f, in_f) = (weight.shape()[0], weight.shape()[1]);
     if x.rank() == 0 || x.shape()[x.rank() - 1] != in_f {
@@ -17,7 +21,12 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> OpResult<Te
     if let Some(b) = bias {
         b.expect_shape("linear bias", &[out_f])?;
     }
-    let rows = x.numel() / in_f.max(1);
+    Ok((out_f, in_f, x.numel() / in_f.max(1)))
+}
+
+/// `x · weightᵀ + bias` for `x [..., in]`, `weight [out, in]`, `bias [out]`; returns `[..., out]`.
+pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> OpResult<Tensor> {
+    let (out_f, in_f, rows) = check_linear(x, weight, bias)?;
     let mut out = match bias {
         // Start from the bias and accumulate into it (beta = 1): saves a pass over the output.
         Some(b) => b.data().repeat(rows),

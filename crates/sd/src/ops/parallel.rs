@@ -106,6 +106,7 @@ where
 const CHUNK: usize = 4096;
 
 /// Applies `f` to every element, in parallel chunks.
+#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) fn map_inplace<F>(data: &mut [f32], f: F)
 where
     F: Fn(f32) -> f32 + Sync,
