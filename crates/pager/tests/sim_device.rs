@@ -309,3 +309,52 @@ fn scenario() -> (Vec<ferry_pager::device::sim::OpRecord>, Vec<u8>) {
 fn runs_are_deterministic() {
     assert_eq!(scenario(), scenario());
 }
+
+/// A copy reads its host source at its start: a host write after the start (while the copy runs)
+/// does not reach the device, one before the start does.
+#[test]
+fn copy_sees_the_host_bytes_of_its_start() {
+    let dev = SimDevice::new(cfg());
+    let (copy, other) = (dev.create_stream().unwrap(), dev.create_stream().unwrap());
+    let old: Vec<u8> = (0..1000).map(|i| (i % 251) as u8).collect();
+    let new = vec![7u8; 1000];
+    let idle = |s, ns| {
+        dev.launch(s, KernelSpec::new("idle", Duration::from_nanos(ns)), |_| {
+            Ok(())
+        })
+        .unwrap();
+    };
+
+    // Written while the copy runs (it starts at 0 and ends at 1100 ns; the host is at 500 ns).
+    let host = dev.alloc_host(1000, HostMemKind::Upload).unwrap();
+    dev.host_write(host, 0, &old).unwrap();
+    let buf = dev.alloc_device(1000).unwrap();
+    dev.copy_h2d(copy, buf, host, 0, 1000).unwrap();
+    idle(other, 500);
+    dev.sync_stream(other).unwrap();
+    dev.host_write(host, 0, &new).unwrap();
+    let seen = reader(
+        &dev,
+        copy,
+        DeviceRange::new(buf, 1000),
+        Duration::from_nanos(10),
+    );
+    dev.sync_stream(copy).unwrap();
+    assert_eq!(*seen.lock().unwrap(), old);
+
+    // Written before the copy starts (it waits for 2000 ns of other work on its stream).
+    let host2 = dev.alloc_host(1000, HostMemKind::Upload).unwrap();
+    dev.host_write(host2, 0, &old).unwrap();
+    let buf2 = dev.alloc_device(1000).unwrap();
+    idle(copy, 2000);
+    dev.copy_h2d(copy, buf2, host2, 0, 1000).unwrap();
+    dev.host_write(host2, 0, &new).unwrap();
+    let seen = reader(
+        &dev,
+        copy,
+        DeviceRange::new(buf2, 1000),
+        Duration::from_nanos(10),
+    );
+    dev.sync_stream(copy).unwrap();
+    assert_eq!(*seen.lock().unwrap(), new);
+}

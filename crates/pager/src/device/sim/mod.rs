@@ -162,11 +162,15 @@ impl fmt::Debug for SimDevice {
 type KernelFn = Box<dyn FnOnce(&mut SimMemory<'_>) -> Result<()> + Send>;
 
 enum Work {
+    /// A copy reads its source at its start: the bytes are taken then only if the host writes
+    /// into the source before the copy ends (`State::snapshot_in_flight`); otherwise they are
+    /// copied straight from host memory at the end (one copy instead of two).
     H2D {
         dst: DevicePtr,
         src: HostPtr,
         src_offset: u64,
         len: u64,
+        started: bool,
         data: Option<Vec<u8>>,
     },
     H2DBytes {
@@ -647,14 +651,27 @@ impl State {
                 src,
                 src_offset,
                 len,
+                started,
                 data,
             } => {
                 if phase == 1 {
-                    let a = self.host_alloc(*src, *src_offset, *len)?;
-                    let o = *src_offset as usize;
-                    *data = Some(a.bytes()[o..o + *len as usize].to_vec());
+                    self.host_alloc(*src, *src_offset, *len)?;
+                    *started = true;
                 } else if let Some(d) = data.take() {
                     self.write_device(DeviceRange::new(*dst, *len), &d)?;
+                } else if *started {
+                    // No host write since the start: the source still holds the start's bytes.
+                    let a = self.host.get(&src.0).ok_or_else(|| {
+                        Error::InvalidHandle(format!("host allocation {} does not exist", src.0))
+                    })?;
+                    let o = *src_offset as usize;
+                    let bytes = a.bytes().get(o..o + *len as usize).ok_or_else(|| {
+                        Error::OutOfBounds(format!("host range of copy into {}", dst.0))
+                    })?;
+                    let (base, lo, hi) = locate(&self.device, DeviceRange::new(*dst, *len))?;
+                    if let Some(mem) = self.device.get_mut(&base) {
+                        mem[lo..hi].copy_from_slice(bytes);
+                    }
                 }
             }
             Work::H2DBytes { dst, data } => {
@@ -674,6 +691,7 @@ impl State {
                     *data = Some(slice(&self.device, DeviceRange::new(*src, *len))?.to_vec());
                 } else if let Some(d) = data.take() {
                     self.host_alloc(*dst, *dst_offset, *len)?;
+                    self.snapshot_in_flight(*dst, *dst_offset, *len);
                     if let Some(a) = self.host.get_mut(&dst.0) {
                         let o = *dst_offset as usize;
                         a.bytes_mut(*dst)?[o..o + d.len()].copy_from_slice(&d);
@@ -723,6 +741,31 @@ impl State {
             self.ops.insert(seq, work);
         }
         Ok(())
+    }
+
+    /// Before the host range `[offset, offset + len)` of `h` is overwritten: every started,
+    /// unfinished copy reading from it takes its bytes now, as they were at its start.
+    fn snapshot_in_flight(&mut self, h: HostPtr, offset: u64, len: u64) {
+        let Some(a) = self.host.get(&h.0) else {
+            return;
+        };
+        for work in self.ops.values_mut() {
+            if let Work::H2D {
+                src,
+                src_offset,
+                len: n,
+                started: true,
+                data: data @ None,
+                ..
+            } = work
+            {
+                let overlaps = *src_offset < offset + len && offset < *src_offset + *n;
+                if src.0 == h.0 && overlaps {
+                    let o = *src_offset as usize;
+                    *data = a.bytes().get(o..o + *n as usize).map(<[u8]>::to_vec);
+                }
+            }
+        }
     }
 
     fn write_device(&mut self, r: DeviceRange, data: &[u8]) -> Result<()> {
@@ -854,6 +897,7 @@ impl Device for SimDevice {
     fn host_write(&self, dst: HostPtr, offset: u64, src: &[u8]) -> Result<()> {
         let mut st = self.lock();
         st.host_alloc(dst, offset, src.len() as u64)?;
+        st.snapshot_in_flight(dst, offset, src.len() as u64);
         if let Some(a) = st.host.get_mut(&dst.0) {
             let o = offset as usize;
             a.bytes_mut(dst)?[o..o + src.len()].copy_from_slice(src);
@@ -1040,6 +1084,7 @@ impl Device for SimDevice {
                 src,
                 src_offset,
                 len,
+                started: false,
                 data: None,
             },
         )
