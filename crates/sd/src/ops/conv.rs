@@ -420,15 +420,7 @@ mod tests {
     use super::*;
 
     fn pseudo_random(shape: &[usize], seed: u32) -> Tensor {
-        let n: usize = shape.iter().product();
-        let mut s = seed;
-        let data = (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                (s >> 8) as f32 / (1u32 << 24) as f32 - 0.5
-            })
-            .collect();
-        Tensor::new(shape, data).unwrap()
+        crate::ops::lcg_tensor(shape, seed, 1.0, -0.5)
     }
 
     /// Direct f64 convolution.

@@ -211,15 +211,7 @@ pub(crate) mod tests {
     use super::*;
 
     fn filled(shape: &[usize], seed: u32) -> Tensor {
-        let n: usize = shape.iter().product();
-        let mut s = seed;
-        let data = (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                (s >> 8) as f32 / (1u32 << 24) as f32 * 4.0 - 2.0
-            })
-            .collect();
-        Tensor::new(shape, data).unwrap()
+        crate::ops::lcg_tensor(shape, seed, 4.0, -2.0)
     }
 
     fn bits(t: &Tensor) -> Vec<u32> {

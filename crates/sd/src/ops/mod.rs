@@ -43,3 +43,23 @@ pub use parallel::{num_threads, set_threads, ThreadsAlreadySet};
 pub use resize::resize_nearest;
 pub use softmax::{softmax_last_dim, softmax_rows_inplace};
 pub use upsample::upsample_nearest2x;
+
+/// A test tensor of pseudo-random values `u * scale + offset`, `u` uniform in `[0, 1)` from a
+/// linear congruential generator seeded with `seed` (the same values on every platform).
+#[cfg(test)]
+pub(crate) fn lcg_tensor(
+    shape: &[usize],
+    seed: u32,
+    scale: f32,
+    offset: f32,
+) -> crate::tensor::Tensor {
+    let n: usize = shape.iter().product();
+    let mut s = seed;
+    let data = (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (s >> 8) as f32 / (1u32 << 24) as f32 * scale + offset
+        })
+        .collect();
+    crate::tensor::Tensor::new(shape, data).expect("shape matches the data")
+}
